@@ -1,0 +1,690 @@
+"""wav2vec 2.0 (and data2vec-audio, HuBERT) as one readable file, with S3-Router's score-masked layers.
+
+The encoder follows fairseq `models/wav2vec/wav2vec2.py` numerically and Hugging Face
+`models/wav2vec2/modeling_wav2vec2.py` in its module names, so that HF checkpoints load by dropping the
+`wav2vec2.` prefix and fairseq checkpoints load through a short table (see `checkpoint.py`):
+
+    waveform (B, S)
+      -> FeatureExtractor       7 strided convs, 320x downsampling          (paper Sec. 2, fairseq ConvFeatureExtractionModel)
+      -> FeatureProjection      LayerNorm + Linear 512 -> C                   (fairseq layer_norm + post_extract_proj)
+      -> [time/channel masking] SpecAugment with the learned `masked_spec_embed` (training only; fairseq apply_mask)
+      -> Encoder                positional conv + N transformer layers        (fairseq TransformerEncoder)
+      -> lm_head                CTC logits over the vocabulary                (fairseq w2v_encoder.proj)
+
+S3-Router ("Losses Can Be Blessings", Fu et al., NeurIPS 2022, Sec. 3) keeps every pretrained weight frozen and
+learns, per weight tensor, a real-valued `scores` tensor of the same shape. The forward pass uses
+`weight * mask`, where the mask keeps the entries with the largest `|scores|`; the backward pass treats the
+hard top-k as the identity (straight-through), so the scores receive `dL/dW_eff * W` (times `sign(scores)`
+from the absolute value). `MaskedLinear` and `MaskedConv1d` below are plain `nn.Linear` / `nn.Conv1d` until
+`route()` gives them scores, so one model class serves dense finetuning, masked finetuning and inference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Wav2Vec2Config:
+    """Architecture and regularisation of one encoder; saved inside every s3r checkpoint."""
+
+    # feature extractor: fairseq `conv_feature_layers` = "[(512,10,5)] + [(512,3,2)]*4 + [(512,2,2)]*2"
+    conv_dim: tuple = (512, 512, 512, 512, 512, 512, 512)  # fairseq conv_feature_layers[i][0]; HF conv_dim
+    conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)  # fairseq conv_feature_layers[i][1]; HF conv_kernel
+    conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)  # fairseq conv_feature_layers[i][2]; HF conv_stride
+    conv_bias: bool = False  # fairseq conv_bias; HF conv_bias
+    feat_extract_norm: str = "group"  # fairseq extractor_mode default|layer_norm; HF feat_extract_norm group|layer
+    # transformer
+    hidden_size: int = 768  # fairseq encoder_embed_dim; HF hidden_size
+    num_hidden_layers: int = 12  # fairseq encoder_layers; HF num_hidden_layers
+    num_attention_heads: int = 12  # fairseq encoder_attention_heads; HF num_attention_heads
+    intermediate_size: int = 3072  # fairseq encoder_ffn_embed_dim; HF intermediate_size
+    hidden_act: str = "gelu"  # fairseq activation_fn; HF hidden_act
+    layer_norm_first: bool = False  # fairseq layer_norm_first; HF do_stable_layer_norm (pre-LN: large, XLS-R)
+    layer_norm_eps: float = 1e-5  # fairseq uses torch's default; HF layer_norm_eps
+    feat_proj_layer_norm: bool = True  # fairseq always normalises the features; HF feat_proj_layer_norm (HuBERT)
+    # positional convolution
+    conv_pos_kernel: int = 128  # fairseq conv_pos (data2vec: per layer max(3, conv_pos // depth)); HF num_conv_pos_embeddings (data2vec: conv_pos_kernel_size)
+    conv_pos_groups: int = 16  # fairseq conv_pos_groups; HF num_conv_pos_embedding_groups
+    conv_pos_depth: int = 1  # fairseq pos_conv_depth (data2vec 5: a stack without weight norm); HF data2vec num_conv_pos_embeddings
+    # CTC head and input
+    vocab_size: int = 0  # size of the CTC output layer; 0 = no head, the model returns hidden states; HF vocab_size
+    normalize: bool = False  # zero-mean unit-variance waveform input; fairseq task.normalize; HF feature_extractor do_normalize
+    # regularisation (training only)
+    hidden_dropout: float = 0.1  # fairseq dropout; HF hidden_dropout
+    attention_dropout: float = 0.1  # fairseq attention_dropout; HF attention_dropout
+    activation_dropout: float = 0.1  # fairseq activation_dropout; HF activation_dropout
+    feat_proj_dropout: float = 0.0  # fairseq dropout_input; HF feat_proj_dropout
+    final_dropout: float = 0.0  # fairseq final_dropout (before the CTC head); HF final_dropout
+    layerdrop: float = 0.1  # fairseq layerdrop; HF layerdrop
+    mask_time_prob: float = 0.0  # fairseq mask_prob; HF mask_time_prob
+    mask_time_length: int = 10  # fairseq mask_length; HF mask_time_length
+    mask_feature_prob: float = 0.0  # fairseq mask_channel_prob; HF mask_feature_prob
+    mask_feature_length: int = 64  # fairseq mask_channel_length; HF mask_feature_length
+    gradient_checkpointing: bool = False  # fairseq checkpoint_activations; HF gradient_checkpointing
+
+    def __post_init__(self):
+        self.conv_dim, self.conv_kernel, self.conv_stride = (tuple(int(v) for v in t)
+                                                            for t in (self.conv_dim, self.conv_kernel, self.conv_stride))
+        if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
+            raise ValueError("conv_dim, conv_kernel and conv_stride must have the same length")
+        if self.feat_extract_norm not in ("group", "layer"):
+            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {self.feat_extract_norm!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Wav2Vec2Config":
+        """The published architectures: base, large (lv60), xlsr (300M), data2vec-base, hubert-base."""
+        large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                     feat_extract_norm="layer", conv_bias=True, layer_norm_first=True, normalize=True)
+        presets = {
+            "base": {},
+            "hubert-base": {},
+            "large": large,
+            "xlsr": large,  # XLS-R 300M has the large-lv60 architecture
+            "data2vec-base": dict(feat_extract_norm="layer", conv_pos_kernel=19, conv_pos_depth=5, normalize=True),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Wav2Vec2Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown Wav2Vec2Config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+INIT_SCORES = ("kaiming_uniform", "weight_rank", "weight_magnitude_with_scale", "weight_magnitude")
+
+
+@dataclass
+class RouteConfig:
+    """Which layers S3-Router masks and what else stays trainable (upstream `wav2vec_ctc_st` options)."""
+
+    # `prune_rate` keeps upstream's name and meaning: the fraction of each routed weight tensor that is KEPT.
+    # 0.9 keeps 90% of the weights (10% sparsity); 0.3 keeps 30% (70% sparsity, the pruning recipe).
+    prune_rate: float = 0.9  # upstream model.prune_rate
+    init_score: str = "kaiming_uniform"  # upstream model.init_score, one of INIT_SCORES
+    score_scale: float = 1.0  # upstream model.scale: scores = W / scale for weight_magnitude_with_scale
+    fix_attn: bool = False  # upstream model.fix_attn: q/k/v/out stay dense (only the FFN is routed)
+    fix_fc: bool = False  # upstream model.fix_fc: fc1/fc2 stay dense (only attention is routed)
+    route_feature_extractor: bool = False  # also mask the conv feature extractor (upstream: never)
+    route_pos_conv: bool = False  # also mask the positional conv (upstream: never)
+    route_feature_projection: bool = False  # also mask post_extract_proj (upstream: disabled in every yaml)
+    trainable_proj: bool = True  # upstream model.trainable_proj; upstream defaults to False (a random frozen
+    #                              head), every upstream README command sets it True, so it is our default
+    trainable_bias: bool = False  # upstream model.trainable_bias
+    trainable_layer_norm: bool = False  # upstream model.trainable_layer_norm
+    trainable_pos: bool = False  # upstream model.trainable_pos (positional conv)
+    trainable_feature_projection: bool = False  # upstream model.trainable_post_extract_proj
+    co_train: bool = False  # upstream model.co_train: weights train together with the masks
+
+    def __post_init__(self):
+        if not 0.0 < self.prune_rate <= 1.0:
+            raise ValueError(f"prune_rate is the fraction of weights kept and must be in (0, 1], not {self.prune_rate}")
+        if self.init_score not in INIT_SCORES:
+            raise ValueError(f"unknown init_score {self.init_score!r}; choose from {', '.join(INIT_SCORES)}")
+        if self.fix_attn and self.fix_fc:
+            raise ValueError("fix_attn and fix_fc together leave nothing to route")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# S3-Router: score-masked layers
+
+
+def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the k largest entries of `values` (magnitude pruning when given |W|)."""
+    flat = values.detach().flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[flat.topk(k, sorted=False).indices] = True
+    return mask.view_as(values)
+
+
+def _kth_largest(a: torch.Tensor, k: int, hint: float | None, band: float) -> float:
+    """The k-th largest value of the 1-D tensor `a`.
+
+    A full selection (`kthvalue`) over millions of scores each step is expensive, but after one optimizer step
+    the threshold moves very little. So look first at the few values within `band` of last step's threshold:
+    if the k-th largest lies among them, select there; otherwise fall back to the full selection.
+    """
+    n = a.numel()
+    if hint is not None:
+        lo, hi = hint - band, hint + band
+        n_above = int(torch.count_nonzero(a > hi))
+        if n_above < k:
+            near = a[(a >= lo) & (a <= hi)]
+            if n_above + near.numel() >= k:
+                return near.kthvalue(near.numel() - (k - n_above) + 1).values.item()
+    return a.kthvalue(n - k + 1).values.item()
+
+
+class _StraightThrough(torch.autograd.Function):
+    """`weight * mask` forward; backward passes dL/dW_eff through the hard top-k to the scores unchanged."""
+
+    @staticmethod
+    def forward(ctx, scores, weight, mask):
+        ctx.save_for_backward(scores, weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        scores, weight, mask = ctx.saved_tensors
+        # dL/d|s| = dL/dW_eff * W (the top-k is treated as the identity); d|s|/ds = sign(s), as upstream,
+        # so scores sitting at exactly 0 get no gradient (the `weight_magnitude` trap, see RouteConfig).
+        grad_scores = (grad * weight).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
+        grad_weight = grad * mask if ctx.needs_input_grad[1] else None  # co_train: W learns where it is kept
+        return grad_scores, grad_weight, None
+
+
+class Routable:
+    """Mixin for a layer whose weight can be routed: `scores` is None (dense) until `route()` is called."""
+
+    scores: nn.Parameter | None
+    prune_rate: float
+
+    def _init_routing(self):
+        self.register_parameter("scores", None)
+        self.prune_rate = 1.0
+        self._mask_key = None  # (scores version, prune_rate) the cached mask was computed for
+        self._mask = None
+        self._threshold: float | None = None
+        self._band = 0.0
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight
+
+    @torch.no_grad()
+    def route(self, prune_rate: float, init_score: str = "kaiming_uniform", scale: float = 1.0):
+        """Give this layer scores (fp32, same shape as its weight) and keep `prune_rate` of its weights."""
+        weight = self.dense_weight().detach().float()
+        scores = torch.empty_like(weight)
+        k = round(prune_rate * weight.numel())
+        if init_score in ("kaiming_uniform", "weight_rank"):
+            nn.init.kaiming_uniform_(scores, a=math.sqrt(5))  # nn.Linear's own init: |s| ~ 1/sqrt(fan_in)
+            if init_score == "weight_rank":
+                # Reorder the random scores so that rank(|s|) == rank(|W|): the first mask is per-tensor magnitude
+                # pruning, yet the scores keep kaiming scale so that Adam at lr 5e-5 can still reorder them.
+                flat = scores.flatten()
+                by_size = flat[flat.abs().argsort()]
+                flat[weight.flatten().abs().argsort()] = by_size
+        elif init_score == "weight_magnitude_with_scale":
+            scores.copy_(weight / scale)
+        elif init_score == "weight_magnitude":
+            # Scores of exactly 1 (kept) and 0 (pruned). A pruned score never receives a gradient through |s|
+            # at 0, so this mask can only shrink, never grow: kept for fidelity to upstream, rarely what you want.
+            scores.copy_(topk_mask(weight.abs(), k).float())
+        else:
+            raise ValueError(f"unknown init_score {init_score!r}; choose from {', '.join(INIT_SCORES)}")
+        self.scores = nn.Parameter(scores)
+        self.prune_rate = prune_rate
+        self._mask_key = None
+
+    @torch.no_grad()
+    def mask(self) -> torch.Tensor:
+        """The boolean keep-mask: exactly round(prune_rate * numel) entries with the largest |scores|.
+
+        Recomputed only when the scores changed (an optimizer step bumps their version counter), so
+        gradient accumulation and evaluation pay for one selection, not one per forward pass.
+        """
+        if self.scores is None:
+            return torch.ones_like(self.dense_weight(), dtype=torch.bool)
+        key = (self.scores._version, self.scores.data_ptr(), self.prune_rate)
+        if key != self._mask_key:
+            a = self.scores.detach().abs().flatten()
+            n, k = a.numel(), round(self.prune_rate * a.numel())
+            if k >= n:
+                mask = torch.ones_like(a, dtype=torch.bool)
+            elif k == 0:
+                mask = torch.zeros_like(a, dtype=torch.bool)
+            else:
+                threshold = _kth_largest(a, k, self._threshold, self._band)
+                mask = a >= threshold
+                surplus = int(mask.sum()) - k
+                if surplus > 0:  # ties at the threshold: keep the first ones by position
+                    tied = torch.nonzero(a == threshold).squeeze(1)
+                    mask[tied[-surplus:]] = False
+                if self._threshold is not None:  # next step looks within 4x this step's move (at least 1e-4 relative)
+                    self._band = max(4 * abs(threshold - self._threshold), 1e-4 * abs(threshold))
+                self._threshold = threshold
+            self._mask, self._mask_key = mask.view_as(self.scores), key
+        return self._mask
+
+    def routed_weight(self) -> torch.Tensor:
+        weight = self.dense_weight()
+        if self.scores is None:
+            return weight
+        mask = self.mask()
+        if not torch.is_grad_enabled():
+            return weight * mask
+        return _StraightThrough.apply(self.scores, weight, mask)
+
+
+class MaskedLinear(Routable, nn.Linear):
+    """nn.Linear whose weight S3-Router can mask; same `weight`/`bias` keys, plus `scores` once routed."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        self._init_routing()
+
+    def forward(self, x):
+        return F.linear(x, self.routed_weight(), self.bias)
+
+
+class MaskedConv1d(Routable, nn.Conv1d):
+    """nn.Conv1d whose weight S3-Router can mask."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups, bias=bias)
+        self._init_routing()
+
+    def forward(self, x):
+        return self._conv_forward(x, self.routed_weight(), self.bias)
+
+
+class WeightNormConv1d(MaskedConv1d):
+    """The positional conv: weight = g * v / ||v||, the norm taken per kernel position (weight norm, dim=2).
+
+    Stored as `weight_g` (1, 1, K) and `weight_v` (C, C/groups, K), the fairseq and (older) HF key names.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, groups: int):
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups)
+        v = self.weight.detach()
+        del self.weight
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(v.norm(dim=(0, 1), keepdim=True))
+
+    def dense_weight(self):
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature extractor: waveform (B, S) -> features (B, T, 512), T = 49 frames a second for 16 kHz input
+
+
+def conv_output_lengths(lengths: torch.Tensor, kernels, strides) -> torch.Tensor:
+    """Frames produced from `lengths` samples by valid (unpadded) strided convs: floor((L - k) / s) + 1 each."""
+    for k, s in zip(kernels, strides):
+        lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+    return lengths.clamp(min=0)
+
+
+class ConvLayer(nn.Module):
+    """Conv1d -> optional norm -> GELU. `norm` is 'group' (per channel over time), 'layer' (per frame) or None."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, norm: str | None):
+        super().__init__()
+        self.conv = MaskedConv1d(in_dim, out_dim, kernel, stride=stride, bias=bias)
+        self.norm = norm
+        if norm == "group":
+            self.layer_norm = nn.GroupNorm(out_dim, out_dim)  # HF calls the group norm `layer_norm` too
+        elif norm == "layer":
+            self.layer_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x):  # (B, C_in, S) -> (B, C_out, S')
+        x = self.conv(x)
+        if self.norm == "group":
+            x = F.group_norm(x.float(), x.shape[1], self.layer_norm.weight, self.layer_norm.bias,
+                             self.layer_norm.eps).type_as(x)  # fairseq Fp32GroupNorm
+        elif self.norm == "layer":
+            x = F.layer_norm(x.transpose(1, 2).float(), x.shape[1:2], self.layer_norm.weight,
+                             self.layer_norm.bias, self.layer_norm.eps).type_as(x).transpose(1, 2)
+        return F.gelu(x)
+
+
+class FeatureExtractor(nn.Module):
+    """fairseq ConvFeatureExtractionModel: base normalises only the first conv (group norm), large every conv."""
+
+    def __init__(self, dims, kernels, strides, bias: bool, norm: str):
+        super().__init__()
+        in_dims = (1,) + tuple(dims[:-1])
+        self.conv_layers = nn.ModuleList(
+            ConvLayer(i, o, k, s, bias, norm if norm == "layer" or n == 0 else None)
+            for n, (i, o, k, s) in enumerate(zip(in_dims, dims, kernels, strides)))
+
+    def forward(self, wav):  # (B, S) -> (B, C, T)
+        x = wav.unsqueeze(1)
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm over the 512-d conv features, then a Linear to the model width (fairseq post_extract_proj)."""
+
+    def __init__(self, in_dim: int, out_dim: int, layer_norm: bool, eps: float, dropout: float):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_dim, eps=eps) if layer_norm else nn.Identity()
+        self.projection = MaskedLinear(in_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # (B, T, 512) -> (B, T, C)
+        return self.dropout(self.projection(self.layer_norm(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transformer encoder
+
+
+class PositionalConvLayer(nn.Module):
+    """One data2vec positional conv: Conv1d -> LayerNorm without affine -> GELU (no weight norm)."""
+
+    def __init__(self, channels: int, kernel: int, groups: int):
+        super().__init__()
+        self.conv = MaskedConv1d(channels, channels, kernel, padding=kernel // 2, groups=groups)
+        self.layer_norm = nn.LayerNorm(channels, elementwise_affine=False)
+
+    def forward(self, x):  # (B, C, T)
+        x = self.conv(x)[..., : x.shape[-1]]  # an even kernel yields one extra frame (fairseq SamePad)
+        return F.gelu(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+class PositionalConvEmbedding(nn.Module):
+    """Relative position by convolution: one wide weight-normed conv (wav2vec2, HuBERT) or a stack (data2vec)."""
+
+    def __init__(self, channels: int, kernel: int, groups: int, depth: int):
+        super().__init__()
+        if depth == 1:
+            self.conv = WeightNormConv1d(channels, kernel, groups)
+        else:
+            self.layers = nn.ModuleList(PositionalConvLayer(channels, kernel, groups) for _ in range(depth))
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        x = x.transpose(1, 2)
+        if hasattr(self, "conv"):
+            x = F.gelu(self.conv(x)[..., : x.shape[-1]])
+        else:
+            for layer in self.layers:
+                x = layer(x)
+        return x.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; padded frames are masked out as keys."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (MaskedLinear(dim, dim) for _ in range(4))
+
+    def forward(self, x, key_mask):  # x (B, T, C); key_mask (B, 1, 1, T) True where attended, or None
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, H, T, D)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (HF intermediate_dense / output_dense)."""
+
+    def __init__(self, dim: int, hidden: int, act: str, activation_dropout: float, dropout: float):
+        super().__init__()
+        self.intermediate_dense = MaskedLinear(dim, hidden)
+        self.output_dense = MaskedLinear(hidden, dim)
+        self.act = ACTIVATIONS[act]
+        self.intermediate_dropout = nn.Dropout(activation_dropout)
+        self.output_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.output_dropout(self.output_dense(self.intermediate_dropout(self.act(self.intermediate_dense(x)))))
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu_new": F.gelu}
+
+
+class EncoderLayer(nn.Module):
+    """One transformer block, post-LN (base: norm after each residual) or pre-LN (large: norm before each branch)."""
+
+    def __init__(self, dim, heads, ffn_dim, act, dropout, attention_dropout, activation_dropout, eps, layer_norm_first):
+        super().__init__()
+        self.attention = Attention(dim, heads, attention_dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.feed_forward = FeedForward(dim, ffn_dim, act, activation_dropout, dropout)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.layer_norm_first = layer_norm_first
+
+    def forward(self, x, key_mask):  # (B, T, C)
+        if self.layer_norm_first:
+            x = x + self.dropout(self.attention(self.layer_norm(x), key_mask))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.layer_norm(x + self.dropout(self.attention(x, key_mask)))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+class Encoder(nn.Module):
+    """Positional conv, then the transformer layers, with fairseq's placement of the outer LayerNorm."""
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        c = cfg
+        self.pos_conv_embed = PositionalConvEmbedding(c.hidden_size, c.conv_pos_kernel, c.conv_pos_groups, c.conv_pos_depth)
+        self.layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.layers = nn.ModuleList(
+            EncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.hidden_dropout,
+                         c.attention_dropout, c.activation_dropout, c.layer_norm_eps, c.layer_norm_first)
+            for _ in range(c.num_hidden_layers))
+        self.layer_norm_first, self.layerdrop = c.layer_norm_first, c.layerdrop
+        self.gradient_checkpointing = c.gradient_checkpointing
+
+    def forward(self, x, padding_mask=None):  # x (B, T, C); padding_mask (B, T) True at padded frames
+        key_mask = None
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)  # padding must not leak into the positional conv
+            key_mask = ~padding_mask[:, None, None, :]  # (B, 1, 1, T)
+        x = x + self.pos_conv_embed(x)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
+                continue  # LayerDrop (Fan et al. 2019): skip the whole block
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
+        return self.layer_norm(x) if self.layer_norm_first else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SpecAugment-style masking used while finetuning (fairseq `compute_mask_indices`, static span lengths)
+
+
+def span_mask(lengths: torch.Tensor, size: int, prob: float, span: int, min_spans: int) -> torch.Tensor:
+    """(B, size) boolean mask of random spans covering about `prob` of each row's first `lengths[b]` positions.
+
+    Like fairseq: `int(prob * L / span + U[0,1))` spans (at least `min_spans`) start uniformly at random and may
+    overlap; every row then keeps the same number of masked spans as the row with the fewest.
+    """
+    B = lengths.shape[0]
+    starts = []
+    for b in range(B):
+        L = int(lengths[b])
+        n = max(min_spans, int(prob * L / span + torch.rand(()).item()))
+        free = L - span
+        if free < 1:
+            starts.append(torch.zeros(0, dtype=torch.long))
+            continue
+        starts.append(torch.randperm(free)[: min(n, free)])
+    fewest = min(len(s) for s in starts)
+    mask = torch.zeros(B, size, dtype=torch.bool)
+    for b, s in enumerate(starts):
+        s = s[torch.randperm(len(s))[:fewest]]
+        idx = (s[:, None] + torch.arange(span)).flatten()
+        mask[b, idx] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class Wav2Vec2ForCTC(nn.Module):
+    """wav2vec 2.0 encoder with an optional CTC head: model(wav, lengths) -> (logits or hidden states, lengths)."""
+
+    def __init__(self, config: Wav2Vec2Config):
+        super().__init__()
+        c = self.config = config
+        self.feature_extractor = FeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride, c.conv_bias, c.feat_extract_norm)
+        self.feature_projection = FeatureProjection(c.conv_dim[-1], c.hidden_size, c.feat_proj_layer_norm,
+                                                    c.layer_norm_eps, c.feat_proj_dropout)
+        self.masked_spec_embed = nn.Parameter(torch.empty(c.hidden_size).uniform_())  # fairseq mask_emb
+        self.encoder = Encoder(c)
+        self.final_dropout = nn.Dropout(c.final_dropout)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size) if c.vocab_size > 0 else None
+        self.route_config: RouteConfig | None = None
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return conv_output_lengths(lengths, self.config.conv_kernel, self.config.conv_stride)
+
+    def set_vocab_size(self, vocab_size: int):
+        """Replace the CTC head by a freshly initialised one with `vocab_size` outputs (0 removes it)."""
+        self.config = replace(self.config, vocab_size=vocab_size)
+        self.lm_head = nn.Linear(self.config.hidden_size, vocab_size) if vocab_size > 0 else None
+        if self.lm_head is not None and self.route_config is not None:
+            self.lm_head.requires_grad_(self.route_config.trainable_proj)
+
+    def freeze_feature_encoder(self):
+        """Freeze the conv feature extractor (fairseq feature_grad_mult = 0); it then runs without autograd."""
+        for p in self.feature_extractor.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
+        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,)."""
+        if wav.dim() != 2:
+            raise ValueError(f"expected a (batch, samples) waveform, got shape {tuple(wav.shape)}")
+        B, S = wav.shape
+        if lengths is None:
+            lengths = torch.full((B,), S, dtype=torch.long, device=wav.device)
+        frozen = not any(p.requires_grad for p in self.feature_extractor.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            features = self.feature_extractor(wav)  # (B, 512, T)
+        x = self.feature_projection(features.transpose(1, 2))  # (B, T, C)
+        out_lengths = self.output_lengths(lengths).clamp(max=x.shape[1])
+        padding_mask = None
+        if bool((out_lengths < x.shape[1]).any()):
+            padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]  # (B, T)
+        if self.training:
+            x = self.apply_spec_augment(x, out_lengths)
+        x = self.encoder(x, padding_mask)
+        if self.lm_head is not None:
+            x = self.lm_head(self.final_dropout(x))  # (B, T, V)
+        return x, out_lengths
+
+    def apply_spec_augment(self, x, lengths):
+        """Replace random time spans with the learned mask embedding and zero random channel spans."""
+        c = self.config
+        B, T, C = x.shape
+        if c.mask_time_prob > 0:
+            m = span_mask(lengths.cpu(), T, c.mask_time_prob, c.mask_time_length, min_spans=2).to(x.device)
+            x = torch.where(m.unsqueeze(-1), self.masked_spec_embed.to(x.dtype), x)
+        if c.mask_feature_prob > 0:
+            m = span_mask(torch.full((B,), C), C, c.mask_feature_prob, c.mask_feature_length, min_spans=0).to(x.device)
+            x = x.masked_fill(m.unsqueeze(1), 0.0)
+        return x
+
+    # -- S3-Router -------------------------------------------------------------------------------------------
+
+    def routable_layers(self, cfg: RouteConfig) -> dict[str, Routable]:
+        """The layers `cfg` routes, by name: attention q/k/v/out and FFN fc1/fc2 unless fixed, others on request."""
+        chosen = {}
+        for name, module in self.named_modules():
+            if not isinstance(module, Routable):
+                continue
+            if ".attention." in name:
+                wanted = not cfg.fix_attn
+            elif ".feed_forward." in name:
+                wanted = not cfg.fix_fc
+            elif name.startswith("feature_extractor."):
+                wanted = cfg.route_feature_extractor
+            elif name.startswith("encoder.pos_conv_embed."):
+                wanted = cfg.route_pos_conv
+            elif name.startswith("feature_projection."):
+                wanted = cfg.route_feature_projection
+            else:
+                wanted = False
+            if wanted:
+                chosen[name] = module
+        return chosen
+
+    def route(self, cfg: RouteConfig, init_scores: bool = True) -> "Wav2Vec2ForCTC":
+        """Switch to mask mode: give the routed layers scores and freeze everything `cfg` does not train.
+
+        `init_scores=False` only creates score tensors (to be filled from a checkpoint). Weight-based inits read the
+        weights present now, so load the (finetuned) weights first, as upstream's pruning recipe requires.
+        """
+        for module in self.routable_layers(cfg).values():
+            module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale)
+        self.route_config = cfg
+        for name, p in self.named_parameters():
+            p.requires_grad_(self._trains_in_mask_mode(name, cfg))
+        return self
+
+    def _trains_in_mask_mode(self, name: str, cfg: RouteConfig) -> bool:
+        if name.endswith(".scores"):
+            return True
+        if name == "masked_spec_embed":  # upstream trains mask_emb as a side effect; used only by time masking
+            return self.config.mask_time_prob > 0
+        if name.startswith("lm_head."):
+            return cfg.trainable_proj
+        if name.startswith("feature_extractor."):
+            return False  # frozen in every upstream recipe (feature_grad_mult 0)
+        if name.startswith("encoder.pos_conv_embed.") and cfg.trainable_pos:
+            return True
+        if name.startswith("feature_projection.projection.") and cfg.trainable_feature_projection:
+            return True
+        if "layer_norm" in name and cfg.trainable_layer_norm:
+            return True
+        if name.endswith(".bias") and cfg.trainable_bias:
+            return True
+        return cfg.co_train
+
+    def set_prune_rate(self, prune_rate: float):
+        """Change the kept fraction of every routed layer (masks follow at the next forward)."""
+        for module in self.modules():
+            if isinstance(module, Routable) and module.scores is not None:
+                module.prune_rate = prune_rate
+        if self.route_config is not None:
+            self.route_config = replace(self.route_config, prune_rate=prune_rate)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Boolean keep-mask of every routed layer, keyed by the layer's weight name (e.g. `...q_proj.weight`)."""
+        return {f"{name}.weight": m.mask() for name, m in self.named_modules()
+                if isinstance(m, Routable) and m.scores is not None}
+
+    @torch.no_grad()
+    def fold_masks(self) -> "Wav2Vec2ForCTC":
+        """Multiply every mask into its weight and drop the scores: a plain dense model with real zeros."""
+        for module in self.modules():
+            if isinstance(module, Routable) and module.scores is not None:
+                mask = module.mask()
+                if isinstance(module, WeightNormConv1d):  # fold into v; g is unchanged only where v keeps its norm
+                    w = module.dense_weight() * mask
+                    norm = w.norm(dim=(0, 1), keepdim=True)
+                    module.weight_g.copy_(norm)
+                    module.weight_v.copy_(torch.where(norm > 0, w, torch.ones_like(w)))  # g = 0 there
+                else:
+                    module.weight.mul_(mask)
+                module.scores = None
+                module._init_routing()
+        self.route_config = None
+        return self
