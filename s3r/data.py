@@ -1,0 +1,576 @@
+"""Speech corpora as downloaded, audio loading, and fairseq-style token-budget batching.
+
+Corpora are read in place, no preparation step (durations are scanned once with soundfile.info and cached
+under $S3R_CACHE or ~/.cache/s3r). `--data NAME --data-root DIR`, where DIR holds or is one of:
+  LibriSpeech   DIR/LibriSpeech/<split>/<spk>/<chapter>/<spk>-<chapter>.trans.txt + <id>.flac
+                NAME: train-clean-100, train-clean-360, train-other-500, dev-clean, dev-other, test-clean, test-other
+  Libri-light   DIR/librispeech_finetuning/{1h/{0..5},9h}/{clean,other}/<spk>/<chapter>/... (same files)
+                NAME: train-10m (= 1h/0), train-1h (= 1h/*), train-10h (= 1h/* + 9h), as upstream names them
+  CommonVoice   DIR/cv-corpus-*/<lang>/<split>.tsv + clips/ (DIR may be the release or the language folder)
+                NAME: <lang>-<split>, split in train/dev/test/validated; zh-TW and zh_TW both work
+  fairseq       NAME: a manifest .tsv (root on line 1, then relpath<TAB>num_samples) with sibling .ltr (or
+                .wrd) labels and dict.ltr.txt, as written by examples/wav2vec/{wav2vec_manifest,libri_labels}.py
+  demo          NAME: demo or demo-<split>: s3r/assets/demo/<split>.tsv, or a split in a layout above there
+Transcripts: LibriSpeech letters UPPERCASE with apostrophes (fairseq .ltr); CommonVoice sentences
+normalized by text.normalize_text to lowercase characters. units="phone" reads the phone transcripts that
+tools/synth_corpus.py writes (<spk>-<chapter>.phn.txt, a `phonemes` TSV column, or <split>.phn).
+
+Batching follows fairseq data_utils.batch_by_size (padded samples per batch <= max_tokens) and audio
+follows RawAudioDataset (mono 16 kHz; layer norm over the waveform when the checkpoint says normalize).
+Bad input raises a one-line DataError naming the file and line; with skip_bad it is skipped and listed.
+
+    python -m s3r.data --data-root /data --data dev-clean [--json] [--check] [--skip-bad] [--bench 200]
+"""
+import argparse
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from . import S3RError
+from .text import LIBRISPEECH_LETTERS, Vocabulary, normalize_text
+
+SAMPLE_RATE = 16000  # every wav2vec 2.0 checkpoint was trained on 16 kHz audio
+LIBRISPEECH_SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other",
+                      "test-clean", "test-other")
+LIBRILIGHT_SPLITS = {"train-10m": ["1h/0"], "train-1h": [f"1h/{k}" for k in range(6)],
+                     "train-10h": [f"1h/{k}" for k in range(6)] + ["9h"]}
+CV_SPLITS = ("train", "dev", "test", "validated")
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+IO_THREADS = 8  # soundfile releases the GIL, so threads overlap file reads (and help most on network disks)
+
+
+class DataError(S3RError):
+    """A missing, unreadable or inconsistent corpus file; the message names it (and the line)."""
+
+
+@dataclass
+class Utterance:
+    """One audio file and its transcript."""
+    id: str
+    path: str
+    num_samples: int  # samples in the file, at the file's own rate
+    sample_rate: int  # the file's rate (LibriSpeech flac 16000, CommonVoice mp3 48000)
+    text: str  # normalized transcript: words, or space-separated phones with "|" between words
+
+    @property
+    def length(self) -> int:
+        """Samples after resampling to 16 kHz: what batching counts (torchaudio rounds up)."""
+        return -(-self.num_samples * SAMPLE_RATE // self.sample_rate)
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+@dataclass
+class Corpus:
+    """The utterances a NAME resolves to, with what was learned while reading them."""
+    name: str
+    kind: str  # librispeech | librilight | commonvoice | manifest
+    root: str  # the folder or manifest that was read
+    language: str | None  # "en", CommonVoice code ("zh-TW"), None when a manifest does not say
+    units: str  # letter | char | phone: how Utterance.text is tokenized
+    utterances: list[Utterance]
+    vocab: Vocabulary | None = None  # found with the data (dict.ltr.txt, LibriSpeech letters), else None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file[:line], reason), with skip_bad
+
+    @property
+    def seconds(self) -> float:
+        return sum(u.seconds for u in self.utterances)
+
+
+class _Problems(list):
+    """Collects bad input: raises at the first one by default, records (where, reason) with skip_bad."""
+
+    def __init__(self, skip_bad: bool):
+        super().__init__()
+        self.skip_bad = skip_bad
+
+    def __call__(self, where, reason: str):
+        if not self.skip_bad:
+            raise DataError(f"{where}: {reason} (--skip-bad skips such files)")
+        self.append((str(where), reason))
+
+
+def _read_lines(path: Path, bad: _Problems) -> list[tuple[int, str | None]]:
+    """(line number, text) for every line; None where a line is not UTF-8 (reported with its number)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    lines = []
+    for n, line in enumerate(raw.removesuffix(b"\n").split(b"\n") if raw else [], 1):
+        try:
+            lines.append((n, line.decode("utf-8").rstrip("\r")))
+        except UnicodeDecodeError as e:
+            bad(f"{path}:{n}", f"not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+            lines.append((n, None))
+    return lines
+
+
+# ---------------------------------------------------------------- readers
+def _read_chapters(folders: list[Path], units: str, bad: _Problems) -> list[tuple[str, str, str]]:
+    """LibriSpeech chapter folders -> (id, audio path, text); both directions of mismatch are reported."""
+    suffix = ".phn.txt" if units == "phone" else ".trans.txt"
+    items = []
+    for top in folders:
+        transcripts = sorted(top.rglob(f"*{suffix}"))
+        if not transcripts:
+            raise DataError(f"{top}: no *{suffix} transcripts found")
+        for trans in transcripts:
+            listed = set()
+            for n, line in _read_lines(trans, bad):
+                if not line:
+                    continue
+                uid, _, text = line.partition(" ")
+                audio = trans.parent / f"{uid}.flac"
+                listed.add(audio.name)
+                if not audio.exists():
+                    bad(f"{trans}:{n}", f"transcript line has no audio file {audio.name}")
+                    continue
+                text = " ".join(text.split()) if units == "phone" else normalize_text(text, case="upper")
+                items.append((uid, str(audio), text))
+            for audio in sorted(trans.parent.glob("*.flac")):
+                if audio.name not in listed:
+                    bad(audio, f"audio file has no line in {trans.name}")
+    return items
+
+
+def _find_cv_folder(root: Path, lang: str) -> Path:
+    """The <lang> folder of a CommonVoice release, whether root is above, at, or inside the release."""
+    spellings = {lang, lang.replace("_", "-"), lang.replace("-", "_")}  # upstream writes zh_TW, releases zh-TW
+    if (root / "clips").is_dir():  # root is a language folder itself
+        if root.name not in spellings:
+            raise DataError(f"{root} is the CommonVoice folder of {root.name!r}, not {lang!r}")
+        return root
+    found = [root / s for s in spellings if (root / s / "clips").is_dir()]
+    found += [d / s for d in sorted(root.glob("cv-corpus-*")) for s in spellings if (d / s / "clips").is_dir()]
+    if len(found) > 1:
+        raise DataError(f"{lang!r} is in several CommonVoice releases ({', '.join(map(str, found))}); "
+                        f"give one of them as --data-root")
+    if not found:
+        raise DataError(f"no CommonVoice folder for {lang!r} under {root} (looked for cv-corpus-*/{lang}/clips)")
+    return found[0]
+
+
+def _read_commonvoice(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, str, str]]:
+    """A release TSV, columns looked up by header name (their set and order change between releases)."""
+    lines = _read_lines(tsv, bad)
+    if not lines or lines[0][1] is None:
+        raise DataError(f"{tsv}: empty or unreadable header")
+    header = lines[0][1].split("\t")
+    text_col = "phonemes" if units == "phone" else "sentence"
+    missing = [c for c in ("path", text_col) if c not in header]
+    if missing:
+        raise DataError(f"{tsv}: no {' or '.join(missing)} column (header: {' '.join(header)})")
+    ip, it = header.index("path"), header.index(text_col)
+    items = []
+    for n, line in lines[1:]:
+        if line is None or not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) <= max(ip, it):
+            bad(f"{tsv}:{n}", f"{len(fields)} columns, header has {len(header)}")
+            continue
+        clip = tsv.parent / "clips" / fields[ip]
+        if not clip.is_file():
+            bad(f"{tsv}:{n}", f"clip {fields[ip]} is missing from {clip.parent}")
+            continue
+        text = " ".join(fields[it].split()) if units == "phone" else normalize_text(fields[it], case="lower")
+        items.append((Path(fields[ip]).stem, str(clip), text))
+    return items
+
+
+def _read_manifest(tsv: Path, units: str, bad: _Problems) -> tuple[list[tuple[str, str, str, int]], Path]:
+    """A fairseq manifest with labels from the sibling .ltr (preferred) / .wrd, or .phn for phone units."""
+    lines = _read_lines(tsv, bad)
+    if not lines or not lines[0][1]:
+        raise DataError(f"{tsv}: first line must be the audio root folder")
+    root, rows = Path(lines[0][1].strip()), lines[1:]
+    exts = ["phn"] if units == "phone" else ["ltr", "wrd"]
+    label_file = next((tsv.with_suffix(f".{e}") for e in exts if tsv.with_suffix(f".{e}").exists()), None)
+    if label_file is None:
+        raise DataError(f"{tsv}: no labels next to it ({' or '.join(tsv.stem + '.' + e for e in exts)})")
+    labels = _read_lines(label_file, bad)
+    if len(labels) != len(rows):
+        raise DataError(f"{label_file}: {len(labels)} lines but {tsv.name} has {len(rows)} rows")
+    items = []
+    for (n, row), (_, label) in zip(rows, labels):
+        if row is None or label is None:
+            continue  # already reported by _read_lines
+        fields = row.split("\t")
+        if len(fields) < 2 or not fields[1].strip().isdigit():
+            bad(f"{tsv}:{n}", "expected relative_path<TAB>num_samples")
+            continue
+        audio = root / fields[0]
+        if not audio.is_file():
+            bad(f"{tsv}:{n}", f"audio file {audio} is missing")
+            continue
+        if label_file.suffix == ".ltr":  # "H I | Y O U |" -> "HI YOU": Vocabulary.tokenize restores the .ltr
+            label = "".join(" " if u == "|" else u for u in label.split())
+        items.append((str(Path(fields[0]).with_suffix("")), str(audio), " ".join(label.split()), int(fields[1])))
+    return items, root
+
+
+# ---------------------------------------------------------------- scanning durations
+def _error_text(e: Exception) -> str:
+    return getattr(e, "error_string", None) or str(e).split(": ")[-1].strip().rstrip(".")
+
+
+def scan_audio(paths: list[str], bad: _Problems) -> dict[str, tuple[int, int]]:
+    """(num_samples, sample_rate) per readable file, via soundfile.info; cached per (path, mtime, size)."""
+    cache_dir = Path(os.environ.get("S3R_CACHE") or Path.home() / ".cache" / "s3r")
+    cache_file = cache_dir / f"scan-{hashlib.sha1(chr(10).join(paths).encode()).hexdigest()[:20]}.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+
+    def info(path):
+        try:
+            st = os.stat(path)
+            stamp = [st.st_mtime_ns, st.st_size]
+            if cache.get(path, [None])[:2] == stamp:
+                return path, cache[path], None
+            if st.st_size == 0:
+                return path, None, "empty file (0 bytes)"
+            i = sf.info(path)
+            return path, stamp + [i.frames, i.samplerate], None if i.frames > 0 else "empty audio (0 samples)"
+        except (RuntimeError, OSError) as e:  # LibsndfileError is a RuntimeError
+            return path, None, f"cannot decode audio ({_error_text(e)})"
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        results = list(pool.map(info, paths))
+    found, fresh = {}, {}
+    for path, entry, problem in results:
+        if problem:
+            bad(path, problem)
+        else:
+            found[path], fresh[path] = (entry[2], entry[3]), entry
+    if fresh != cache:
+        try:  # write-then-rename, so ranks scanning at the same time never read half a file
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home only costs a rescan next time
+    return found
+
+
+# ---------------------------------------------------------------- naming
+def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, units: str | None = None) -> Corpus:
+    """Read the corpus that `--data NAME --data-root DIR` names (see the module docstring)."""
+    base, bad = Path(root or "."), _Problems(skip_bad)
+    if name == "demo" or name.startswith("demo-"):
+        split = name[5:] or "train"
+        if not DEMO_DIR.is_dir():
+            raise DataError(f"the demo corpus is not in this checkout ({DEMO_DIR} is missing)")
+        tsv = DEMO_DIR / f"{split}.tsv"
+        return resolve_corpus(str(tsv) if tsv.exists() else split, str(DEMO_DIR), skip_bad, units)
+    cv = re.fullmatch(r"(.+)-(train|dev|test|validated)", name)
+    language = "en"
+    if name in LIBRISPEECH_SPLITS or name in LIBRILIGHT_SPLITS:
+        kind, units = ("librispeech" if name in LIBRISPEECH_SPLITS else "librilight"), units or "letter"
+        if kind == "librispeech":
+            top = [d for d in (base / "LibriSpeech" / name, base / name) if d.is_dir()]
+        else:
+            top = [d for d in (base / "librispeech_finetuning", base) if (d / "1h").is_dir()]
+        if not top:
+            raise DataError(f"{name}: no {'LibriSpeech/' + name if kind == 'librispeech' else 'librispeech_finetuning/1h'}"
+                            f" folder under {base}")
+        folders = [top[0]] if kind == "librispeech" else [top[0] / f for f in LIBRILIGHT_SPLITS[name]]
+        items, where = _read_chapters(folders, units, bad), top[0]
+    elif name.endswith(".tsv"):
+        kind, units, language = "manifest", units or "letter", None
+        where = Path(name) if Path(name).is_file() or root is None else base / name
+        if not where.is_file():
+            raise DataError(f"manifest {where} not found")
+        items, _ = _read_manifest(where, units, bad)
+    elif cv:
+        kind, units, language = "commonvoice", units or "char", cv.group(1).replace("_", "-")
+        where = _find_cv_folder(base, cv.group(1)) / f"{cv.group(2)}.tsv"
+        if not where.is_file():
+            raise DataError(f"{where} not found")
+        items = _read_commonvoice(where, units, bad)
+    else:
+        raise DataError(f"unknown corpus name {name!r}: expected a LibriSpeech split ({', '.join(LIBRISPEECH_SPLITS)}),"
+                        f" train-10m/train-1h/train-10h, <lang>-<split> for CommonVoice, demo, or a manifest .tsv")
+
+    if kind == "manifest":  # fairseq manifests carry sizes (16 kHz samples): no need to open the audio
+        utts = [Utterance(uid, path, n, SAMPLE_RATE, text) for uid, path, text, n in items]
+        dict_file = where.parent / f"dict.{'phn' if units == 'phone' else 'ltr'}.txt"
+        vocab = Vocabulary.from_fairseq_dict(str(dict_file)) if dict_file.exists() else None
+    else:
+        sizes = scan_audio([path for _, path, _ in items], bad)
+        utts = [Utterance(uid, p, *sizes[p], text) for uid, p, text in items if p in sizes]
+        letters = set(LIBRISPEECH_LETTERS) | {" "}  # public LibriSpeech models all share fairseq's letter dict
+        english = kind != "commonvoice" and units == "letter" and all(set(u.text) <= letters for u in utts)
+        vocab = Vocabulary.librispeech() if english else None
+    return Corpus(name, kind, str(where), language, units, utts, vocab, list(bad))
+
+
+# ---------------------------------------------------------------- audio
+@functools.lru_cache(maxsize=8)
+def _resampler(rate: int):
+    import torchaudio  # the sinc kernel of torchaudio.functional.resample, built once per source rate
+    return torchaudio.transforms.Resample(rate, SAMPLE_RATE)
+
+
+def load_audio(path: str, normalize: bool = False, expected: int | None = None) -> torch.Tensor:
+    """(S,) float32 mono waveform at 16 kHz; `expected` (file-rate samples) catches truncated files."""
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"{path}: cannot decode audio ({_error_text(e)})") from None
+    if len(data) == 0:
+        raise DataError(f"{path}: empty audio (0 samples)")
+    if expected and len(data) < expected - rate // 100:  # 10 ms of slack for mp3 frame rounding
+        raise DataError(f"{path}: truncated, decoded {len(data)} of {expected} samples")
+    wav = torch.from_numpy(data).mean(dim=1)  # (S,), channels averaged
+    if rate != SAMPLE_RATE:
+        wav = _resampler(rate)(wav)
+    if normalize:  # fairseq RawAudioDataset: F.layer_norm over the whole utterance (zero mean, unit variance)
+        wav = F.layer_norm(wav, wav.shape)
+    return wav
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """Utterances as items {index, id, wav (S,), targets (L,)}; transcripts are encoded up front."""
+
+    def __init__(self, utterances: list[Utterance], vocab: Vocabulary | None = None, normalize: bool = False,
+                 max_sample_size: int | None = None, skip_bad: bool = False, allow_unk: bool = False, seed: int = 0):
+        self.utterances, self.normalize, self.skip_bad = utterances, normalize, skip_bad
+        self.max_sample_size, self.seed, self.epoch = max_sample_size, seed, 0
+        self.skipped: list[tuple[str, str]] = []  # utterances make_loader left out (too long for max_tokens)
+        # Encoding now, not per item, makes an out-of-vocabulary symbol fail before training starts.
+        self.targets = [torch.tensor(vocab.encode(u.text, f"utterance {u.id}", allow_unk), dtype=torch.long)
+                        for u in utterances] if vocab else None
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch  # new crop positions each epoch (DataLoader workers get a fresh copy per epoch)
+
+    def __getitem__(self, i: int) -> dict:
+        u = self.utterances[i]
+        try:
+            wav = load_audio(u.path, self.normalize, expected=u.num_samples)
+        except DataError as e:
+            if not self.skip_bad:
+                raise
+            return {"index": i, "id": u.id, "skipped": (u.path, str(e).removeprefix(f"{u.path}: "))}
+        if self.max_sample_size and len(wav) > self.max_sample_size:
+            # fairseq crop_to_max_size: a random window. It cuts the audio but not the transcript, so it is
+            # for unlabelled audio; CTC fine-tuning keeps max_sample_size=None (fairseq's default too).
+            start = np.random.default_rng((self.seed, self.epoch, i)).integers(len(wav) - self.max_sample_size + 1)
+            wav = wav[start: start + self.max_sample_size]
+        targets = self.targets[i] if self.targets is not None else torch.empty(0, dtype=torch.long)
+        return {"index": i, "id": u.id, "wav": wav, "targets": targets}
+
+
+def collate(items: list[dict], pad: int = 1) -> dict:
+    """Zero-padded batch; targets padded with `pad` (CTC reads only target_lengths of them).
+
+    Items SpeechDataset skipped (skip_bad) are left out of the tensors and listed under "skipped" for the
+    training log; a batch can then be empty (B = 0), which the training loop should pass over.
+    """
+    good = [it for it in items if "wav" in it]
+    lengths = torch.tensor([len(it["wav"]) for it in good], dtype=torch.long)  # (B,)
+    target_lengths = torch.tensor([len(it["targets"]) for it in good], dtype=torch.long)  # (B,)
+    wav = torch.zeros(len(good), int(lengths.max()) if good else 0)  # (B, S)
+    targets = torch.full((len(good), int(target_lengths.max()) if good else 0), pad, dtype=torch.long)  # (B, L)
+    for b, it in enumerate(good):
+        wav[b, : lengths[b]] = it["wav"]
+        targets[b, : target_lengths[b]] = it["targets"]
+    return {"wav": wav, "lengths": lengths, "targets": targets, "target_lengths": target_lengths,
+            "ids": [it["id"] for it in good], "indices": [it["index"] for it in good],
+            "skipped": [it["skipped"] for it in items if "skipped" in it]}
+
+
+# ---------------------------------------------------------------- batching
+class TokenBatchSampler(torch.utils.data.Sampler):
+    """Length-bucketed batches of at most max_tokens padded samples, reshuffled per epoch, sharded over ranks.
+
+    Each epoch: shuffle (seed, epoch), stable-sort by length (random order among equal lengths), cut into
+    batches greedily so that batch_size * longest <= max_tokens (fairseq batch_by_size), shuffle the batches,
+    then deal them to ranks round robin. With even=True (training) the batch list is first padded by
+    repeating its first batches until it divides by world_size: a rank with fewer batches would leave DDP
+    waiting in all-reduce forever, so up to world_size-1 batches are seen twice per epoch. Evaluation should
+    use even=False (or one rank) so no utterance is scored twice. An utterance longer than max_tokens on its
+    own is an error: raise max_tokens, or crop (max_sample_size), or skip it (make_loader with skip_bad).
+    """
+
+    def __init__(self, lengths: list[int], max_tokens: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, max_batch_size: int | None = None, even: bool = True):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if len(self.lengths) and self.lengths.max() > max_tokens:
+            i = int(self.lengths.argmax())
+            raise DataError(f"utterance #{i} has {self.lengths[i]} samples, more than max_tokens={max_tokens}")
+        if not 0 <= rank < world_size:
+            raise S3RError(f"rank {rank} is outside world_size {world_size}")
+        self.max_tokens, self.world_size, self.rank, self.seed = max_tokens, world_size, rank, seed
+        self.shuffle, self.max_batch_size, self.even = shuffle, max_batch_size, even
+        self.epoch, self.offset, self._cached = 0, 0, None
+
+    def set_epoch(self, epoch: int, offset: int = 0):
+        """Select the epoch; `offset` skips this rank's first batches (resuming a checkpoint mid-epoch)."""
+        self.epoch, self.offset = epoch, offset
+
+    def batches(self) -> list[list[int]]:
+        """This rank's whole batch list for the current epoch (offset not applied)."""
+        if self._cached and self._cached[0] == self.epoch:
+            return self._cached[1]
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = order[np.argsort(self.lengths[order], kind="stable")]
+        batches, current = [], []
+        for i in order.tolist():  # ascending lengths, so the newcomer is the longest in the batch
+            full = self.max_batch_size and len(current) == self.max_batch_size
+            if current and (full or (len(current) + 1) * self.lengths[i] > self.max_tokens):
+                batches.append(current)
+                current = []
+            current.append(i)
+        batches += [current] if current else []
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        if self.even and batches and len(batches) % self.world_size:
+            extra = self.world_size - len(batches) % self.world_size
+            batches += (batches * math.ceil(extra / len(batches)))[:extra]
+        self._cached = (self.epoch, batches[self.rank:: self.world_size])
+        return self._cached[1]
+
+    def __iter__(self):
+        yield from self.batches()[self.offset:]
+
+    def __len__(self) -> int:
+        return max(len(self.batches()) - self.offset, 0)
+
+
+def make_loader(utterances: list[Utterance], vocab: Vocabulary | None, max_tokens: int, train: bool = True,
+                normalize: bool = False, max_sample_size: int | None = None, world_size: int = 1, rank: int = 0,
+                seed: int = 0, num_workers: int = 2, skip_bad: bool = False,
+                allow_unk: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader over SpeechDataset + TokenBatchSampler + collate; call set_epoch(loader, e) every epoch.
+
+    Utterances longer than max_tokens (after cropping) raise a DataError naming the file, or with skip_bad
+    are left out and listed in loader.dataset.skipped.
+    """
+    bad, keep = _Problems(skip_bad), []
+    for u in utterances:
+        if min(u.length, max_sample_size or u.length) > max_tokens:
+            bad(u.path, f"{u.seconds:.1f} s ({u.length} samples) is longer than max_tokens={max_tokens} by itself")
+        else:
+            keep.append(u)
+    dataset = SpeechDataset(keep, vocab, normalize, max_sample_size, skip_bad, allow_unk, seed)
+    dataset.skipped = list(bad)
+    sampler = TokenBatchSampler([min(u.length, max_sample_size or u.length) for u in keep], max_tokens,
+                                world_size, rank, seed, shuffle=train, even=train)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def set_epoch(loader: torch.utils.data.DataLoader, epoch: int, offset: int = 0):
+    """New shuffle and crops for `epoch`; `offset` = batches this rank already did (resuming mid-epoch)."""
+    loader.batch_sampler.set_epoch(epoch, offset)
+    loader.dataset.set_epoch(epoch)
+
+
+# ---------------------------------------------------------------- summary command
+def check_audio(corpus: Corpus, skip_bad: bool = False) -> None:
+    """Decode every file (catches truncated or corrupt audio that the header scan cannot see)."""
+    bad = _Problems(skip_bad)
+
+    def check(u):
+        try:
+            load_audio(u.path, expected=u.num_samples)
+            return None
+        except DataError as e:
+            return str(e).removeprefix(f"{u.path}: ")
+
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        problems = list(pool.map(check, corpus.utterances))
+    for u, problem in zip(corpus.utterances, problems):
+        if problem:
+            bad(u.path, problem)
+    corpus.skipped += list(bad)
+    corpus.utterances = [u for u, problem in zip(corpus.utterances, problems) if not problem]
+
+
+def bench(utterances: list[Utterance], n: int = 200, normalize: bool = False) -> dict:
+    """Decode + resample throughput of one loader worker (one thread), on the first n utterances (cycled)."""
+    if not utterances:
+        return {"utterances_per_s": 0.0, "audio_s_per_s": 0.0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like a DataLoader worker
+    picked = [utterances[k % len(utterances)] for k in range(n)]
+    load_audio(picked[0].path, normalize)  # build the resampler kernel outside the timing
+    t0 = time.perf_counter()
+    for u in picked:
+        load_audio(u.path, normalize)
+    wall = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    return {"utterances_per_s": n / wall, "audio_s_per_s": sum(u.seconds for u in picked) / wall}
+
+
+def summarize(corpus: Corpus, vocab: Vocabulary) -> dict:
+    by_len = sorted(corpus.utterances, key=lambda u: u.seconds)
+    edge = lambda u: {"id": u.id, "seconds": round(u.seconds, 3)} if u else None  # noqa: E731
+    return {"name": corpus.name, "kind": corpus.kind, "root": corpus.root, "language": corpus.language,
+            "units": corpus.units, "utterances": len(corpus.utterances), "seconds": round(corpus.seconds, 3),
+            "shortest": edge(by_len[0] if by_len else None), "longest": edge(by_len[-1] if by_len else None),
+            "sample_rates": sorted({u.sample_rate for u in corpus.utterances}), "vocab": vocab.symbols,
+            "skipped": [{"path": p, "reason": r} for p, r in corpus.skipped]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m s3r.data", description="Summarize (and check) a speech corpus.")
+    p.add_argument("--data", required=True, help="corpus name: dev-clean, train-1h, pl-train, demo, x.tsv")
+    p.add_argument("--data-root", default=None, help="folder holding LibriSpeech/, librispeech_finetuning/, cv-corpus-*")
+    p.add_argument("--units", choices=["letter", "char", "phone"], default=None, help="transcript units")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--check", action="store_true", help="decode every audio file")
+    p.add_argument("--skip-bad", action="store_true", help="skip and list bad files instead of stopping")
+    p.add_argument("--bench", type=int, default=0, metavar="N", help="time decoding + resampling N utterances")
+    a = p.parse_args(argv)
+    try:
+        corpus = resolve_corpus(a.data, a.data_root, a.skip_bad, a.units)
+        if a.check:
+            check_audio(corpus, a.skip_bad)
+        vocab = corpus.vocab or Vocabulary.build([u.text for u in corpus.utterances], corpus.units)
+        summary = summarize(corpus, vocab)
+        if a.bench:
+            summary["bench"] = bench(corpus.utterances, a.bench)
+    except S3RError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(summary, ensure_ascii=False))
+        return 0
+    for key in ("name", "kind", "root", "language", "units", "utterances", "seconds", "shortest", "longest",
+                "sample_rates", "bench"):
+        if key in summary:
+            print(f"{key:>12}: {summary[key]}")
+    print(f"{'vocab':>12}: {len(vocab)} symbols: {' '.join(vocab.symbols)}")
+    print(f"{'skipped':>12}: {len(corpus.skipped)}")
+    for path, reason in corpus.skipped:
+        print(f"  {path}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
