@@ -226,8 +226,18 @@ def load_fairseq(ckpt: dict, path) -> Wav2Vec2ForCTC:
     model = Wav2Vec2ForCTC(config)
     state = _rename(state, FAIRSEQ_KEYS, FAIRSEQ_DROPPED, model, str(path))
     if any(k.endswith(".scores") for k in state):  # an upstream S3-Router (wav2vec_ctc_st) checkpoint
+        for option in ("layerwise_prune_rate", "fc_attn_prune_rate"):  # per-layer rates: not modelled by RouteConfig
+            if route_cfg.get(option):
+                raise CheckpointError(f"{path}: upstream option {option}={list(route_cfg[option])} is not supported")
+        has = lambda prefix: any(k.startswith(prefix) and k.endswith(".scores") for k in state)  # noqa: E731
         route = RouteConfig(prune_rate=float(route_cfg.get("prune_rate", 1.0)), fix_attn=bool(route_cfg.get("fix_attn")),
-                            fix_fc=bool(route_cfg.get("fix_fc")))
+                            fix_fc=bool(route_cfg.get("fix_fc")), route_feature_extractor=has("feature_extractor."),
+                            route_pos_conv=has("encoder.pos_conv_embed."),
+                            route_feature_projection=has("feature_projection."))
+        # Upstream builds q/k/v/out and fc1/fc2 as Linear_ST whatever fix_attn/fix_fc say and only switches their
+        # mask off, so a fixed layer's scores are stored but never used: drop them.
+        fixed = (".attention.",) * route.fix_attn + (".feed_forward.",) * route.fix_fc
+        state = {k: v for k, v in state.items() if not (k.endswith(".scores") and any(f in k for f in fixed))}
         model.route(route, init_scores=False)
     _load_state(model, state, str(path))
     return model

@@ -1,0 +1,509 @@
+"""s3r/checkpoint.py: every supported format loads and reproduces its peer's outputs (within 1e-4).
+
+Peers: transformers (tiny random configs of each family, safetensors and pytorch_model.bin, both weight-norm key
+spellings), torchaudio's wav2vec2, and fairseq-format checkpoints written by `fairseq_fixtures` from the same HF
+weights (cfg and args styles, pretraining and CTC, upstream S3-Router `wav2vec_ctc_st`).
+"""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+import fairseq_fixtures as ff
+from s3r import RouteConfig, load_pretrained
+from s3r.checkpoint import CheckpointError, s3r_checkpoint, save_atomic, weights_fingerprint
+from s3r.model import Routable, topk_mask
+
+TOL = 1e-4
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    wav = torch.randn(3, 2400, generator=g)
+    lengths = torch.tensor([2400, 1777, 1003])
+    wav[1, 1777:] = 0
+    wav[2, 1003:] = 0
+    return wav, lengths
+
+
+_HF = {}
+
+
+def hf(variant, ctc):
+    """Cached tiny HF model (building them is cheap, but they are used by many tests)."""
+    if (variant, ctc) not in _HF:
+        _HF[variant, ctc] = ff.hf_model(variant, ctc)
+    return _HF[variant, ctc]
+
+
+@torch.no_grad()
+def hf_outputs(model, wav, lengths):
+    """HF logits (ForCTC) or last hidden states (Model) of the padded batch (given the attention mask) and of each
+    utterance alone."""
+    pick = lambda o: o.logits if hasattr(o, "logits") else o.last_hidden_state  # noqa: E731
+    mask = (torch.arange(wav.shape[1])[None, :] < lengths[:, None]).long()
+    padded = pick(model(wav, attention_mask=mask))
+    alone = [pick(model(wav[b: b + 1, : lengths[b]]))[0] for b in range(len(lengths))]
+    return padded, alone
+
+
+@torch.no_grad()
+def max_diff(ours, wav, lengths, ref_padded, ref_alone) -> float:
+    """Largest |ours - peer| over the valid frames of the padded batch and over each utterance run alone."""
+    out, out_lengths = ours(wav, lengths)
+    assert out.shape == ref_padded.shape
+    diffs = []
+    for b in range(len(lengths)):
+        T = int(out_lengths[b])
+        assert T == ref_alone[b].shape[0]
+        diffs.append((out[b, :T] - ref_padded[b, :T]).abs().max().item())
+        alone, _ = ours(wav[b: b + 1, : lengths[b]])
+        diffs.append((alone[0] - ref_alone[b]).abs().max().item())
+    return max(diffs)
+
+
+def assert_parity(ours, peer, wav, lengths, what=""):
+    diff = max_diff(ours, wav, lengths, *hf_outputs(peer, wav, lengths))
+    assert diff < TOL, f"{what}: max abs diff {diff:.3g}"
+    return diff
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def _rewrite_state(directory, fn):
+    """Apply `fn` to the state dict stored in an HF directory, in whichever file format it is."""
+    st, binf = directory / "model.safetensors", directory / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors.torch import load_file, save_file
+        save_file(fn(load_file(str(st))), str(st), metadata={"format": "pt"})
+    else:
+        torch.save(fn(torch.load(binf, weights_only=True)), binf)
+
+
+def _stored_keys(directory):
+    st = directory / "model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+        with safe_open(str(st), "pt") as f:
+            return set(f.keys())
+    return set(torch.load(directory / "pytorch_model.bin", weights_only=True))
+
+
+@pytest.mark.parametrize("variant", ff.VARIANTS)
+@pytest.mark.parametrize("ctc", [False, True], ids=["Model", "ForCTC"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("spelling", ["parametrizations", "weight_g"])
+def test_hf_parity(tmp_path, batch, variant, ctc, fmt, spelling):
+    if variant == "data2vec" and spelling == "weight_g":
+        pytest.skip("data2vec's positional convs have no weight norm")
+    peer = hf(variant, ctc)
+    peer.save_pretrained(tmp_path, safe_serialization=fmt == "safetensors")
+    if spelling == "weight_g":
+        _rewrite_state(tmp_path, ff.old_weight_norm_spelling)
+    keys = _stored_keys(tmp_path)
+    if variant != "data2vec":  # make sure the file really uses the spelling under test
+        assert any(spelling in k for k in keys), sorted(keys)[:5]
+    model = load_pretrained(tmp_path)
+    assert (model.lm_head is not None) == ctc
+    assert_parity(model, peer, *batch, what=f"{variant} ctc={ctc} {fmt} {spelling}")
+
+
+def test_hf_parity_can_fail(tmp_path, batch):
+    """The parity check has teeth: one perturbed bias of ours is visible far above the tolerance."""
+    peer = hf("base", True)
+    peer.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    with torch.no_grad():
+        model.encoder.layers[1].feed_forward.output_dense.bias[3] += 0.01
+    assert max_diff(model, *batch, *hf_outputs(peer, *batch)) > 10 * TOL
+
+
+def test_hf_file_path_and_preprocessor(tmp_path):
+    peer = hf("base", False)
+    peer.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True, "sampling_rate": 16000}))
+    model = load_pretrained(tmp_path / "model.safetensors")
+    assert model.config.normalize is True and model.vocab is None
+
+
+def test_hf_layer_norm_model_padding_invariant(tmp_path, batch):
+    """fairseq padding: with a layer-norm extractor each utterance of a padded batch equals itself alone.
+
+    Not so for data2vec: its stacked positional convs write bias into the zeroed padded frames, which the next conv
+    of the stack reads back, exactly as in fairseq and HF (the parity tests above check that we match them).
+    """
+    wav, lengths = batch
+    hf("large", False).save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    with torch.no_grad():
+        out, out_lengths = model(wav, lengths)
+        for b in range(3):
+            alone, _ = model(wav[b: b + 1, : lengths[b]])
+            assert (out[b, : out_lengths[b]] - alone[0]).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchaudio
+
+
+def _torchaudio_to_ours(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        k = k.replace("encoder.transformer.", "encoder.").replace("encoder.feature_projection.", "feature_projection.")
+        k = k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v")
+        out[k.replace("aux.", "lm_head.")] = v
+    return out
+
+
+@pytest.mark.parametrize("mode,layer_norm_first", [("group_norm", False), ("layer_norm", True), ("layer_norm", False)])
+@pytest.mark.parametrize("aux", [None, 7])
+def test_torchaudio_parity(tmp_path, batch, mode, layer_norm_first, aux):
+    from torchaudio.models import wav2vec2_model
+
+    torch.manual_seed(3)
+    conv = list(zip(ff.CONV["conv_dim"], ff.CONV["conv_kernel"], ff.CONV["conv_stride"]))
+    peer = wav2vec2_model(mode, conv, mode == "layer_norm", 32, 0.0, 15, 4, 2, 4, 0.0, 52, 0.0, 0.0,
+                          layer_norm_first, 0.0, aux)
+    ff.perturb_(peer, seed=3).eval()
+    from s3r import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    cfg = Wav2Vec2Config(**ff.CONV, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
+                         conv_bias=mode == "layer_norm", feat_extract_norm=mode.split("_")[0],
+                         layer_norm_first=layer_norm_first, conv_pos_kernel=15, conv_pos_groups=4, vocab_size=aux or 0)
+    ours = Wav2Vec2ForCTC(cfg)
+    state = _torchaudio_to_ours(peer.state_dict())
+    state["masked_spec_embed"] = ours.masked_spec_embed.detach()
+    ours.load_state_dict(state, strict=True)
+    ours.eval()
+    wav, lengths = batch
+    with torch.no_grad():
+        ref, ref_lengths = peer(wav, lengths)
+        out, out_lengths = ours(wav, lengths)
+        assert torch.equal(out_lengths, ref_lengths)
+        diff = max((out[b, :n] - ref[b, :n]).abs().max().item() for b, n in enumerate(out_lengths))
+        for b in range(3):
+            alone_ref, _ = peer(wav[b: b + 1, : lengths[b]])
+            alone, _ = ours(wav[b: b + 1, : lengths[b]])
+            diff = max(diff, (alone - alone_ref).abs().max().item())
+    assert diff < TOL, f"torchaudio {mode} layer_norm_first={layer_norm_first}: {diff:.3g}"
+
+
+@pytest.mark.parametrize("variant", ["base", "large"])
+def test_torchaudio_import_of_hf_model_agrees(tmp_path, batch, variant):
+    """torchaudio's own HF importer and s3r's HF loader give the same model."""
+    from torchaudio.models.wav2vec2.utils import import_huggingface_model
+
+    peer = hf(variant, True)
+    imported = import_huggingface_model(peer).eval()
+    peer.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
+    wav, lengths = batch
+    with torch.no_grad():
+        ref, _ = imported(wav, lengths)
+        out, out_lengths = ours(wav, lengths)
+    assert max((out[b, :n] - ref[b, :n]).abs().max().item() for b, n in enumerate(out_lengths)) < TOL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fairseq
+
+
+@pytest.mark.parametrize("variant", ff.VARIANTS)
+@pytest.mark.parametrize("style", ["cfg", "args"])
+def test_fairseq_pretraining_parity(tmp_path, batch, variant, style):
+    peer = hf(variant, False)
+    ckpt = ff.fairseq_pretraining_checkpoint(variant, peer, style, normalize=variant != "base")
+    assert any(k.startswith(("quantizer.", "final_proj.", "_ema", "label_embs")) for k in ckpt["model"])
+    save_atomic(ckpt, tmp_path / "pretrained.pt")
+    model = load_pretrained(tmp_path / "pretrained.pt")
+    assert model.lm_head is None and model.config.normalize == (variant != "base")
+    assert model.config.layer_norm_first == (variant == "large")
+    assert_parity(model, peer, *batch, what=f"fairseq {variant} {style}")
+
+
+@pytest.mark.parametrize("variant", ["base", "large"])
+def test_fairseq_parametrized_weight_norm(tmp_path, batch, variant):
+    """fairseq run under torch >= 2.1 weight norm stores `pos_conv.0.parametrizations.weight.original0/1`."""
+    peer = hf(variant, False)
+    ckpt = ff.fairseq_pretraining_checkpoint(variant, peer, "cfg", weight_norm="parametrizations")
+    assert "encoder.pos_conv.0.parametrizations.weight.original0" in ckpt["model"]
+    save_atomic(ckpt, tmp_path / "p.pt")
+    assert_parity(load_pretrained(tmp_path / "p.pt"), peer, *batch, what=variant)
+
+
+@pytest.mark.parametrize("variant", ff.VARIANTS)
+@pytest.mark.parametrize("style", ["cfg", "args"])
+def test_fairseq_ctc_parity(tmp_path, batch, variant, style):
+    peer = hf(variant, True)
+    ckpt = ff.fairseq_ctc_checkpoint(variant, peer, style, normalize=variant == "large")
+    save_atomic(ckpt, tmp_path / "ctc.pt")
+    model = load_pretrained(tmp_path / "ctc.pt")
+    assert model.config.vocab_size == ff.VOCAB and model.config.normalize == (variant == "large")
+    # regularisation comes from the finetuning config, not from pretraining
+    assert model.config.layerdrop == 0.1 and model.config.mask_feature_prob == 0.25
+    assert model.route_config is None
+    assert_parity(model, peer, *batch, what=f"fairseq ctc {variant} {style}")
+
+
+def _upstream_scores(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(m.weight.shape, generator=g)
+            for name, m in model.named_modules() if isinstance(m, Routable) and (".attention." in name or ".feed_forward." in name)}
+
+
+def _hf_name(layer: str, prefix: str) -> str:
+    return prefix + layer
+
+
+@torch.no_grad()
+def _apply_masks_to_hf(peer, scores: dict, keep: dict, prefix: str):
+    """A copy of `peer` whose routed weights are multiplied by the top-|score| masks (the expected upstream forward)."""
+    import copy
+
+    masked = copy.deepcopy(peer)
+    params = dict(masked.named_parameters())
+    for layer, s in scores.items():
+        k = keep.get(layer)
+        if k is None:
+            continue
+        w = params[_hf_name(layer, prefix) + ".weight"]
+        order = s.abs().flatten().argsort(descending=True)
+        mask = torch.zeros(s.numel(), dtype=torch.bool)
+        mask[order[:k]] = True
+        w.mul_(mask.view_as(w))
+    return masked
+
+
+@pytest.mark.parametrize("fix_attn", [False, True], ids=["all", "fix_attn"])
+@pytest.mark.parametrize("style", ["cfg", "args"])
+def test_upstream_s3router_checkpoint(tmp_path, batch, fix_attn, style):
+    """wav2vec_ctc_st: `.scores` next to every q/k/v/out/fc1/fc2 weight, `cfg.model.prune_rate` = fraction kept."""
+    variant, prune_rate = "base", 0.5
+    peer = hf(variant, True)
+    scores = _upstream_scores(load_pretrained_dir(tmp_path / "hf", peer))
+    ckpt = ff.fairseq_ctc_checkpoint(variant, peer, style, route={"prune_rate": prune_rate, "fix_attn": fix_attn,
+                                                                   "scores": scores})
+    assert "w2v_encoder.w2v_model.encoder.layers.0.fc1.scores" in ckpt["model"]
+    assert "w2v_encoder.w2v_model.encoder.layers.0.self_attn.q_proj.scores" in ckpt["model"]
+    save_atomic(ckpt, tmp_path / "st.pt")
+    model = load_pretrained(tmp_path / "st.pt")
+    assert model.route_config is not None and model.route_config.prune_rate == prune_rate
+    assert model.route_config.fix_attn == fix_attn
+    keep = {layer: round(prune_rate * s.numel()) for layer, s in scores.items()
+            if not (fix_attn and ".attention." in layer)}
+    for name, mask in model.masks().items():
+        assert int(mask.sum()) == keep[name.removesuffix(".weight")]
+    expected = _apply_masks_to_hf(peer, scores, keep, "wav2vec2.")
+    assert_parity(model, expected, *batch, what=f"upstream st fix_attn={fix_attn} {style}")
+
+
+@pytest.mark.xfail(strict=True, reason="upstream GetSubnet keeps numel - int((1 - prune_rate) * numel) entries, "
+                                      "s3r keeps round(prune_rate * numel); they differ by one when the fraction "
+                                      "part of prune_rate * numel is below 0.5 (e.g. wav2vec2-base fc1 at 0.9)")
+def test_upstream_kept_count_formula():
+    from s3r import MaskedLinear
+
+    layer = MaskedLinear(3072, 768)  # wav2vec2-base fc1 shape
+    layer.route(0.9)
+    n = layer.weight.numel()
+    assert int(layer.mask().sum()) == n - int((1 - 0.9) * n)
+
+
+def load_pretrained_dir(directory, peer):
+    peer.save_pretrained(directory)
+    return load_pretrained(directory)
+
+
+def test_upstream_layerwise_prune_rate_is_refused(tmp_path):
+    """Per-layer prune rates are not modelled; such a checkpoint must not load with a single rate silently."""
+    peer = hf("base", True)
+    scores = _upstream_scores(load_pretrained_dir(tmp_path / "hf", peer))
+    ckpt = ff.fairseq_ctc_checkpoint("base", peer, "cfg", route={"prune_rate": 0.5, "scores": scores})
+    ckpt["cfg"]["model"]["layerwise_prune_rate"] = [0.5, 0.9]
+    save_atomic(ckpt, tmp_path / "st.pt")
+    with pytest.raises(CheckpointError, match="layerwise_prune_rate"):
+        load_pretrained(tmp_path / "st.pt")
+
+
+def test_ctc_checkpoint_without_w2v_args_is_refused(tmp_path):
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    ckpt["cfg"]["model"]["w2v_args"] = None
+    save_atomic(ckpt, tmp_path / "ctc.pt")
+    with pytest.raises(CheckpointError, match="w2v_args"):
+        load_pretrained(tmp_path / "ctc.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refusals: unknown, missing and misshapen keys, untrusted pickles
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_unknown_fairseq_key_is_refused_by_name(tmp_path):
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    ckpt["model"]["w2v_encoder.w2v_model.encoder.layers.0.fc3.weight"] = torch.zeros(3)
+    save_atomic(ckpt, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "c.pt")
+    assert "encoder.layers.0.fc3.weight" in _one_line(e)
+
+
+def test_unknown_hf_key_is_refused_by_name(tmp_path):
+    hf("large", True).save_pretrained(tmp_path)
+    _rewrite_state(tmp_path, lambda s: {**s, "wav2vec2.encoder.adapter.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path)
+    assert "encoder.adapter.weight" in _one_line(e)
+
+
+def test_missing_key_is_refused_by_name(tmp_path):
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    del ckpt["model"]["w2v_encoder.w2v_model.encoder.layers.1.fc2.bias"]
+    save_atomic(ckpt, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "c.pt")
+    assert "encoder.layers.1.feed_forward.output_dense.bias" in _one_line(e)
+
+
+def test_wrong_shape_is_refused_by_name(tmp_path):
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    ckpt["model"]["w2v_encoder.w2v_model.encoder.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 31)
+    save_atomic(ckpt, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "c.pt")
+    msg = _one_line(e)
+    assert "encoder.layers.0.attention.k_proj.weight" in msg and "(32, 31)" in msg
+
+
+class NotAllowListed:
+    """A class a checkpoint may pickle (defined here, so outside any allow-list)."""
+
+    def __init__(self):
+        self.payload = [1, 2, 3]
+
+
+def test_pickled_local_class_needs_trust(tmp_path):
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    ckpt["extra_state"]["thing"] = NotAllowListed()
+    save_atomic(ckpt, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "c.pt")
+    msg = _one_line(e)
+    assert "NotAllowListed" in msg and "trust" in msg
+    assert load_pretrained(tmp_path / "c.pt", trust_checkpoint=True).config.vocab_size == ff.VOCAB
+
+
+def test_pickled_fairseq_dictionary_needs_trust_and_loads_without_fairseq(tmp_path, monkeypatch, batch):
+    """fairseq CTC checkpoints may pickle `fairseq.data.dictionary.Dictionary`; fairseq is not installed here."""
+    mod = types.ModuleType("fairseq.data.dictionary")
+
+    class Dictionary:
+        def __init__(self):
+            self.symbols, self.count, self.indices = ["<s>", "<pad>", "</s>", "<unk>", "A"], [1] * 5, {}
+
+    Dictionary.__module__ = mod.__name__
+    Dictionary.__qualname__ = "Dictionary"
+    mod.Dictionary = Dictionary
+    for name in ("fairseq", "fairseq.data", "fairseq.data.dictionary"):
+        monkeypatch.setitem(sys.modules, name, mod if name.endswith("dictionary") else types.ModuleType(name))
+    peer = hf("base", True)
+    ckpt = ff.fairseq_ctc_checkpoint("base", peer, "cfg")
+    ckpt["task_state"] = {"target_dictionary": Dictionary()}
+    save_atomic(ckpt, tmp_path / "c.pt")
+    for name in ("fairseq", "fairseq.data", "fairseq.data.dictionary"):
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "c.pt")
+    assert "fairseq.data.dictionary.Dictionary" in _one_line(e)
+    model = load_pretrained(tmp_path / "c.pt", trust_checkpoint=True)
+    assert_parity(model, peer, *batch, what="trusted")
+
+
+def test_not_a_checkpoint(tmp_path):
+    save_atomic({"weights": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="neither"):
+        load_pretrained(tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# s3r's own checkpoints
+
+
+def _train_a_little(model, wav, lengths, steps=3):
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        out, _ = model(wav, lengths)
+        out.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("pretrained", [False, True], ids=["full", "pretrained_ref"])
+def test_s3r_round_trip(tmp_path, batch, pretrained):
+    wav, lengths = batch
+    hf("large", True).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", prune_rate=0.7, init_score="weight_rank", trainable_bias=True)
+    before = {k: v.clone() for k, v in model.masks().items()}
+    _train_a_little(model, wav, lengths)
+    assert any(not torch.equal(before[k], m) for k, m in model.masks().items()), "training should move a mask"
+    ckpt = s3r_checkpoint(model, pretrained=str(tmp_path / "hf") if pretrained else None, note="hello")
+    if pretrained:  # only what trained is stored: scores, head, biases (and the time-mask embedding, as upstream)
+        assert all(k.endswith((".scores", ".bias")) or k.startswith("lm_head.") or k == "masked_spec_embed"
+                   for k in ckpt["model"]), sorted(ckpt["model"])
+        assert ckpt["pretrained"]["sha256"] == weights_fingerprint(model)
+    save_atomic(ckpt, tmp_path / "s3r.pt")
+    loaded = load_pretrained(tmp_path / "s3r.pt")
+    assert loaded.route_config == model.route_config
+    masks = model.masks()
+    assert masks.keys() == loaded.masks().keys()
+    assert all(torch.equal(masks[k], m) for k, m in loaded.masks().items())
+    with torch.no_grad():
+        assert torch.equal(model(wav, lengths)[0], loaded(wav, lengths)[0])
+
+
+def test_s3r_checkpoint_refuses_changed_pretrained_weights(tmp_path, batch):
+    hf("base", True).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", prune_rate=0.9)
+    save_atomic(s3r_checkpoint(model, pretrained=str(tmp_path / "hf")), tmp_path / "s3r.pt")
+    load_pretrained(tmp_path / "s3r.pt")  # fine while the weights are the same
+    _rewrite_state(tmp_path / "hf", lambda s: {k: (v + 1e-3 if k.endswith("fc2.weight") or "output_dense.weight" in k else v)
+                                               for k, v in s.items()})
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "s3r.pt")
+    assert "not the ones" in _one_line(e)
+
+
+def test_s3r_checkpoint_unknown_key_is_refused(tmp_path):
+    hf("base", False).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf", prune_rate=0.9)
+    ckpt = s3r_checkpoint(model)
+    ckpt["model"]["encoder.layers.0.attention.q_proj.thres"] = torch.zeros(1)
+    save_atomic(ckpt, tmp_path / "s3r.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "s3r.pt")
+    assert "encoder.layers.0.attention.q_proj.thres" in _one_line(e)
+
+
+def test_weight_based_init_reads_loaded_weights(tmp_path):
+    """load_pretrained(prune_rate=..., init_score='weight_rank') routes after loading: first mask = magnitude top-k."""
+    hf("base", True).save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path, prune_rate=0.6, init_score="weight_rank", fix_attn=True)
+    assert model.route_config.fix_attn
+    for name, mask in model.masks().items():
+        assert ".feed_forward." in name
+        w = model.get_parameter(name)
+        assert torch.equal(mask, topk_mask(w.abs(), round(0.6 * w.numel())))
