@@ -131,13 +131,14 @@ def _read_chapters(folders: list[Path], units: str, bad: _Problems) -> list[tupl
         if not transcripts:
             raise DataError(f"{top}: no *{suffix} transcripts found")
         for trans in transcripts:
-            listed = set()
+            # ids the transcript lists, readable lines or not (an undecodable line is reported once, not twice)
+            listed = {ln.split()[0].decode("utf-8", "replace") + ".flac" for ln in trans.read_bytes().splitlines()
+                      if ln.strip()}
             for n, line in _read_lines(trans, bad):
                 if not line:
                     continue
                 uid, _, text = line.partition(" ")
                 audio = trans.parent / f"{uid}.flac"
-                listed.add(audio.name)
                 if not audio.exists():
                     bad(f"{trans}:{n}", f"transcript line has no audio file {audio.name}")
                     continue

@@ -83,14 +83,24 @@ It snowed, rained, and hailed the same morning.
 Read verse out loud for pleasure.""".splitlines()
 
 
-def default_texts() -> list[str]:
-    """Built-in sentences, or Debian fortunes / dictionary words when installed (more variety)."""
+def default_texts(seed: int = 0) -> list[str]:
+    """Built-in sentences, plus Debian fortunes or /usr/share/dict/words phrases when installed (variety).
+
+    Only plain ASCII lines are taken, so English transcripts fit LibriSpeech's letter vocabulary.
+    """
+    plain = re.compile(r"[A-Za-z][A-Za-z ,.'?!;:-]{18,118}")
     for folder in ("/usr/share/games/fortunes", "/usr/share/fortunes"):
         files = sorted(p for p in Path(folder).glob("*") if p.is_file() and not p.suffix) if Path(folder).is_dir() else []
         lines = [ln.strip() for p in files for ln in p.read_text(errors="ignore").splitlines()]
-        lines = [ln for ln in lines if 20 <= len(ln) <= 120 and ln[0].isalpha()]
+        lines = [ln for ln in lines if plain.fullmatch(ln)]
         if len(lines) >= 100:
             return SENTENCES + lines[:2000]
+    words = Path("/usr/share/dict/words")
+    if words.is_file():
+        vocab = [w for w in words.read_text(errors="ignore").split() if w.isascii() and w.isalpha() and w.islower()]
+        rng = random.Random(seed)
+        if len(vocab) >= 1000:
+            return SENTENCES + [" ".join(rng.sample(vocab, rng.randint(4, 9))) for _ in range(500)]
     return SENTENCES
 
 
@@ -147,7 +157,7 @@ def synth_corpus(out, layout: str = "librispeech", num: int = 10, voice: str = "
     lang = lang or voice
     if layout == "commonvoice" and voice == lang:
         voice = CV_VOICES.get(lang, lang)
-    texts = list(texts or default_texts())
+    texts = list(texts or default_texts(seed))
     rng.shuffle(texts)
     # Each speaker is one voice variant and pitch; speed varies per utterance.
     spk_style = [(rng.choice(VARIANTS), rng.randint(30, 70)) for _ in range(speakers)]

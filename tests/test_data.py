@@ -1,0 +1,399 @@
+"""Corpus naming and layouts, audio loading, token-budget batching and bad input, on tiny real-layout corpora."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from s3r import data
+from s3r.data import (DataError, TokenBatchSampler, Utterance, collate, load_audio, make_loader, resolve_corpus,
+                      set_epoch)
+from s3r.text import Vocabulary
+
+REPO = Path(__file__).resolve().parent.parent
+CV_TEXTS = ["你好，世界！", "今天天氣很好。", "我們去公園散步吧", "謝謝你的幫忙"]
+PL_TEXTS = ["Zażółć gęślą jaźń.", "Chrząszcz brzmi w trzcinie!", "\"Ala ma kota\", powiedziała."]
+
+
+# ---------------------------------------------------------------- naming and layouts
+def test_librispeech(tiny_corpus):
+    root = tiny_corpus("librispeech", split="dev-clean")
+    corpus = resolve_corpus("dev-clean", str(root))
+    assert (corpus.kind, corpus.language, corpus.units, len(corpus.utterances)) == ("librispeech", "en", "letter", 6)
+    u = corpus.utterances[0]
+    assert u.id == Path(u.path).stem and u.path.endswith(".flac") and u.sample_rate == 16000
+    assert u.num_samples == sf.info(u.path).frames == u.length
+    assert u.text == u.text.upper() and corpus.vocab == Vocabulary.librispeech()
+    # DIR may also be the LibriSpeech folder itself; same utterances
+    inside = resolve_corpus("dev-clean", str(root / "LibriSpeech"))
+    assert [x.id for x in inside.utterances] == [x.id for x in corpus.utterances]
+    phones = resolve_corpus("dev-clean", str(root), units="phone")  # the .phn.txt files next to .trans.txt
+    assert phones.vocab is None and "|" in phones.utterances[0].text.split()
+    with pytest.raises(DataError, match="test-other"):
+        resolve_corpus("test-other", str(root))
+
+
+def test_librilight_splits(tiny_corpus):
+    root = tiny_corpus("librilight", num=28)  # two utterances in each of the 14 leaf folders
+    counts = {name: len(resolve_corpus(name, str(root)).utterances) for name in ("train-10m", "train-1h", "train-10h")}
+    assert counts == {"train-10m": 4, "train-1h": 24, "train-10h": 28}
+    ten_min = resolve_corpus("train-10m", str(root / "librispeech_finetuning"))
+    assert ten_min.kind == "librilight"
+    assert all("/1h/0/" in u.path for u in ten_min.utterances)
+    assert {Path(u.path).parts[-4] for u in ten_min.utterances} == {"clean", "other"}
+
+
+@pytest.fixture(scope="module")
+def cv_roots(tiny_corpus):
+    """Two releases with different TSV headers: zh-TW (2024 columns) and pl (pre-2022 columns)."""
+    zh = tiny_corpus("commonvoice", num=8, voice="cmn", lang="zh-TW", texts=CV_TEXTS, cv_header="new")
+    pl = tiny_corpus("commonvoice", num=8, voice="pl", lang="pl", texts=PL_TEXTS, cv_header="old",
+                     release="cv-corpus-6.1-2020-12-11")
+    return zh, pl
+
+
+@pytest.mark.parametrize("name", ["zh-TW-train", "zh_TW-train"])
+@pytest.mark.parametrize("where", ["above", "release", "language"])
+def test_commonvoice_names_and_roots(cv_roots, name, where):
+    zh = cv_roots[0]
+    root = {"above": zh, "release": zh / "cv-corpus-17.0-2024-03-15",
+            "language": zh / "cv-corpus-17.0-2024-03-15" / "zh-TW"}[where]
+    corpus = resolve_corpus(name, str(root))
+    assert (corpus.kind, corpus.language, corpus.units, len(corpus.utterances)) == ("commonvoice", "zh-TW", "char", 4)
+    u = corpus.utterances[0]
+    assert u.sample_rate == 48000 and u.length == math.ceil(u.num_samples / 3) and u.id.startswith("common_voice_")
+    assert all("，" not in x.text and "！" not in x.text for x in corpus.utterances)  # punctuation stripped
+
+
+def test_commonvoice_splits_headers_and_folder_spelling(cv_roots, tiny_corpus):
+    zh, pl = cv_roots
+    sizes = {s: len(resolve_corpus(f"pl-{s}", str(pl)).utterances) for s in ("train", "dev", "test", "validated")}
+    assert sizes == {"train": 4, "dev": 2, "test": 2, "validated": 8}
+    pl_train = resolve_corpus("pl-train", str(pl))
+    assert all(u.text == u.text.lower() and '"' not in u.text for u in pl_train.utterances)
+    assert "zażółć gęślą jaźń" in {u.text for u in resolve_corpus("pl-validated", str(pl)).utterances}
+    phones = resolve_corpus("pl-dev", str(pl), units="phone")  # the extra `phonemes` column
+    assert " | " in phones.utterances[0].text
+    # upstream's zh_TW folder spelling is found by both name spellings
+    fresh = tiny_corpus("commonvoice", num=4, voice="cmn", lang="zh_TW", texts=CV_TEXTS, fresh=True)
+    assert len(resolve_corpus("zh-TW-validated", str(fresh)).utterances) == 4
+    with pytest.raises(DataError, match="folder of 'zh-TW', not 'pl'"):
+        resolve_corpus("pl-train", str(zh / "cv-corpus-17.0-2024-03-15" / "zh-TW"))
+    both = fresh / "cv-corpus-18.0-2024-06-14"  # a second release holding the same language
+    shutil.copytree(fresh / "cv-corpus-17.0-2024-03-15", both)
+    with pytest.raises(DataError, match="several CommonVoice releases"):
+        resolve_corpus("zh_TW-train", str(fresh))
+    with pytest.raises(DataError, match="no CommonVoice folder for 'de'"):
+        resolve_corpus("de-train", str(fresh))
+
+
+def test_commonvoice_header_without_sentence(tmp_path):
+    lang = tmp_path / "cv-corpus-1" / "xx"
+    (lang / "clips").mkdir(parents=True)
+    (lang / "train.tsv").write_text("client_id\tfilename\ttext\n")
+    with pytest.raises(DataError, match=r"train\.tsv: no path or sentence column"):
+        resolve_corpus("xx-train", str(tmp_path))
+
+
+def test_manifest(tiny_corpus):
+    root = tiny_corpus("manifest", num=5, split="train")
+    corpus = resolve_corpus(str(root / "train.tsv"))
+    assert (corpus.kind, corpus.language, len(corpus.utterances)) == ("manifest", None, 5)
+    assert corpus.vocab == Vocabulary.from_fairseq_dict(str(root / "dict.ltr.txt"))
+    ltr = (root / "train.ltr").read_text().splitlines()
+    assert [" ".join(corpus.vocab.tokenize(u.text)) for u in corpus.utterances] == ltr  # .ltr reproduced
+    rows = (root / "train.tsv").read_text().splitlines()[1:]
+    assert [u.num_samples for u in corpus.utterances] == [int(r.split("\t")[1]) for r in rows]
+    assert resolve_corpus("train.tsv", str(root)).utterances == corpus.utterances  # name relative to the root
+    phones = resolve_corpus("train.tsv", str(root), units="phone")
+    assert phones.vocab.units == "phone" and phones.utterances[0].text == (root / "train.phn").read_text().split("\n")[0]
+
+
+def test_manifest_wrd_labels_and_mismatch(tiny_corpus):
+    root = tiny_corpus("manifest", num=4, fresh=True)
+    with_ltr = resolve_corpus(str(root / "train.tsv")).utterances
+    (root / "train.ltr").unlink()  # .wrd is the fallback
+    assert [u.text for u in resolve_corpus(str(root / "train.tsv")).utterances] == [u.text for u in with_ltr]
+    (root / "train.wrd").write_text("ONE LINE\n")
+    with pytest.raises(DataError, match="train.wrd: 1 lines but train.tsv has 4 rows"):
+        resolve_corpus(str(root / "train.tsv"))
+    with pytest.raises(DataError, match="not found"):
+        resolve_corpus(str(root / "valid.tsv"))
+
+
+def test_demo_name(tiny_corpus, monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "DEMO_DIR", tmp_path / "missing")
+    with pytest.raises(DataError, match="demo corpus is not in this checkout"):
+        resolve_corpus("demo")
+    manifest = tiny_corpus("manifest", num=4)
+    monkeypatch.setattr(data, "DEMO_DIR", manifest)
+    assert len(resolve_corpus("demo").utterances) == 4  # demo = demo-train = <demo>/train.tsv
+    monkeypatch.setattr(data, "DEMO_DIR", tiny_corpus("librispeech", split="dev-clean"))
+    assert resolve_corpus("demo-dev-clean").kind == "librispeech"
+
+
+def test_unknown_name():
+    with pytest.raises(DataError, match="unknown corpus name 'dev_clean'"):
+        resolve_corpus("dev_clean", ".")
+
+
+def test_scan_cache(tiny_corpus, monkeypatch):
+    root = tiny_corpus("librispeech", num=4, fresh=True)
+    first = resolve_corpus("dev-clean", str(root)).utterances
+
+    def no_info(path):
+        raise AssertionError("soundfile.info called although the scan is cached")
+
+    monkeypatch.setattr(data.sf, "info", no_info)
+    assert resolve_corpus("dev-clean", str(root)).utterances == first
+    sf.write(first[0].path, np.zeros(800, dtype=np.float32), 16000)  # a changed file is scanned again
+    monkeypatch.undo()
+    assert resolve_corpus("dev-clean", str(root)).utterances[0].num_samples == 800
+
+
+# ---------------------------------------------------------------- audio
+def test_load_audio_mp3_48k_resampled(cv_roots):
+    u = resolve_corpus("zh-TW-dev", str(cv_roots[0])).utterances[0]
+    wav = load_audio(u.path)
+    assert wav.dtype == torch.float32 and wav.shape == (u.length,)
+    raw, rate = sf.read(u.path, dtype="float32")
+    assert torch.allclose(wav, AF.resample(torch.from_numpy(raw), rate, 16000), atol=1e-6)
+
+
+def test_load_audio_stereo_rate_and_normalize(write_audio):
+    path = write_audio("stereo.wav", seconds=0.5, rate=22050, channels=2)  # right channel = 2 x left
+    raw, _ = sf.read(path, dtype="float32")
+    wav = load_audio(str(path))
+    assert wav.shape == (math.ceil(len(raw) * 16000 / 22050),)
+    expected = AF.resample(torch.from_numpy(raw.mean(1)), 22050, 16000)
+    assert torch.allclose(wav, expected, atol=1e-6)
+    norm = load_audio(str(path), normalize=True)
+    assert abs(norm.mean()) < 1e-4 and abs(norm.std(unbiased=False) - 1) < 1e-3
+    assert torch.allclose(norm, torch.nn.functional.layer_norm(wav, wav.shape), atol=1e-5)  # fairseq's recipe
+
+
+# ---------------------------------------------------------------- batching
+def random_lengths(n=300, seed=0):
+    return np.random.default_rng(seed).integers(8_000, 250_000, n).tolist()
+
+
+@pytest.mark.parametrize("max_tokens", [250_000, 400_000, 1_400_000])
+def test_batches_respect_token_budget(max_tokens):
+    lengths = random_lengths()
+    sampler = TokenBatchSampler(lengths, max_tokens, seed=3, max_batch_size=16)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # one rank: each exactly once
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= max_tokens and len(b) <= 16
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_batches_shard_evenly(world_size):
+    lengths = random_lengths(301)
+    shards = [TokenBatchSampler(lengths, 500_000, world_size, rank, seed=1) for rank in range(world_size)]
+    for epoch in range(3):
+        for s in shards:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in shards]
+        assert len({len(p) for p in per_rank}) == 1 and len({len(s) for s in shards}) == 1
+        seen = [i for p in per_rank for b in p for i in b]
+        assert set(seen) == set(range(len(lengths)))  # all utterances, a few batches repeated at most
+        single = len(TokenBatchSampler(lengths, 500_000, seed=1))
+        assert len(per_rank[0]) * world_size - single < world_size
+    tiny = [TokenBatchSampler([100], 1000, world_size, r) for r in range(world_size)]
+    assert [list(t) for t in tiny] == [[[0]]] * world_size  # one batch, repeated for every rank
+
+
+def test_batches_reproducible_and_resumable():
+    lengths = random_lengths()
+    a, b = TokenBatchSampler(lengths, 600_000, seed=7), TokenBatchSampler(lengths, 600_000, seed=7)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    epoch1 = list(a)
+    assert epoch1 != list(b)  # a new shuffle each epoch
+    b.set_epoch(1, offset=5)  # resume after 5 batches of epoch 1
+    assert list(b) == epoch1[5:] and len(b) == len(epoch1) - 5
+    assert list(TokenBatchSampler(lengths, 600_000, seed=8)) != list(TokenBatchSampler(lengths, 600_000, seed=7))
+    ordered = list(TokenBatchSampler(lengths, 600_000, shuffle=False))
+    flat = [lengths[i] for batch in ordered for i in batch]
+    assert flat == sorted(flat)  # unshuffled: plain length order
+
+
+def test_too_long_utterance():
+    with pytest.raises(DataError, match="more than max_tokens=1000"):
+        TokenBatchSampler([10, 5000], 1000)
+    utts = [Utterance("short", "a.flac", 800, 16000, "A"), Utterance("long", "b.flac", 64000, 16000, "B")]
+    with pytest.raises(DataError, match=r"b\.flac: 4\.0 s \(64000 samples\) is longer than max_tokens=16000"):
+        make_loader(utts, None, 16000)
+    loader = make_loader(utts, None, 16000, skip_bad=True, num_workers=0)
+    assert len(loader.dataset) == 1 and loader.dataset.skipped[0][0] == "b.flac"
+    assert len(make_loader(utts, None, 16000, max_sample_size=16000, num_workers=0).dataset) == 2  # cropped
+
+
+def test_loader_end_to_end(tiny_corpus):
+    corpus = resolve_corpus("dev-clean", str(tiny_corpus("librispeech", split="dev-clean")))
+    vocab = corpus.vocab
+    longest = max(u.length for u in corpus.utterances)
+    loader = make_loader(corpus.utterances, vocab, max_tokens=2 * longest, num_workers=0, seed=1)
+    set_epoch(loader, 2)
+    seen = []
+    for batch in loader:
+        B, S = batch["wav"].shape
+        assert B * S <= 2 * longest and batch["lengths"].max() == S and batch["skipped"] == []
+        for b, uid in enumerate(batch["ids"]):
+            u = next(x for x in corpus.utterances if x.id == uid)
+            assert batch["lengths"][b] == u.length
+            assert vocab.decode(batch["targets"][b, : batch["target_lengths"][b]].tolist()) == u.text
+            assert (batch["targets"][b, batch["target_lengths"][b]:] == 1).all()  # padded with <pad>
+        seen += batch["ids"]
+    assert sorted(seen) == sorted(u.id for u in corpus.utterances)
+
+
+def test_random_crop_is_seeded(tiny_corpus):
+    corpus = resolve_corpus("dev-clean", str(tiny_corpus("librispeech", split="dev-clean")))
+    ds = data.SpeechDataset(corpus.utterances[:1], max_sample_size=8000, seed=0)
+    first = ds[0]["wav"]
+    assert first.shape == (8000,) and torch.equal(first, ds[0]["wav"])
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[0]["wav"])  # a different window next epoch
+    full = load_audio(corpus.utterances[0].path)
+    assert any(torch.equal(first, full[s: s + 8000]) for s in range(len(full) - 7999))
+
+
+def test_collate_pads_and_lists_skips():
+    items = [{"index": 0, "id": "a", "wav": torch.ones(3), "targets": torch.tensor([5, 6])},
+             {"index": 1, "id": "b", "skipped": ("b.flac", "truncated")},
+             {"index": 2, "id": "c", "wav": torch.ones(5), "targets": torch.tensor([7])}]
+    batch = collate(items)
+    assert batch["wav"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert batch["lengths"].tolist() == [3, 5] and batch["target_lengths"].tolist() == [2, 1]
+    assert batch["targets"].tolist() == [[5, 6], [7, 1]] and batch["ids"] == ["a", "c"]
+    assert batch["skipped"] == [("b.flac", "truncated")]
+    assert collate(items[1:2])["wav"].shape == (0, 0)
+
+
+def test_out_of_vocabulary_fails_before_training(tiny_corpus):
+    corpus = resolve_corpus("pl-train", str(tiny_corpus("commonvoice", num=8, voice="pl", lang="pl",
+                                                          texts=PL_TEXTS, cv_header="old",
+                                                          release="cv-corpus-6.1-2020-12-11")))
+    with pytest.raises(DataError.__mro__[1], match=r"utterance common_voice_pl_\d+: symbol 'z'"):
+        data.SpeechDataset(corpus.utterances, Vocabulary.librispeech())
+
+
+# ---------------------------------------------------------------- bad input
+def damage(case: str, tiny_corpus) -> tuple[list[str], str]:
+    """Make one bad-input case in a fresh corpus; returns (CLI args, text the error must contain)."""
+    if case in ("missing_clip", "non_utf8_tsv"):
+        root = tiny_corpus("commonvoice", num=8, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+        lang = root / "cv-corpus-17.0-2024-03-15" / "pl"
+        if case == "missing_clip":
+            clip = (lang / "dev.tsv").read_text().splitlines()[1].split("\t")[1]
+            (lang / "clips" / clip).unlink()
+            return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv:2: clip"
+        tsv = lang / "dev.tsv"
+        lines = tsv.read_bytes().split(b"\n")
+        lines[1] = lines[1].replace(b"\tpl\t", b"\tpl\xb9\t")  # a latin-1 byte in row 1 (line 2)
+        tsv.write_bytes(b"\n".join(lines))
+        return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv:2: not UTF-8"
+    if case == "missing_manifest_audio":
+        root = tiny_corpus("manifest", num=4, fresh=True)
+        next((root / "audio").rglob("*.flac")).unlink()
+        return ["--data", str(root / "train.tsv")], "train.tsv:"
+    root = tiny_corpus("librispeech", num=4, fresh=True)
+    chapter = next((root / "LibriSpeech" / "dev-clean").glob("*/*"))
+    trans = next(chapter.glob("*.trans.txt"))
+    flac = sorted(chapter.glob("*.flac"))[0]
+    args = ["--data-root", str(root), "--data", "dev-clean"]
+    if case == "missing_audio":
+        flac.unlink()
+        return args, f"{trans.name}:1: transcript line has no audio file {flac.name}"
+    if case == "no_transcript":
+        shutil.copy(flac, chapter / "100-1001-9999.flac")
+        return args, "100-1001-9999.flac: audio file has no line"
+    if case == "empty":
+        flac.write_bytes(b"")
+        return args, f"{flac.name}: empty file"
+    if case == "corrupt":
+        flac.write_bytes(os.urandom(2000))
+        return args, f"{flac.name}: cannot decode audio"
+    if case == "truncated":  # the header still promises all samples: only decoding (--check) notices
+        flac.write_bytes(flac.read_bytes()[: flac.stat().st_size // 2])
+        return args + ["--check"], f"{flac.name}: cannot decode audio"
+    if case == "non_utf8":
+        trans.write_bytes(trans.read_bytes().replace(b"\n", b" \xff\n", 1))
+        return args, f"{trans.name}:1: not UTF-8 text (byte 0xff"
+    raise ValueError(case)
+
+
+BAD_CASES = ["missing_audio", "no_transcript", "empty", "corrupt", "truncated", "non_utf8", "missing_clip",
+             "non_utf8_tsv", "missing_manifest_audio"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input(case, tiny_corpus, capsys):
+    args, message = damage(case, tiny_corpus)
+    assert data.main(args) == 2  # the CLI's code path, in process (the subprocess tests below run it for real)
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert data.main(args + ["--skip-bad", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["skipped"]) == 1 and message.split(":")[0] in summary["skipped"][0]["path"]
+    assert summary["skipped"][0]["reason"] and isinstance(summary["utterances"], int)
+
+
+def test_truncated_audio_while_training(tiny_corpus):
+    root = tiny_corpus("commonvoice", num=4, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+    corpus = resolve_corpus("pl-validated", str(root))
+    clip = Path(corpus.utterances[0].path)
+    clip.write_bytes(clip.read_bytes()[: clip.stat().st_size // 3])  # mp3 decoders stop early, silently
+    with pytest.raises(DataError, match="truncated, decoded"):
+        data.SpeechDataset(corpus.utterances)[0]
+    item = data.SpeechDataset(corpus.utterances, skip_bad=True)[0]
+    assert item["skipped"][0] == str(clip) and "truncated" in item["skipped"][1]
+
+
+def cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "s3r.data", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, env=env)
+
+
+def check_cli(args, message):
+    plain, skipping = cli(*args), cli(*args, "--skip-bad", "--json")  # both at once: imports dominate
+    out, err = plain.communicate(timeout=120)
+    assert plain.returncode == 2 and out == "", err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    out, err = skipping.communicate(timeout=120)
+    assert skipping.returncode == 0, err
+    summary = json.loads(out)
+    assert isinstance(summary["seconds"], float) and isinstance(summary["vocab"], list)
+    assert [set(s) for s in summary["skipped"]] == [{"path", "reason"}]
+
+
+def test_cli_subprocess_missing_audio(tiny_corpus):
+    check_cli(*damage("missing_audio", tiny_corpus))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in BAD_CASES if c != "missing_audio"])
+def test_cli_subprocess_bad_input(case, tiny_corpus):
+    check_cli(*damage(case, tiny_corpus))
+
+
+def test_cli_summary(tiny_corpus, capsys):
+    root = tiny_corpus("librilight", num=28)
+    assert data.main(["--data-root", str(root), "--data", "train-1h", "--json", "--bench", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["utterances"] == 24 and summary["seconds"] > 10 and summary["vocab"][4] == "|"
+    assert summary["skipped"] == [] and summary["bench"]["utterances_per_s"] > 0
+    assert summary["shortest"]["seconds"] <= summary["longest"]["seconds"]
+    assert data.main(["--data-root", str(root), "--data", "train-10m"]) == 0
+    assert "utterances: 4" in capsys.readouterr().out
