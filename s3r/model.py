@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,6 +194,19 @@ class _StraightThrough(torch.autograd.Function):
         return grad_scores, grad_weight, None
 
 
+# Fused optimizers (Adam(fused=True) and friends) update parameters in place without bumping their version counter,
+# so the mask cache also keys on this count of optimizer steps, taken by a global post-step hook.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class Routable:
     """Mixin for a layer whose weight can be routed: `scores` is None (dense) until `route()` is called."""
 
@@ -202,7 +216,7 @@ class Routable:
     def _init_routing(self):
         self.register_parameter("scores", None)
         self.prune_rate = 1.0
-        self._mask_key = None  # (scores version, prune_rate) the cached mask was computed for
+        self._mask_key = None  # (scores version, address, prune_rate, optimizer steps) of the cached mask
         self._mask = None
         self._threshold: float | None = None
         self._band = 0.0
@@ -245,7 +259,7 @@ class Routable:
         """
         if self.scores is None:
             return torch.ones_like(self.dense_weight(), dtype=torch.bool)
-        key = (self.scores._version, self.scores.data_ptr(), self.prune_rate)
+        key = (self.scores._version, self.scores.data_ptr(), self.prune_rate, _optimizer_steps)
         if key != self._mask_key:
             a = self.scores.detach().abs().flatten()
             n, k = a.numel(), round(self.prune_rate * a.numel())
