@@ -137,10 +137,10 @@ def apply_route(model: Wav2Vec2ForCTC, route: str | Path | dict, fingerprint: st
     config = Wav2Vec2Config.from_dict(route["config"])
     if model.config.vocab_size != config.vocab_size:
         model.set_vocab_size(config.vocab_size)
-    for name, module in model.named_modules():
+    for layer, module in model.named_modules():
         if not isinstance(module, Routable):
             continue
-        entry = route["layers"].get(f"{name}.weight")
+        entry = route["layers"].get(f"{layer}.weight")
         if entry is not None:
             fix_mask(module, unpack_bits(entry["bits"], entry["shape"]))
         elif module.scores is not None:  # routed by an earlier route, not by this one: dense again

@@ -201,6 +201,7 @@ def test_cli_commands(files, tmp_path):
         assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, (args, err)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: seconds on a shared machine
 def test_cli_subprocess(files, tmp_path, run_cli):
     r = run_cli("-m", "s3r.masks", "export", str(files / "b.pt"), str(tmp_path / "b.route"))
     assert r.returncode == 0 and "bits per routed weight" in r.stdout, r.stderr

@@ -1,0 +1,134 @@
+"""Export a routed model for use without s3r: a Hugging Face directory, or a dense s3r checkpoint.
+
+    python -m s3r.export --hf DIR CKPT                 # config.json, model.safetensors, vocab.json, processor files
+    python -m s3r.export --dense OUT.pt CKPT           # s3r checkpoint with the masks folded into the weights
+    python -m s3r.export --hf DIR PRETRAINED --masks ROUTE   # the same from shared weights + a route file
+
+Either way the masks are multiplied into the weights (`Wav2Vec2ForCTC.fold_masks`), so dropped weights are real
+zeros and the model runs in any wav2vec2 implementation. The Hugging Face layout follows transformers'
+`modeling_wav2vec2.py` (and its data2vec-audio / HuBERT siblings): our module names behind a `wav2vec2.` prefix,
+the weight-normed positional conv under `parametrizations.weight.original0/1` (g/v) as transformers 5 saves it,
+and `Wav2Vec2Processor` files (tokenizer + feature extractor) so `from_pretrained(DIR)` gives a working pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import S3RError
+from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
+from .model import Wav2Vec2Config, Wav2Vec2ForCTC
+
+HF_CLASSES = {"wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2."), "hubert": ("HubertForCTC", "hubert."),
+              "data2vec-audio": ("Data2VecAudioForCTC", "data2vec_audio.")}
+HF_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # HF names of fairseq's <s> <pad> </s> <unk>; index 0 is the blank
+
+
+def hf_model_type(config: Wav2Vec2Config) -> str:
+    """The transformers family that has our architecture: data2vec's conv stack, HuBERT's optional norm, or wav2vec2."""
+    if config.conv_pos_depth > 1:
+        if config.layer_norm_first or config.feat_extract_norm != "layer":
+            raise S3RError("a positional conv stack needs data2vec-audio, which has no pre-LN or group-norm variant")
+        return "data2vec-audio"
+    return "wav2vec2" if config.feat_proj_layer_norm else "hubert"
+
+
+def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
+    """config.json for transformers (the inverse of checkpoint.config_from_hf)."""
+    c = config
+    d = {"architectures": [HF_CLASSES[model_type][0]], "model_type": model_type,
+         "conv_dim": list(c.conv_dim), "conv_kernel": list(c.conv_kernel), "conv_stride": list(c.conv_stride),
+         "num_feat_extract_layers": len(c.conv_dim), "conv_bias": c.conv_bias, "feat_extract_norm": c.feat_extract_norm,
+         "feat_extract_activation": "gelu", "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+         "num_attention_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size,
+         "hidden_act": c.hidden_act, "layer_norm_eps": c.layer_norm_eps, "do_stable_layer_norm": c.layer_norm_first,
+         "feat_proj_layer_norm": c.feat_proj_layer_norm, "num_conv_pos_embeddings": c.conv_pos_kernel,
+         "num_conv_pos_embedding_groups": c.conv_pos_groups, "vocab_size": c.vocab_size,
+         "hidden_dropout": c.hidden_dropout, "attention_dropout": c.attention_dropout,
+         "activation_dropout": c.activation_dropout, "feat_proj_dropout": c.feat_proj_dropout,
+         "final_dropout": c.final_dropout, "layerdrop": c.layerdrop,
+         "apply_spec_augment": c.mask_time_prob > 0 or c.mask_feature_prob > 0,
+         "mask_time_prob": c.mask_time_prob, "mask_time_length": c.mask_time_length, "mask_time_min_masks": 2,
+         "mask_feature_prob": c.mask_feature_prob, "mask_feature_length": c.mask_feature_length,
+         "ctc_loss_reduction": "sum", "ctc_zero_infinity": True,  # fairseq's CTC criterion: summed, zero_infinity
+         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32"}
+    if model_type == "data2vec-audio":  # data2vec counts its stacked positional convs in num_conv_pos_embeddings
+        d.update(num_conv_pos_embeddings=c.conv_pos_depth, conv_pos_kernel_size=c.conv_pos_kernel)
+        del d["do_stable_layer_norm"], d["feat_extract_norm"], d["feat_proj_layer_norm"]
+    return d
+
+
+def hf_state_dict(model: Wav2Vec2ForCTC, model_type: str) -> dict[str, torch.Tensor]:
+    """Our (folded) state dict under transformers' key names."""
+    prefix = HF_CLASSES[model_type][1]
+    spec_augment = model.config.mask_time_prob > 0 or model.config.mask_feature_prob > 0
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith(".scores") or (key == "masked_spec_embed" and not spec_augment):
+            continue  # transformers creates masked_spec_embed only when SpecAugment is on
+        key = key.replace("conv.weight_g", "conv.parametrizations.weight.original0")
+        key = key.replace("conv.weight_v", "conv.parametrizations.weight.original1")
+        out[key if key.startswith("lm_head.") else prefix + key] = tensor.detach().cpu().contiguous().clone()
+    return out
+
+
+def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | None = None) -> Path:
+    """Write `model` (masks folded in place) as a transformers Wav2Vec2ForCTC-style directory."""
+    from safetensors.torch import save_file
+    if model.lm_head is None:
+        raise S3RError(f"{getattr(model, 'source', 'model')} has no CTC head; the Hugging Face export is a *ForCTC model")
+    model_type = model_type or hf_model_type(model.config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.fold_masks()
+    save_file(hf_state_dict(model, model_type), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    write_json = lambda name, obj: (directory / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")  # noqa: E731
+    write_json("config.json", hf_config(model.config, model_type))
+    write_json("preprocessor_config.json", {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "processor_class": "Wav2Vec2Processor",
+        "feature_size": 1, "sampling_rate": 16000, "padding_value": 0.0, "padding_side": "right",
+        "do_normalize": model.config.normalize,
+        "return_attention_mask": model.config.feat_extract_norm == "layer"})  # group-norm models ignore padding masks
+    vocab = getattr(model, "vocab", None)
+    if vocab is not None:
+        symbols = list(vocab.symbols)
+        if symbols[:4] == ["<s>", "<pad>", "</s>", "<unk>"]:
+            symbols[:4] = HF_SPECIALS  # same indices; HF's CTC tokenizer calls the blank (index 0) <pad>
+        write_json("vocab.json", {s: i for i, s in enumerate(symbols)})
+        write_json("tokenizer_config.json", {
+            "tokenizer_class": "Wav2Vec2CTCTokenizer", "processor_class": "Wav2Vec2Processor",
+            "unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
+            "word_delimiter_token": vocab.word_sep or "|", "do_lower_case": False})
+    return directory
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m s3r.export", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --masks")
+    p.add_argument("--hf", metavar="DIR", help="write a Hugging Face model directory")
+    p.add_argument("--dense", metavar="OUT", help="write a dense s3r checkpoint with the masks folded in")
+    p.add_argument("--masks", metavar="ROUTE", help="apply this route file to the checkpoint first")
+    p.add_argument("--model-type", choices=sorted(HF_CLASSES), help="transformers family (default: from the config)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling arbitrary classes")
+    args = p.parse_args(argv)
+    if not (args.hf or args.dense):
+        p.error("give --hf DIR and/or --dense OUT")
+    try:
+        model = load_pretrained(args.checkpoint, masks=args.masks, trust_checkpoint=args.trust_checkpoint)
+        if args.hf:
+            export_hf(model, args.hf, args.model_type)
+            print(f"wrote {args.hf}")
+        if args.dense:
+            save_atomic(s3r_checkpoint(model.fold_masks()), args.dense)
+            print(f"wrote {args.dense}")
+    except (S3RError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
