@@ -201,6 +201,8 @@ def _read_manifest(tsv: Path, units: str, bad: _Problems) -> tuple[list[tuple[st
     if not lines or not lines[0][1]:
         raise DataError(f"{tsv}: first line must be the audio root folder")
     root, rows = Path(lines[0][1].strip()), lines[1:]
+    if not root.is_absolute() and (tsv.parent / root).is_dir():
+        root = tsv.parent / root  # a relative root names the manifest's own folder (the committed demo: ".")
     exts = ["phn"] if units == "phone" else ["ltr", "wrd"]
     label_file = next((tsv.with_suffix(f".{e}") for e in exts if tsv.with_suffix(f".{e}").exists()), None)
     if label_file is None:
@@ -273,6 +275,14 @@ def scan_audio(paths: list[str], bad: _Problems) -> dict[str, tuple[int, int]]:
 
 
 # ---------------------------------------------------------------- naming
+def _first_dir(candidates: list[Path], problem: str) -> Path:
+    """The first existing folder: DIR may hold the corpus folder or be it."""
+    for d in candidates:
+        if d.is_dir():
+            return d
+    raise DataError(problem)
+
+
 def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, units: str | None = None) -> Corpus:
     """Read the corpus that `--data NAME --data-root DIR` names (see the module docstring)."""
     base, bad = Path(root or "."), _Problems(skip_bad)
@@ -281,20 +291,19 @@ def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, u
         if not DEMO_DIR.is_dir():
             raise DataError(f"the demo corpus is not in this checkout ({DEMO_DIR} is missing)")
         tsv = DEMO_DIR / f"{split}.tsv"
+        if units is None and (DEMO_DIR / "dict.phn.txt").exists():
+            units = "phone"  # the demo is scored by phone error rate (espeak-ng phone transcripts only)
         return resolve_corpus(str(tsv) if tsv.exists() else split, str(DEMO_DIR), skip_bad, units)
     cv = re.fullmatch(r"(.+)-(train|dev|test|validated)", name)
-    language = "en"
-    if name in LIBRISPEECH_SPLITS or name in LIBRILIGHT_SPLITS:
-        kind, units = ("librispeech" if name in LIBRISPEECH_SPLITS else "librilight"), units or "letter"
-        if kind == "librispeech":
-            top = [d for d in (base / "LibriSpeech" / name, base / name) if d.is_dir()]
-        else:
-            top = [d for d in (base / "librispeech_finetuning", base) if (d / "1h").is_dir()]
-        if not top:
-            raise DataError(f"{name}: no {'LibriSpeech/' + name if kind == 'librispeech' else 'librispeech_finetuning/1h'}"
-                            f" folder under {base}")
-        folders = [top[0]] if kind == "librispeech" else [top[0] / f for f in LIBRILIGHT_SPLITS[name]]
-        items, where = _read_chapters(folders, units, bad), top[0]
+    if name in LIBRISPEECH_SPLITS:
+        kind, units, language = "librispeech", units or "letter", "en"
+        where = _first_dir([base / "LibriSpeech" / name, base / name], f"no LibriSpeech/{name} folder under {base}")
+        items = _read_chapters([where], units, bad)
+    elif name in LIBRILIGHT_SPLITS:
+        kind, units, language = "librilight", units or "letter", "en"
+        where = _first_dir([base / "librispeech_finetuning" / "1h", base / "1h"],
+                           f"no librispeech_finetuning/1h folder under {base}").parent
+        items = _read_chapters([where / fold for fold in LIBRILIGHT_SPLITS[name]], units, bad)
     elif name.endswith(".tsv"):
         kind, units, language = "manifest", units or "letter", None
         where = Path(name) if Path(name).is_file() or root is None else base / name
@@ -520,12 +529,14 @@ def bench(utterances: list[Utterance], n: int = 200, normalize: bool = False) ->
     torch.set_num_threads(1)  # like a DataLoader worker
     picked = [utterances[k % len(utterances)] for k in range(n)]
     load_audio(picked[0].path, normalize)  # build the resampler kernel outside the timing
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for u in picked:
         load_audio(u.path, normalize)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: fair on a busy machine too
     torch.set_num_threads(threads)
-    return {"utterances_per_s": n / wall, "audio_s_per_s": sum(u.seconds for u in picked) / wall}
+    audio = sum(u.seconds for u in picked)
+    return {"utterances_per_s": n / wall, "audio_s_per_s": audio / wall,
+            "utterances_per_cpu_s": n / cpu, "audio_s_per_cpu_s": audio / cpu}
 
 
 def summarize(corpus: Corpus, vocab: Vocabulary) -> dict:

@@ -23,6 +23,7 @@ Without espeak-ng (or with --voice tone) the speech is replaced by one short ton
 "phones" are the letters: enough for layout and loader tests, not for training.
 """
 import argparse
+import functools
 import os
 import random
 import re
@@ -143,10 +144,16 @@ def tones(text: str, pitch: int) -> np.ndarray:
     return np.concatenate(parts or [t * 0]).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=4)
+def _resampler(rate: int):
+    import torchaudio  # torchaudio.functional.resample's kernel, built once (22.05 -> 16 kHz is a 320-phase kernel)
+    return torchaudio.transforms.Resample(ESPEAK_RATE, rate)
+
+
 def resample(audio: np.ndarray, rate: int) -> np.ndarray:
     import torch
-    import torchaudio.functional as AF
-    return AF.resample(torch.from_numpy(audio), ESPEAK_RATE, rate).numpy()
+    with torch.no_grad():
+        return _resampler(rate)(torch.from_numpy(audio)).numpy()
 
 
 def synth_corpus(out, layout: str = "librispeech", num: int = 10, voice: str = "en", lang: str | None = None,
