@@ -317,8 +317,8 @@ def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, u
             raise DataError(f"{where} not found")
         items = _read_commonvoice(where, units, bad)
     else:
-        raise DataError(f"unknown corpus name {name!r}: expected a LibriSpeech split ({', '.join(LIBRISPEECH_SPLITS)}),"
-                        f" train-10m/train-1h/train-10h, <lang>-<split> for CommonVoice, demo, or a manifest .tsv")
+        raise DataError(f"unknown corpus name {name!r}: expected a LibriSpeech split ({', '.join(LIBRISPEECH_SPLITS)}"
+                        "), train-10m/train-1h/train-10h, <lang>-<split> for CommonVoice, demo, or a manifest .tsv")
 
     if kind == "manifest":  # fairseq manifests carry sizes (16 kHz samples): no need to open the audio
         utts = [Utterance(uid, path, n, SAMPLE_RATE, text) for uid, path, text, n in items]
@@ -552,7 +552,7 @@ def summarize(corpus: Corpus, vocab: Vocabulary) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m s3r.data", description="Summarize (and check) a speech corpus.")
     p.add_argument("--data", required=True, help="corpus name: dev-clean, train-1h, pl-train, demo, x.tsv")
-    p.add_argument("--data-root", default=None, help="folder holding LibriSpeech/, librispeech_finetuning/, cv-corpus-*")
+    p.add_argument("--data-root", default=None, help="holds LibriSpeech/, librispeech_finetuning/, cv-corpus-*")
     p.add_argument("--units", choices=["letter", "char", "phone"], default=None, help="transcript units")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--check", action="store_true", help="decode every audio file")

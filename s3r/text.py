@@ -141,7 +141,8 @@ class Vocabulary:
         try:  # id 0 = spm's own <unk>; no bos/eos/pad pieces: our specials come first instead
             sentencepiece.SentencePieceTrainer.train(
                 sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size, model_type="unigram",
-                character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
+                character_coverage=1.0, hard_vocab_limit=False, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+                minloglevel=2)
         except RuntimeError as e:  # e.g. "Vocabulary size too high" for a tiny corpus
             raise S3RError(f"sentencepiece training failed: {str(e).splitlines()[-1]}") from None
         sp = sentencepiece.SentencePieceProcessor(model_proto=proto.getvalue())

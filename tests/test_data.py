@@ -43,7 +43,7 @@ def test_librispeech(tiny_corpus):
 
 def test_librilight_splits(tiny_corpus):
     root = tiny_corpus("librilight", num=28)  # two utterances in each of the 14 leaf folders
-    counts = {name: len(resolve_corpus(name, str(root)).utterances) for name in ("train-10m", "train-1h", "train-10h")}
+    counts = {name: len(resolve_corpus(name, str(root)).utterances) for name in data.LIBRILIGHT_SPLITS}
     assert counts == {"train-10m": 4, "train-1h": 24, "train-10h": 28}
     ten_min = resolve_corpus("train-10m", str(root / "librispeech_finetuning"))
     assert ten_min.kind == "librilight"
@@ -114,7 +114,8 @@ def test_manifest(tiny_corpus):
     assert [u.num_samples for u in corpus.utterances] == [int(r.split("\t")[1]) for r in rows]
     assert resolve_corpus("train.tsv", str(root)).utterances == corpus.utterances  # name relative to the root
     phones = resolve_corpus("train.tsv", str(root), units="phone")
-    assert phones.vocab.units == "phone" and phones.utterances[0].text == (root / "train.phn").read_text().split("\n")[0]
+    assert phones.vocab.units == "phone"
+    assert phones.utterances[0].text == (root / "train.phn").read_text().split("\n")[0]
 
 
 def test_manifest_wrd_labels_and_mismatch(tiny_corpus):

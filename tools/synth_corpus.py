@@ -84,18 +84,20 @@ It snowed, rained, and hailed the same morning.
 Read verse out loud for pleasure.""".splitlines()
 
 
-def default_texts(seed: int = 0) -> list[str]:
-    """Built-in sentences, plus Debian fortunes or /usr/share/dict/words phrases when installed (variety).
+ENGLISH_FORTUNES = ("fortunes", "wisdom", "literature", "science", "people", "education", "work", "platitudes")
 
-    Only plain ASCII lines are taken, so English transcripts fit LibriSpeech's letter vocabulary.
+
+def default_texts(seed: int = 0) -> list[str]:
+    """Built-in sentences, plus English fortunes or /usr/share/dict/words phrases when installed (variety).
+
+    Only plain ASCII lines are taken, so the transcripts fit LibriSpeech's letter vocabulary.
     """
     plain = re.compile(r"[A-Za-z][A-Za-z ,.'?!;:-]{18,118}")
-    for folder in ("/usr/share/games/fortunes", "/usr/share/fortunes"):
-        files = sorted(p for p in Path(folder).glob("*") if p.is_file() and not p.suffix) if Path(folder).is_dir() else []
-        lines = [ln.strip() for p in files for ln in p.read_text(errors="ignore").splitlines()]
-        lines = [ln for ln in lines if plain.fullmatch(ln)]
-        if len(lines) >= 100:
-            return SENTENCES + lines[:2000]
+    files = [Path(d) / f for d in ("/usr/share/games/fortunes", "/usr/share/fortunes") for f in ENGLISH_FORTUNES]
+    lines = [ln.strip() for p in files if p.is_file() for ln in p.read_text(errors="ignore").splitlines()]
+    lines = [ln for ln in lines if plain.fullmatch(ln)]
+    if len(lines) >= 100:
+        return SENTENCES + lines[:2000]
     words = Path("/usr/share/dict/words")
     if words.is_file():
         vocab = [w for w in words.read_text(errors="ignore").split() if w.isascii() and w.isalpha() and w.islower()]
@@ -270,7 +272,8 @@ def _write_manifest(out: Path, rows, split, workers, **_):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="output folder (the --data-root to give s3r)")
-    p.add_argument("--layout", default="librispeech", choices=["librispeech", "librilight", "commonvoice", "manifest"])
+    p.add_argument("--layout", default="librispeech",
+                   choices=["librispeech", "librilight", "commonvoice", "manifest"])
     p.add_argument("--num", type=int, default=20, help="number of utterances")
     p.add_argument("--voice", default="en", help="espeak-ng voice (espeak-ng --voices), or 'tone'")
     p.add_argument("--lang", default=None, help="CommonVoice language folder, e.g. zh-TW (default: the voice)")
