@@ -321,9 +321,12 @@ def weights_fingerprint(model: Wav2Vec2ForCTC) -> str:
     h = hashlib.sha256()
     for name, module in sorted(model.named_modules(), key=lambda nm: nm[0]):
         if isinstance(module, Routable):
-            w = module.dense_weight().detach().float().contiguous().cpu()
-            h.update(name.encode() + str(tuple(w.shape)).encode())
-            h.update(w.numpy().tobytes())
+            # The stored tensors, not dense_weight(): weight norm's g * v / ||v|| rounds differently with the number
+            # of threads or on GPU, and a checkpoint trained on one machine must load on another.
+            for w in (module.weight_g, module.weight_v) if hasattr(module, "weight_v") else (module.weight,):
+                w = w.detach().float().contiguous().cpu()
+                h.update(name.encode() + str(tuple(w.shape)).encode())
+                h.update(w.numpy().tobytes())
     return h.hexdigest()
 
 
