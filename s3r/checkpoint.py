@@ -262,6 +262,8 @@ def config_from_hf(hf: dict, normalize: bool | None = None) -> Wav2Vec2Config:
     for flag in ("conv_pos_batch_norm", "add_adapter", "use_weighted_layer_sum"):
         if hf.get(flag):
             raise CheckpointError(f"unsupported Hugging Face option {flag}=true")
+    if hf.get("feat_extract_activation", "gelu") != "gelu":  # our conv extractor always uses GELU, as fairseq does
+        raise CheckpointError(f"unsupported Hugging Face option feat_extract_activation={hf['feat_extract_activation']!r}")
     data2vec = model_type == "data2vec-audio"
     g = lambda k, d=None: hf.get(k, d)  # noqa: E731
     return Wav2Vec2Config(

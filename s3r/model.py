@@ -324,9 +324,18 @@ class WeightNormConv1d(MaskedConv1d):
         del self.weight
         self.weight_v = nn.Parameter(v)
         self.weight_g = nn.Parameter(v.norm(dim=(0, 1), keepdim=True))
+        self._dense_key, self._dense = None, None
 
     def dense_weight(self):
-        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
+        v, g = self.weight_v, self.weight_g
+        if torch.is_grad_enabled() and (v.requires_grad or g.requires_grad):
+            return torch._weight_norm(v, g, dim=2)  # the fused kernel torch's weight_norm uses: g * v / ||v||
+        # Frozen (S3-Router, evaluation): the same weight every forward, so compute it once per version of g and v.
+        key = (v._version, g._version, v.data_ptr(), g.data_ptr(), _optimizer_steps)
+        if key != self._dense_key:
+            with torch.no_grad():
+                self._dense, self._dense_key = torch._weight_norm(v, g, dim=2), key
+        return self._dense
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,9 +367,31 @@ class ConvLayer(nn.Module):
             x = F.group_norm(x.float(), x.shape[1], self.layer_norm.weight, self.layer_norm.bias,
                              self.layer_norm.eps).type_as(x)  # fairseq Fp32GroupNorm
         elif self.norm == "layer":
-            x = F.layer_norm(x.transpose(1, 2).float(), x.shape[1:2], self.layer_norm.weight,
-                             self.layer_norm.bias, self.layer_norm.eps).type_as(x).transpose(1, 2)
-        return F.gelu(x)
+            x = layer_norm_channels(x.float(), self.layer_norm.weight, self.layer_norm.bias,
+                                    self.layer_norm.eps).type_as(x)  # fairseq Fp32LayerNorm, per frame
+        return gelu(x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU, in place when autograd is off: the frozen extractor's early tensors are each hundreds of MB, and
+    writing a fresh one costs more than computing the GELU (every page of a new allocation faults once)."""
+    return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+
+
+def layer_norm_channels(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of (B, C, T) at every frame, without transposing to (B, T, C) and back.
+
+    The same numbers as F.layer_norm on x.transpose(1, 2), which would copy x into (B, T, C) and the result back.
+    Without autograd it works in place on `x` (the fresh output of a conv).
+    """
+    inplace = not torch.is_grad_enabled()
+    mean = x.mean(dim=1, keepdim=True)  # (B, 1, T)
+    x = x.sub_(mean) if inplace else x - mean
+    rstd = torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(x.shape[1] ** 0.5).square_().add_(eps).rsqrt_()
+    x = x.mul_(rstd) if inplace else x * rstd
+    if weight is None:
+        return x
+    return x.mul_(weight[:, None]).add_(bias[:, None]) if inplace else torch.addcmul(bias[:, None], x, weight[:, None])
 
 
 class FeatureExtractor(nn.Module):
@@ -407,7 +438,7 @@ class PositionalConvLayer(nn.Module):
 
     def forward(self, x):  # (B, C, T)
         x = self.conv(x)[..., : x.shape[-1]]  # an even kernel yields one extra frame (fairseq SamePad)
-        return F.gelu(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+        return F.gelu(layer_norm_channels(x, None, None, self.layer_norm.eps))
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -461,7 +492,9 @@ class FeedForward(nn.Module):
         return self.output_dropout(self.output_dense(self.intermediate_dropout(self.act(self.intermediate_dense(x)))))
 
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu_new": F.gelu}
+_gelu_tanh = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731  HF gelu_new, fairseq gelu_accurate
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu_new": _gelu_tanh,
+               "gelu_accurate": _gelu_tanh}
 
 
 class EncoderLayer(nn.Module):

@@ -124,6 +124,42 @@ def test_hf_parity_can_fail(tmp_path, batch):
     assert max_diff(model, *batch, *hf_outputs(peer, *batch)) > 10 * TOL
 
 
+@pytest.mark.parametrize("act", ["gelu_new", "relu", "swish"])
+def test_hf_other_activations(tmp_path, batch, act):
+    import transformers as tf
+
+    cfg = ff.hf_config("base")
+    cfg.hidden_act = act
+    torch.manual_seed(0)
+    peer = ff.perturb_(tf.Wav2Vec2ForCTC(cfg)).eval()
+    peer.save_pretrained(tmp_path)
+    # tighter than TOL: erf GELU in place of HF's tanh `gelu_new` is off by only ~1e-5 in a model this small
+    assert max_diff(load_pretrained(tmp_path), *batch, *hf_outputs(peer, *batch)) < 3e-6
+
+
+def test_hf_pretraining_heads_are_dropped(tmp_path, batch):
+    """Wav2Vec2ForPreTraining: `wav2vec2.*` plus quantizer / project_q / project_hid, which finetuning drops."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    peer = ff.perturb_(tf.Wav2Vec2ForPreTraining(ff.hf_config("large"))).eval()
+    peer.save_pretrained(tmp_path)
+    assert any(k.startswith("quantizer.") for k in _stored_keys(tmp_path))
+    model = load_pretrained(tmp_path)
+    assert model.lm_head is None
+    assert_parity(model, peer.wav2vec2, *batch, what="ForPreTraining")
+
+
+def test_hf_unsupported_extractor_activation_is_refused(tmp_path):
+    import transformers as tf
+
+    cfg = ff.hf_config("base")
+    cfg.feat_extract_activation = "relu"
+    tf.Wav2Vec2Model(cfg).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="feat_extract_activation"):
+        load_pretrained(tmp_path)
+
+
 def test_hf_file_path_and_preprocessor(tmp_path):
     peer = hf("base", False)
     peer.save_pretrained(tmp_path)
@@ -507,3 +543,14 @@ def test_weight_based_init_reads_loaded_weights(tmp_path):
         assert ".feed_forward." in name
         w = model.get_parameter(name)
         assert torch.equal(mask, topk_mask(w.abs(), round(0.6 * w.numel())))
+
+
+def test_conv_feature_layers_parse_without_eval():
+    from s3r.checkpoint import parse_conv_layers
+
+    assert parse_conv_layers("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]") == \
+        [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+    assert parse_conv_layers("[(512, 10, 5), (512, 8, 4)] + [(512, 4, 2)] * 3 + [(512, 1, 1)]")[1] == (512, 8, 4)
+    for bad in ("__import__('os').system('true')", "[(512, 10)]", "[(1, 2, 3)] - [(1, 2, 3)]", "[(1, 2, 3)"):
+        with pytest.raises(CheckpointError):
+            parse_conv_layers(bad)
