@@ -22,6 +22,7 @@ Bad input raises a one-line DataError naming the file and line; with skip_bad it
     python -m s3r.data --data-root /data --data dev-clean [--json] [--check] [--skip-bad] [--bench 200]
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -233,6 +234,21 @@ def _error_text(e: Exception) -> str:
     return getattr(e, "error_string", None) or str(e).split(": ")[-1].strip().rstrip(".")
 
 
+@contextlib.contextmanager
+def _quiet_decoders():
+    """Silence file descriptor 2 while whole folders are scanned or checked: mpg123 (inside libsndfile) prints
+    "Warning: Xing stream size off..." for damaged mp3s, which our one-line report already covers."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def scan_audio(paths: list[str], bad: _Problems) -> dict[str, tuple[int, int]]:
     """(num_samples, sample_rate) per readable file, via soundfile.info; cached per (path, mtime, size)."""
     cache_dir = Path(os.environ.get("S3R_CACHE") or Path.home() / ".cache" / "s3r")
@@ -255,7 +271,7 @@ def scan_audio(paths: list[str], bad: _Problems) -> dict[str, tuple[int, int]]:
         except (RuntimeError, OSError) as e:  # LibsndfileError is a RuntimeError
             return path, None, f"cannot decode audio ({_error_text(e)})"
 
-    with ThreadPoolExecutor(IO_THREADS) as pool:
+    with _quiet_decoders(), ThreadPoolExecutor(IO_THREADS) as pool:
         results = list(pool.map(info, paths))
     found, fresh = {}, {}
     for path, entry, problem in results:
@@ -512,7 +528,7 @@ def check_audio(corpus: Corpus, skip_bad: bool = False) -> None:
         except DataError as e:
             return str(e).removeprefix(f"{u.path}: ")
 
-    with ThreadPoolExecutor(IO_THREADS) as pool:
+    with _quiet_decoders(), ThreadPoolExecutor(IO_THREADS) as pool:
         problems = list(pool.map(check, corpus.utterances))
     for u, problem in zip(corpus.utterances, problems):
         if problem:
