@@ -387,7 +387,10 @@ def layer_norm_channels(x: torch.Tensor, weight, bias, eps: float) -> torch.Tens
     inplace = not torch.is_grad_enabled()
     mean = x.mean(dim=1, keepdim=True)  # (B, 1, T)
     x = x.sub_(mean) if inplace else x - mean
-    rstd = torch.linalg.vector_norm(x, dim=1, keepdim=True).div_(x.shape[1] ** 0.5).square_().add_(eps).rsqrt_()
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (B, 1, T)
+    if not inplace:
+        norm = norm.clone()  # vector_norm's backward needs its output: the in-place ops below must not touch it
+    rstd = norm.div_(x.shape[1] ** 0.5).square_().add_(eps).rsqrt_()
     x = x.mul_(rstd) if inplace else x * rstd
     if weight is None:
         return x
