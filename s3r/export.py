@@ -59,6 +59,8 @@ def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
     if model_type == "data2vec-audio":  # data2vec counts its stacked positional convs in num_conv_pos_embeddings
         d.update(num_conv_pos_embeddings=c.conv_pos_depth, conv_pos_kernel_size=c.conv_pos_kernel)
         del d["do_stable_layer_norm"], d["feat_extract_norm"], d["feat_proj_layer_norm"]
+    elif model_type == "wav2vec2":
+        del d["feat_proj_layer_norm"]  # a HuBERT-only option; wav2vec2 always normalises the features
     return d
 
 
@@ -107,7 +109,8 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m s3r.export", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m s3r.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --masks")
     p.add_argument("--hf", metavar="DIR", help="write a Hugging Face model directory")
     p.add_argument("--dense", metavar="OUT", help="write a dense s3r checkpoint with the masks folded in")
@@ -125,7 +128,7 @@ def main(argv=None):
         if args.dense:
             save_atomic(s3r_checkpoint(model.fold_masks()), args.dense)
             print(f"wrote {args.dense}")
-    except (S3RError, OSError) as e:
+    except (S3RError, OSError, ValueError) as e:  # ValueError: a config value out of range (--prune-rate 2)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

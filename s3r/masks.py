@@ -338,12 +338,12 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> dict:
     baseline has the same kept count per tensor: E|a∧b| = |a||b| / n per tensor, so its cosine is sqrt(d_a d_b).
     """
     a, b = a.flatten().bool(), b.flatten().bool()
-    return _similarity_counts(a.numel(), int(a.sum()), int(b.sum()), int((a & b).sum()), 0.0)
+    return _similarity_counts(a.numel(), int(a.sum()), int(b.sum()), int((a & b).sum()))
 
 
-def _similarity_counts(n: int, ka: int, kb: int, kab: int, expected: float) -> dict:
-    """From counts: n weights, ka/kb kept, kab kept by both, `expected` = E[kab] of random masks (0: one tensor)."""
-    expected = expected or ka * kb / n
+def _similarity_counts(n: int, ka: int, kb: int, kab: int, expected: float | None = None) -> dict:
+    """From counts: n weights, ka/kb kept, kab kept by both; `expected` = E[kab] of random masks (default: one tensor)."""
+    expected = ka * kb / n if expected is None else expected
     cos = lambda both, x, y: both / math.sqrt(x * y) if x and y else 0.0  # noqa: E731
     iou = lambda both, x, y: both / (x + y - both) if x + y - both else 1.0  # noqa: E731
     pa, pb, pab, pexp = n - ka, n - kb, n - ka - kb + kab, n - ka - kb + expected
@@ -360,7 +360,7 @@ def compare(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict:
     for name in (n for n in a if n in b):
         x, y = a[name].flatten().bool(), b[name].flatten().bool()
         counts = (x.numel(), int(x.sum()), int(y.sum()), int((x & y).sum()))
-        layers[name] = _similarity_counts(*counts, 0.0)
+        layers[name] = _similarity_counts(*counts)
         total = [t + c for t, c in zip(total, (*counts, counts[1] * counts[2] / counts[0]))]
     if not layers:
         raise RouteError("the two routes mask no tensor in common")
@@ -376,19 +376,13 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Pearson correlation of the ranks (ties get their average rank)."""
+    """Pearson correlation of the ranks (ties get their average rank, as scipy.stats.spearmanr)."""
     def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return r
+        first, last = {}, {}
+        for i, value in enumerate(sorted(v)):
+            first.setdefault(value, i)
+            last[value] = i
+        return [(first[value] + last[value]) / 2 + 1 for value in v]
     return pearson(ranks(x), ranks(y))
 
 
@@ -446,6 +440,8 @@ def _plot(result: dict, path: str):
         overall = {(p["a"], p["b"]): p["overall"]["cosine"] for p in result["pairs"]}
         y = [overall[tuple(pair)] for pair in ref["pairs"]]
         axes[2].scatter(ref["values"], y)
+        for pair, u, v in zip(ref["pairs"], ref["values"], y):
+            axes[2].annotate("-".join(pair), (u, v), fontsize=6)
         axes[2].set(xlabel="reference similarity", ylabel="mask cosine (kept)",
                     title=f"Pearson {ref['cosine']['pearson']:.2f}, Spearman {ref['cosine']['spearman']:.2f}")
     fig.tight_layout()
@@ -468,7 +464,8 @@ def _named(items: list[str]) -> dict[str, str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m s3r.masks", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m s3r.masks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("export", help="the route of a mask-mode checkpoint, one bit per routed weight")
     c.add_argument("checkpoint")
@@ -533,7 +530,7 @@ def main(argv=None):
             for key in ("cosine", "pruned_cosine", "iou", "pruned_iou") if args.reference else ():
                 r = result["reference"][key]
                 print(f"reference vs {key}: Pearson {r['pearson']:.3f}, Spearman {r['spearman']:.3f}")
-    except (S3RError, OSError) as e:
+    except (S3RError, OSError, ValueError) as e:  # ValueError: a config value out of range (--prune-rate 2)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -44,6 +44,10 @@ def test_hf_export_same_logits(variant, tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
     zeros = hf.state_dict()[f"{hf.base_model_prefix}.encoder.layers.0.attention.q_proj.weight"] == 0
     assert zeros.sum() == model.masks()["encoder.layers.0.attention.q_proj.weight"].logical_not().sum()
+    again = load_pretrained(tmp_path / "hf")  # and s3r reads its own export back
+    with torch.no_grad():
+        torch.testing.assert_close(again(wav)[0], ours, atol=1e-5, rtol=1e-5)
+    assert again.vocab.symbols[4:] == VOCAB.symbols[4:]
     dense = load_pretrained(tmp_path / "dense.pt")
     assert dense.route_config is None and dense.vocab == VOCAB
     with torch.no_grad():
