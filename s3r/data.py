@@ -196,7 +196,7 @@ def _read_commonvoice(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, 
     return items
 
 
-def _read_manifest(tsv: Path, units: str, bad: _Problems) -> tuple[list[tuple[str, str, str, int]], Path]:
+def _read_manifest(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, str, str, int]]:
     """A fairseq manifest with labels from the sibling .ltr (preferred) / .wrd, or .phn for phone units."""
     lines = _read_lines(tsv, bad)
     if not lines or not lines[0][1]:
@@ -226,7 +226,7 @@ def _read_manifest(tsv: Path, units: str, bad: _Problems) -> tuple[list[tuple[st
         if label_file.suffix == ".ltr":  # "H I | Y O U |" -> "HI YOU": Vocabulary.tokenize restores the .ltr
             label = "".join(" " if u == "|" else u for u in label.split())
         items.append((str(Path(fields[0]).with_suffix("")), str(audio), " ".join(label.split()), int(fields[1])))
-    return items, root
+    return items
 
 
 # ---------------------------------------------------------------- scanning durations
@@ -325,7 +325,7 @@ def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, u
         where = Path(name) if Path(name).is_file() or root is None else base / name
         if not where.is_file():
             raise DataError(f"manifest {where} not found")
-        items, _ = _read_manifest(where, units, bad)
+        items = _read_manifest(where, units, bad)
     elif cv:
         kind, units, language = "commonvoice", units or "char", cv.group(1).replace("_", "-")
         where = _find_cv_folder(base, cv.group(1)) / f"{cv.group(2)}.tsv"
