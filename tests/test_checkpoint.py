@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fairseq_fixtures as ff
-from s3r import RouteConfig, load_pretrained
+from s3r import load_pretrained
 from s3r.checkpoint import CheckpointError, s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.model import Routable, topk_mask
 
@@ -293,10 +293,6 @@ def _upstream_scores(model, seed=0):
             for name, m in model.named_modules() if isinstance(m, Routable) and (".attention." in name or ".feed_forward." in name)}
 
 
-def _hf_name(layer: str, prefix: str) -> str:
-    return prefix + layer
-
-
 @torch.no_grad()
 def _apply_masks_to_hf(peer, scores: dict, keep: dict, prefix: str):
     """A copy of `peer` whose routed weights are multiplied by the top-|score| masks (the expected upstream forward)."""
@@ -308,7 +304,7 @@ def _apply_masks_to_hf(peer, scores: dict, keep: dict, prefix: str):
         k = keep.get(layer)
         if k is None:
             continue
-        w = params[_hf_name(layer, prefix) + ".weight"]
+        w = params[prefix + layer + ".weight"]
         order = s.abs().flatten().argsort(descending=True)
         mask = torch.zeros(s.numel(), dtype=torch.bool)
         mask[order[:k]] = True
