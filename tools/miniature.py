@@ -1,0 +1,486 @@
+"""The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech (issue 6).
+
+    python tools/miniature.py                 # everything: corpus -> backbone -> grid -> bundle -> curve -> similarity -> report
+    python tools/miniature.py --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
+
+Every stage is resumable: the corpus is written one language at a time (a finished language has a DONE file),
+each experiment cell caches its result as JSON under runs/miniature/cells/, and a stage skips what is cached.
+Run it again after an interruption and it continues. CPU only; the budget is ~3 h on 2 cores.
+
+Data: espeak-ng speech (tools/synth_corpus.py) of Debian-packaged text (tools/text_sources.py), in the CommonVoice
+layout (48 kHz mp3 + TSV) with the espeak-ng phoneme transcripts as targets, scored by phone error rate (PER).
+Pretraining languages (tools/text_sources.PRETRAIN) train the backbone; the held-out languages are upstream's ten
+CommonVoice languages (tools/text_sources.HELD_OUT), never seen by the backbone.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import text_sources  # noqa: E402
+
+OUT = ROOT / "runs" / "miniature"
+RELEASE = "cv-corpus-mini"
+PRETRAIN_UTTS = 100  # per pretraining language: ~4-5 min of speech (8 languages: ~35 min)
+HELD_OUT_UTTS = 220  # per held-out language: ~10 min, split 2:1:1 by synth_corpus -> ~5 min train, ~2.5 dev, ~2.5 test
+SPEAKERS = 8  # espeak-ng voice variant + pitch pairs per language; speed varies per utterance
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+def corpus_root(out: Path) -> Path:
+    return out / "corpus"
+
+
+def make_corpus(out: Path, langs: list[str], workers: int = 2):
+    """One CommonVoice-layout folder per language under out/corpus/cv-corpus-mini/<lang>, written atomically."""
+    from synth_corpus import synth_corpus
+    release = corpus_root(out) / RELEASE
+    for i, lang in enumerate(langs):
+        final = release / lang
+        if (final / "DONE").exists():
+            continue
+        num = PRETRAIN_UTTS if lang in text_sources.PRETRAIN else HELD_OUT_UTTS
+        t0 = time.time()
+        tmp = corpus_root(out) / f".tmp-{lang}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        texts = text_sources.sentences(lang, num, seed=1000 + i)
+        synth_corpus(tmp, "commonvoice", num, voice=text_sources.voice(lang), lang=lang, texts=texts,
+                     seed=1000 + i, speakers=SPEAKERS, release=RELEASE, workers=workers)
+        shutil.rmtree(final, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / RELEASE / lang, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (final / "DONE").write_text(json.dumps({"utterances": num, "seconds_to_make": round(time.time() - t0, 1),
+                                                "source": text_sources.SOURCES[lang]["package"],
+                                                "voice": text_sources.voice(lang)}) + "\n")
+        log(f"corpus {lang}: {num} utterances in {time.time() - t0:.0f} s")
+    for lang in langs:
+        if lang in text_sources.HELD_OUT and (moved := close_phone_set(release / lang)):
+            log(f"corpus {lang}: {moved} dev/test utterances with phones unseen in train moved to train")
+
+
+def close_phone_set(folder: Path) -> int:
+    """Move dev/test rows whose phones never occur in train.tsv into train.tsv; returns how many moved.
+
+    A vocabulary is built from the training transcripts, as for a real CommonVoice language; with a few minutes
+    of speech a rare phone may occur only in dev or test, and CTC cannot emit a unit it has no output for.
+    """
+    tables = {s: (folder / f"{s}.tsv").read_text(encoding="utf-8").splitlines() for s in ("train", "dev", "test")}
+    col = tables["train"][0].split("\t").index("phonemes")
+    phones = lambda row: set(row.split("\t")[col].split())  # noqa: E731
+    known = set().union(*(phones(r) for r in tables["train"][1:]))
+    moved = 0
+    for split in ("dev", "test"):
+        keep = [tables[split][0]]
+        for row in tables[split][1:]:
+            if phones(row) <= known:
+                keep.append(row)
+            else:
+                tables["train"].append(row)
+                known |= phones(row)
+                moved += 1
+        tables[split] = keep
+    if moved:
+        for split, rows in tables.items():
+            (folder / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return moved
+
+
+def read_phones(out: Path, lang: str, split: str = "validated") -> list[str]:
+    """Phone transcripts of one language split (the `phonemes` column synth_corpus writes)."""
+    rows = (corpus_root(out) / RELEASE / lang / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+    col = rows[0].split("\t").index("phonemes")
+    return [r.split("\t")[col] for r in rows[1:] if r.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ demo
+DEMO_LANG = "es"  # held out from the backbone; real sentences (fortunes-es)
+DEMO_UTTS = {"train": 60, "test": 24}  # ~3 min of training speech, ~1 min of test speech
+
+
+def make_demo(out: Path, dest: Path = ROOT / "s3r" / "assets" / "demo"):
+    """The committed demo corpus: a fairseq manifest (train/test .tsv + .phn + dict.phn.txt), Opus at 16 kHz.
+
+    The manifest root line is "." (the manifest's own folder), so the committed corpus works from any checkout.
+    """
+    import soundfile as sf
+    from synth_corpus import synth_corpus
+    if (dest / "train.tsv").exists() and (dest / "test.tsv").exists():
+        return
+    tmp = out / ".tmp-demo"
+    shutil.rmtree(tmp, ignore_errors=True)
+    texts = text_sources.sentences(DEMO_LANG, sum(DEMO_UTTS.values()), seed=7)
+    counts = {}
+    for k, (split, num) in enumerate(DEMO_UTTS.items()):
+        part = texts[:num] if split == "train" else texts[-num:]
+        synth_corpus(tmp, "manifest", num, voice=text_sources.voice(DEMO_LANG), texts=part, split=split,
+                     seed=70 + k, speakers=6, workers=2)
+    (dest / "audio").mkdir(parents=True, exist_ok=True)
+    for split in DEMO_UTTS:
+        rows = (tmp / f"{split}.tsv").read_text().splitlines()[1:]
+        lines = ["."]
+        for row in rows:
+            rel = row.split("\t")[0]
+            audio, rate = sf.read(tmp / "audio" / rel, dtype="float32")
+            new_rel = f"audio/{split}-{Path(rel).stem.split('-')[-1]}.ogg"
+            sf.write(dest / new_rel, audio, rate, format="OGG", subtype="OPUS")
+            lines.append(f"{new_rel}\t{sf.info(dest / new_rel).frames}")
+        (dest / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        shutil.copy(tmp / f"{split}.phn", dest / f"{split}.phn")
+        for line in (tmp / f"{split}.phn").read_text(encoding="utf-8").splitlines():
+            for u in line.split():
+                counts[u] = counts.get(u, 0) + (split == "train")
+    # every phone of either split, most frequent in train first (a test-only phone gets count 0)
+    (dest / "dict.phn.txt").write_text("".join(f"{u} {c}\n" for u, c in sorted(counts.items(), key=lambda x: -x[1])),
+                                       encoding="utf-8")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"demo corpus written to {dest}")
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def phone_inventories(out: Path, langs: list[str], min_count: int = 3) -> dict[str, dict[str, int]]:
+    """Phone counts per language over all its transcripts (phones seen fewer than min_count times dropped)."""
+    inv = {}
+    for lang in langs:
+        counts = {}
+        for line in read_phones(out, lang):
+            for u in line.split():
+                if u != "|":
+                    counts[u] = counts.get(u, 0) + 1
+        inv[lang] = {u: c for u, c in counts.items() if c >= min_count}
+    return inv
+
+
+def write_reference(out: Path, langs: list[str]) -> Path:
+    """Phoneme-inventory cosine similarity of every language pair: |A & B| / sqrt(|A| |B|) over phone sets.
+
+    The binary-inventory form matches the mask cosine it is compared with; espeak-ng's phone symbols are shared
+    across its languages, so identical symbols are identical phones here.
+    """
+    import math
+    inv = phone_inventories(out, langs)
+    matrix = [[len(set(inv[a]) & set(inv[b])) / math.sqrt(len(inv[a]) * len(inv[b])) for b in langs] for a in langs]
+    path = out / "phoneme_similarity.json"
+    path.write_text(json.dumps({"names": langs, "matrix": matrix, "inventory_sizes": {l: len(inv[l]) for l in langs},
+                                "definition": write_reference.__doc__.split("\n")[0]}, indent=1) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ grid
+BACKBONE = ROOT / "s3r" / "assets" / "demo" / "backbone.pt"
+# Application 1 methods, in the order they run; the grid runs every method for one seed before the next seed.
+# "head": S3-Router at prune rate 1.0 keeps every weight, so only the CTC head learns: the frozen-encoder baseline.
+METHODS = {
+    "head": ["--prune-rate", "1.0", "--fix-attn"],
+    "ft": ["--finetune-weights"],
+    "s3r-0.9": ["--prune-rate", "0.9", "--no-fix-attn"],
+    "s3r-0.9-fa": ["--prune-rate", "0.9", "--fix-attn"],
+    "s3r-0.7": ["--prune-rate", "0.7", "--no-fix-attn"],
+    "s3r-0.7-fa": ["--prune-rate", "0.7", "--fix-attn"],
+    "s3r-0.5": ["--prune-rate", "0.5", "--no-fix-attn"],
+    "s3r-0.5-fa": ["--prune-rate", "0.5", "--fix-attn"],
+}
+GRID_LANGS = ["es", "ru", "nl", "it", "tr", "zh-TW", "sv-SE", "fr", "tt", "ky"]  # the first 6 are the minimum
+SEEDS = [1, 2]
+# The recipe, scaled to minutes of audio and a 2M-parameter model (upstream base_1h: 15k updates at 5e-5, ~600 s of
+# audio per update): 10 s of audio per update, a higher peak lr, lighter SpecAugment (3-second utterances, 192
+# channels). Every method gets the same updates, schedule and lr.
+RECIPE = ["--max-updates", "400", "--max-tokens", "160000", "--update-freq", "1", "--lr", "1e-3",
+          "--mask-prob", "0.3", "--mask-channel-prob", "0.1", "--mask-channel-length", "16", "--layerdrop", "0.05",
+          "--validate-interval", "100", "--save-interval", "50", "--num-workers", "0", "--units", "phone",
+          "--init-score", "weight_rank"]
+CURVE_LANG = "es"
+CURVE_RATES = [0.7, 0.6, 0.5, 0.4, 0.3, 0.2]  # kept fractions: 30% .. 80% sparsity
+
+
+def python_cmd(*args) -> list[str]:
+    return [sys.executable, *map(str, args)]
+
+
+def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
+    """Run a command with its output appended to log_path; returns its CPU seconds (children included)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    before = os.times()
+    with open(log_path, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+    after = os.times()
+    if rc != 0:
+        raise RuntimeError(f"{cmd[1]} failed (exit {rc}); see {log_path}")
+    return (after.children_user - before.children_user) + (after.children_system - before.children_system)
+
+
+def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int) -> dict:
+    if not json_path.exists():
+        run_logged(python_cmd("eval.py", "--checkpoint", ckpt, "--data", data, "--data-root", corpus_root(out),
+                              "--json", json_path, "--num-workers", "0"), json_path.with_suffix(".log"), threads)
+    return json.loads(json_path.read_text())
+
+
+def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], threads: int,
+               init: Path = BACKBONE, tag: str = "") -> dict:
+    """One experiment: train.py on <lang>-train (validated on <lang>-dev), eval.py on <lang>-test; cached as JSON."""
+    name = f"{method}{tag}-s{seed}"
+    cell = out / "cells" / lang / name
+    result_path = cell / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    t0 = time.time()
+    cpu = run_logged(python_cmd("train.py", "--init", init, "--data", f"{lang}-train", "--data-root", corpus_root(out),
+                                "--valid", f"{lang}-dev", "--save-dir", cell, "--seed", seed, *RECIPE, *args),
+                     cell / "train.log", threads)
+    best = cell / "checkpoint_best.pt"
+    ckpt = best if best.exists() else cell / "checkpoint_last.pt"
+    test = evaluate(ckpt, f"{lang}-test", out, cell / "test.json", threads)
+    cpu += 0  # eval CPU is counted by evaluate's run_logged only when it ran; kept out of the training time
+    result = {"lang": lang, "method": method + tag, "seed": seed, "per": test["uer"], "test_utterances": test["utterances"],
+              "checkpoint": str(ckpt.relative_to(out)), "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1),
+              "args": args}
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"cell {lang} {name}: PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
+    return result
+
+
+def run_grid(out: Path, langs: list[str], methods: list[str], seeds: list[int], jobs: int):
+    """Application 1: every (seed, language, method) cell; `jobs` cells run side by side, one thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+    cells = [(lang, m, s) for s in seeds for lang in langs for m in methods]
+    threads = max(1, 2 // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(train_cell, out, lang, m, s, METHODS[m], threads) for lang, m, s in cells]
+        for f in futures:
+            try:
+                f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+
+
+# ------------------------------------------------------------------------------------------------ applications 2-4
+def cell_result(out: Path, lang: str, name: str) -> dict | None:
+    path = out / "cells" / lang / name / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
+    """Application 2: every language's route in one bundle (python -m s3r.masks bundle) vs separate finetuned models."""
+    from s3r import load_pretrained
+    from s3r.checkpoint import s3r_checkpoint, save_atomic
+    from s3r.masks import _route_summary, load_route, storage
+    from s3r.model import Wav2Vec2Config
+    have = [l for l in langs if cell_result(out, l, f"{method}-s{seed}") and cell_result(out, l, f"ft-s{seed}")]
+    if len(have) < 2:
+        log(f"bundle: needs {method} and ft cells of at least 2 languages (have {len(have)})")
+        return None
+    folder = out / "bundle"
+    folder.mkdir(parents=True, exist_ok=True)
+    routes, dense_bytes = {}, 0
+    for lang in have:
+        route = folder / f"{lang}.route"
+        if not route.exists():
+            ckpt = out / cell_result(out, lang, f"{method}-s{seed}")["checkpoint"]
+            run_logged(python_cmd("-m", "s3r.masks", "export", ckpt, route), folder / "bundle.log", 2)
+        routes[lang] = route
+        dense = folder / f"{lang}.ft.pt"  # the finetuned model alone, as one would ship it (no optimizer state)
+        if not dense.exists():
+            model = load_pretrained(out / cell_result(out, lang, f"ft-s{seed}")["checkpoint"])
+            save_atomic(s3r_checkpoint(model), dense)
+        dense_bytes += dense.stat().st_size
+    bundle = folder / "all.bundle"
+    run_logged(python_cmd("-m", "s3r.masks", "bundle", bundle, "--pretrained", BACKBONE,
+                          *[f"{l}={r}" for l, r in routes.items()]), folder / "bundle.log", 2)
+    info = subprocess.run(python_cmd("-m", "s3r.masks", "info", bundle), capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    (folder / "info.txt").write_text(info)
+    loaded = [load_route(r) for r in routes.values()]
+    arithmetic = storage(Wav2Vec2Config.from_dict(loaded[0]["config"]), [_route_summary(r) for r in loaded])
+    res = {"languages": have, "method": method, "seed": seed, "bundle_bytes": bundle.stat().st_size,
+           "separate_finetuned_bytes": dense_bytes, "route_bytes": {l: r.stat().st_size for l, r in routes.items()},
+           "backbone_bytes": BACKBONE.stat().st_size,
+           "file_change_percent": 100.0 * (bundle.stat().st_size / dense_bytes - 1.0), "arithmetic": arithmetic}
+    (out / "bundle.json").write_text(json.dumps(res, indent=1) + "\n")
+    log(f"bundle: {len(have)} languages, {res['bundle_bytes']:,} B vs {dense_bytes:,} B separate "
+        f"({res['file_change_percent']:+.1f}%)")
+    return res
+
+
+def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES) -> list[dict]:
+    """Application 3: S3-Router pruning of the weight-finetuned model vs one-shot magnitude pruning (OMP).
+
+    Step 1 is the grid's `ft` cell; step 2 routes its weights from init_score weight_magnitude_with_scale (the first
+    mask IS the OMP mask), attention included, and trains only the scores and the head.
+    """
+    ft = cell_result(out, lang, f"ft-s{seed}")
+    if ft is None:
+        log(f"curve: needs the ft-s{seed} cell of {lang}")
+        return []
+    ft_ckpt = out / ft["checkpoint"]
+    rows = [{"method": "finetuned (dense)", "prune_rate": 1.0, "sparsity": 0.0, "per": ft["per"]}]
+    for rate in rates:
+        omp_dir = out / "cells" / lang / f"omp-{rate}-s{seed}"
+        omp_dir.mkdir(parents=True, exist_ok=True)
+        pruned = omp_dir / "pruned.pt"
+        if not pruned.exists():
+            run_logged(python_cmd("-m", "s3r.masks", "omp", ft_ckpt, pruned, "--prune-rate", rate), omp_dir / "omp.log", 2)
+        test = evaluate(pruned, f"{lang}-test", out, omp_dir / "test.json", 2)
+        rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": test["uer"]})
+    for rate in rates:
+        r = train_cell(out, lang, "prune", seed, ["--prune-rate", str(rate), "--no-fix-attn", "--init-score",
+                                                  "weight_magnitude_with_scale"], 2, init=ft_ckpt, tag=f"-{rate}")
+        rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": r["per"]})
+    (out / "curve.json").write_text(json.dumps({"lang": lang, "seed": seed, "rows": rows}, indent=1) + "\n")
+    return rows
+
+
+def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
+    """Application 4: mask similarity of every language pair vs phoneme-inventory similarity (Pearson, Spearman)."""
+    have = [l for l in langs if cell_result(out, l, f"{method}-s{seed}")]
+    if len(have) < 3:
+        log(f"similarity: needs {method} cells of at least 3 languages (have {len(have)})")
+        return None
+    ref = write_reference(out, have)
+    routes = [f"{l}={out / cell_result(out, l, f'{method}-s{seed}')['checkpoint']}" for l in have]
+    res_path = out / "similarity.json"
+    run_logged(python_cmd("-m", "s3r.masks", "similarity", *routes, "--json", res_path, "--reference", ref,
+                          "--plot", ROOT / "bench" / "results" / "miniature_similarity.png"), out / "similarity.log", 2)
+    return json.loads(res_path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report(out: Path, a):
+    """bench/results/miniature.json + miniature.md (+ PNG plots): whatever has finished so far."""
+    import statistics
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/result.json"))]
+    grid = [c for c in cells if c["method"] in METHODS]
+    table = {}
+    for c in grid:
+        table.setdefault(c["lang"], {}).setdefault(c["method"], []).append(c["per"])
+    langs = [l for l in a.langs if l in table]
+    methods = [m for m in METHODS if any(m in table[l] for l in langs)]
+    mean = {l: {m: statistics.mean(v) for m, v in table[l].items()} for l in langs}
+    backbone_report = out / "backbone" / "report.json"
+    bb = json.loads(backbone_report.read_text()) if backbone_report.exists() else {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
+    bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
+    curve = json.loads((out / "curve.json").read_text()) if (out / "curve.json").exists() else None
+    sim = json.loads((out / "similarity.json").read_text()) if (out / "similarity.json").exists() else None
+    summary = {"command": "python tools/miniature.py", "commit": commit, "cells": cells, "per_mean": mean,
+               "seeds": {l: {m: len(v) for m, v in table[l].items()} for l in langs},
+               "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
+               "bundle": bundle, "curve": curve,
+               "similarity": {k: v for k, v in (sim or {}).items() if k in ("names", "reference")} or None}
+    (results / "miniature.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+
+    md = ["# The miniature: S3-Router on synthetic multilingual speech, CPU scale", "",
+          f"Regenerate: `python tools/miniature.py` (resumable; cells cached under runs/miniature/cells). Commit {commit}; "
+          f"{cpu_min:.0f} CPU minutes of finetuning cells so far"
+          + (f", backbone {bb.get('train_cpu_minutes')} min" if bb else "") + ".", "",
+          "Speech: espeak-ng reading Debian-packaged text (tools/text_sources.py), CommonVoice layout, targets are the "
+          "espeak-ng phone transcripts, scored by phone error rate (PER, %, greedy CTC, test split). Backbone: "
+          f"{bb.get('params', 0) / 1e6:.2f}M-parameter wav2vec 2.0 trained with SUPERVISED phone CTC on "
+          f"{', '.join(text_sources.PRETRAIN)} (a stand-in for self-supervised pretraining; held-in PER "
+          f"{100 * bb.get('per', float('nan')):.1f}%); the held-out languages below were never seen.", ""]
+    if langs:
+        md += ["## Application 1: PER (%) per held-out language, mean over seeds", "",
+               "| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for l in langs:
+            md.append(f"| {l} | " + " | ".join(f"{100 * mean[l][m]:.1f} ({len(table[l][m])})" if m in mean[l] else "-"
+                                              for m in methods) + " |")
+        full = [l for l in langs if all(m in mean[l] for m in methods)]
+        if full:
+            md.append(f"| mean of {len(full)} | " + " | ".join(f"{100 * statistics.mean(mean[l][m] for l in full):.1f}"
+                                                          for m in methods) + " |")
+        md += ["", "(n) = seeds finished. head: frozen encoder, CTC head only; ft: standard weight finetuning; s3r-R: "
+               "S3-Router keeping fraction R of attention+FFN weights; -fa: --fix-attn (FFN only routed).", "",
+               "![PER per language](miniature_per.png)", ""]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(langs) * len(methods)), 4))
+        w = 0.8 / len(methods)
+        for k, m in enumerate(methods):
+            ax.bar([i + k * w for i in range(len(langs))], [100 * mean[l].get(m, float("nan")) for l in langs], w, label=m)
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(langs))], langs)
+        ax.set(ylabel="PER (%)", title="held-out languages: PER by method (lower is better)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(results / "miniature_per.png", dpi=110)
+        plt.close(fig)
+    if bundle:
+        ar = bundle["arithmetic"]["fp32"]
+        md += ["## Application 2: all routes in one bundle", "",
+               f"{len(bundle['languages'])} languages ({', '.join(bundle['languages'])}), {bundle['method']} routes: "
+               f"bundle file {bundle['bundle_bytes']:,} B vs {bundle['separate_finetuned_bytes']:,} B for the separately "
+               f"finetuned models ({bundle['file_change_percent']:+.1f}%). Arithmetic (fp32): "
+               f"{ar['shared_plus_routes_bytes']:,} B vs {ar['dense_models_bytes']:,} B ({ar['change_percent']:+.1f}%).", ""]
+    if curve:
+        md += [f"## Application 3: pruning curve ({curve['lang']})", "", "| method | sparsity | PER (%) |", "|---|---|---|"]
+        md += [f"| {r['method']} | {100 * r['sparsity']:.0f}% | {100 * r['per']:.1f} |" for r in curve["rows"]]
+        md += ["", "![pruning curve](miniature_pruning.png)", ""]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in ("OMP", "S3-Router pruning"):
+            pts = [(r["sparsity"], 100 * r["per"]) for r in curve["rows"] if r["method"] == m]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=m)
+        ax.axhline(100 * curve["rows"][0]["per"], ls="--", c="gray", label="finetuned, dense")
+        ax.set(xlabel="sparsity", ylabel="PER (%)", title=f"pruning the finetuned model ({curve['lang']})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(results / "miniature_pruning.png", dpi=110)
+        plt.close(fig)
+    if sim and "reference" in sim:
+        r = sim["reference"]
+        md += ["## Application 4: mask similarity vs phoneme-inventory similarity", "",
+               f"{len(r['pairs'])} language pairs: Pearson {r['cosine']['pearson']:.2f}, Spearman "
+               f"{r['cosine']['spearman']:.2f} (mask cosine over kept weights; random masks at this density have "
+               "cosine ~ the density).", "", "![similarity](miniature_similarity.png)", ""]
+    (results / "miniature.md").write_text("\n".join(md) + "\n")
+    log(f"report: {len(cells)} cells -> {results / 'miniature.md'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", default="all")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--langs", nargs="*", default=GRID_LANGS, help="held-out languages of the grid, in order")
+    p.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
+    p.add_argument("--seeds", nargs="*", type=int, default=SEEDS)
+    p.add_argument("--jobs", type=int, default=2, help="cells trained side by side (one thread each with 2)")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    if a.stage in ("corpus", "all"):
+        make_corpus(out, text_sources.PRETRAIN + text_sources.HELD_OUT)
+    if a.stage in ("demo", "all"):
+        make_demo(out)
+    if a.stage in ("backbone", "all") and not BACKBONE.exists():
+        run_logged(python_cmd("tools/pretrain_backbone.py", "--data-root", corpus_root(out), "--out", out / "backbone",
+                              "--save", BACKBONE), out / "backbone.log", 2)
+    if a.stage in ("grid", "all"):
+        run_grid(out, a.langs, a.methods, a.seeds, a.jobs)
+    if a.stage in ("bundle", "all"):
+        run_bundle(out, a.langs)
+    if a.stage in ("curve", "all"):
+        run_curve(out)
+    if a.stage in ("similarity", "all"):
+        run_similarity(out, a.langs)
+    if a.stage in ("report", "all"):
+        report(out, a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Train the miniature's small wav2vec 2.0 backbone, the stand-in for a self-supervised checkpoint (issue 6).
+
+    python tools/pretrain_backbone.py --data-root runs/miniature/corpus --out runs/miniature/backbone \
+        --save s3r/assets/demo/backbone.pt
+
+What it is, plainly: the exact wav2vec 2.0 architecture (s3r.Wav2Vec2ForCTC; 7 strided convs, positional conv,
+post-LN transformer) at a few million parameters, trained from scratch with SUPERVISED CTC on espeak-ng phone
+transcripts of the pretraining languages (tools/text_sources.PRETRAIN), not with wav2vec 2.0's self-supervised
+contrastive objective. Contrastive pretraining needs far more audio and compute than two CPU cores give; a
+multilingual phone recogniser is the nearest thing that gives transferable speech features in ~30 minutes.
+The held-out languages (text_sources.HELD_OUT) are never seen. The phone head is dropped: the saved checkpoint
+is the encoder alone, like a pretrained wav2vec 2.0 checkpoint, in fp16 (s3r's loader casts back to fp32).
+
+Resumable: runs/.../state.pt is written every --save-every updates and at the end; run the command again to
+continue. The learning-rate schedule is defined over --max-updates, so a resumed run follows the same curve.
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+from s3r import Wav2Vec2Config, Wav2Vec2ForCTC  # noqa: E402
+from s3r.checkpoint import s3r_checkpoint, save_atomic  # noqa: E402
+from s3r.data import load_audio, resolve_corpus  # noqa: E402
+from s3r.decode import greedy_decode, unit_error_rate  # noqa: E402
+from s3r.text import Vocabulary  # noqa: E402
+import text_sources  # noqa: E402
+
+# ~2M parameters; frames every 20 ms like every wav2vec 2.0 model. Sized for 2 shared CPU cores: the whole
+# miniature grid finetunes this model dozens of times.
+CONFIG = dict(conv_dim=(64,) * 7, hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
+              conv_pos_kernel=32, conv_pos_groups=16)
+# Pretraining here is short and underfits, so it runs without dropout or masking (also faster); the saved
+# config carries ordinary finetuning values, as a pretrained wav2vec 2.0 checkpoint does.
+PRETRAIN_REGULARIZATION = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
+FINETUNE_REGULARIZATION = dict(hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, layerdrop=0.05)
+
+
+def load_split(root: str, langs: list[str], splits: list[str], cache: Path) -> list[tuple[torch.Tensor, str, str]]:
+    """[(wav (S,) at 16 kHz, phone transcript, lang)], decoded once and cached (mp3 decoding is slow)."""
+    if cache.exists():
+        return torch.load(cache)
+    items = []
+    for lang in langs:
+        for split in splits:
+            for u in resolve_corpus(f"{lang}-{split}", root, units="phone").utterances:
+                items.append((load_audio(u.path), u.text, lang))
+    torch.save(items, cache)
+    return items
+
+
+def batches(items, max_seconds: float, rng: random.Random) -> list[list[int]]:
+    """Length-sorted batches of at most max_seconds padded audio, in random order."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    out, cur, longest = [], [], 0
+    for i in order:
+        n = len(items[i][0])
+        if cur and max(longest, n) * (len(cur) + 1) > max_seconds * 16000:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def collate(items, idx, vocab):
+    wavs = [items[i][0] for i in idx]
+    lengths = torch.tensor([len(w) for w in wavs])
+    wav = torch.zeros(len(wavs), int(lengths.max()))
+    for b, w in enumerate(wavs):
+        wav[b, : len(w)] = w * (0.5 + random.random())  # random gain
+    targets = [torch.tensor(vocab.encode(items[i][1])) for i in idx]
+    return wav, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets])
+
+
+@torch.no_grad()
+def evaluate(model, items, vocab, per_lang: bool = True) -> dict:
+    model.eval()
+    refs, hyps, langs = [], [], []
+    for idx in batches(items, 60, random.Random(0)):
+        wav, lengths, _, _ = collate(items, idx, vocab)
+        logits, out_lengths = model(wav, lengths)
+        hyps += greedy_decode(logits, out_lengths, vocab)
+        refs += [items[i][1] for i in idx]
+        langs += [items[i][2] for i in idx]
+    model.train()
+    res = {"per": unit_error_rate(refs, hyps)}
+    if per_lang:
+        for lang in sorted(set(langs)):
+            sel = [k for k, l in enumerate(langs) if l == lang]
+            res[f"per_{lang}"] = unit_error_rate([refs[k] for k in sel], [hyps[k] for k in sel])
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", default=str(ROOT / "runs" / "miniature" / "corpus"))
+    p.add_argument("--out", default=str(ROOT / "runs" / "miniature" / "backbone"))
+    p.add_argument("--save", default=str(ROOT / "s3r" / "assets" / "demo" / "backbone.pt"),
+                   help="where the head-less fp16 backbone goes")
+    p.add_argument("--langs", nargs="*", default=text_sources.PRETRAIN)
+    p.add_argument("--max-updates", type=int, default=800)
+    p.add_argument("--max-minutes", type=float, default=50.0, help="stop (resumably) after this much wall time")
+    p.add_argument("--batch-seconds", type=float, default=8.0, help="padded audio seconds per batch")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-now", action="store_true", help="stop training here: evaluate and save the backbone as it is")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    train = load_split(a.data_root, a.langs, ["train", "dev"], out / "train_audio.pt")
+    test = load_split(a.data_root, a.langs, ["test"], out / "test_audio.pt")
+    vocab = Vocabulary.build([t for _, t, _ in train + test], units="phone")
+    print(f"{len(train)} train utterances ({sum(len(w) for w, _, _ in train) / 16000 / 60:.1f} min), "
+          f"{len(test)} test ({sum(len(w) for w, _, _ in test) / 16000 / 60:.1f} min), {len(vocab)} phone units",
+          flush=True)
+
+    torch.manual_seed(a.seed)
+    config = Wav2Vec2Config(**CONFIG, **PRETRAIN_REGULARIZATION, vocab_size=len(vocab))
+    model = Wav2Vec2ForCTC(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+
+    def lr_at(step):  # linear warmup, cosine decay to 5%
+        if step < a.warmup:
+            return a.lr * (step + 1) / a.warmup
+        frac = (step - a.warmup) / max(1, a.max_updates - a.warmup)
+        return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+    state_path = out / "state.pt"
+    step, epoch, pos, seconds_trained, log = 0, 0, 0, 0.0, []
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, epoch, pos, seconds_trained, log = st["step"], st["epoch"], st["pos"], st["seconds_trained"], st["log"]
+        random.setstate(st["py_rng"])
+        torch.set_rng_state(st["torch_rng"])
+        print(f"resumed at update {step} (epoch {epoch}, batch {pos}, {seconds_trained / 60:.1f} min trained)", flush=True)
+
+    def save_state():
+        save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch, "pos": pos,
+                     "seconds_trained": seconds_trained, "log": log, "py_rng": random.getstate(),
+                     "torch_rng": torch.get_rng_state(), "vocab": vocab.to_dict(), "config": config.to_dict()},
+                    state_path)
+
+    model.train()
+    t_run = time.time()
+    max_updates = step if a.export_now else a.max_updates
+    while step < max_updates:
+        order = batches(train, a.batch_seconds, random.Random(a.seed * 1000 + epoch))
+        while pos < len(order) and step < max_updates:
+            t0 = time.time()
+            wav, lengths, targets, target_lengths = collate(train, order[pos], vocab)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            logits, out_lengths = model(wav, lengths)
+            loss = F.ctc_loss(logits.float().log_softmax(-1).transpose(0, 1), targets, out_lengths, target_lengths,
+                              blank=0, reduction="sum", zero_infinity=True) / target_lengths.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            step, pos = step + 1, pos + 1
+            seconds_trained += time.time() - t0
+            if step % 10 == 0:
+                print(f"update {step} epoch {epoch} loss {loss.item():.3f} lr {lr_at(step):.2e} "
+                      f"{lengths.sum().item() / 16000 / (time.time() - t0):.1f} audio-s/s", flush=True)
+                log.append({"step": step, "loss": round(loss.item(), 4)})
+            if step % a.save_every == 0:
+                save_state()
+            if (time.time() - t_run) / 60 > a.max_minutes:
+                save_state()
+                print(f"stopping after {a.max_minutes} min at update {step}; run again to continue", flush=True)
+                return
+        if pos >= len(order):
+            epoch, pos = epoch + 1, 0
+    save_state()
+
+    res = evaluate(model, test, vocab)
+    print("held-in test PER " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("lm_head"))
+    full = s3r_checkpoint(model, vocab)  # with the phone head, for reference (not committed)
+    save_atomic(full, out / "backbone_with_phone_head.pt")
+    model.set_vocab_size(0)  # drop the head: a "pretrained" encoder
+    model.config = Wav2Vec2Config(**{**model.config.to_dict(), **FINETUNE_REGULARIZATION})
+    ckpt = s3r_checkpoint(model, None, miniature={
+        "objective": "supervised phone CTC (stand-in for self-supervised pretraining)",
+        "languages": a.langs, "updates": step, "train_minutes": round(seconds_trained / 60, 1),
+        "held_in_per": round(res["per"], 4), "params": params, "script": "tools/pretrain_backbone.py"})
+    ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    save_atomic(ckpt, a.save)
+    report = {"params": params, "updates": step, "epochs": epoch, "train_cpu_minutes": round(seconds_trained / 60, 1),
+              "train_audio_minutes": round(sum(len(w) for w, _, _ in train) / 16000 / 60, 1),
+              "bytes": Path(a.save).stat().st_size, "vocab": vocab.symbols, **{k: round(v, 4) for k, v in res.items()}}
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    print(f"saved {a.save} ({report['bytes'] / 1e6:.1f} MB, {params / 1e6:.2f}M parameters)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
