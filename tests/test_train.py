@@ -1,0 +1,307 @@
+"""train.py: flags, the tri-stage schedule, exact resume, atomic checkpoints, signals, bad data, 2-process torchrun.
+
+The model is a 2-layer, 32-wide wav2vec 2.0 with random weights saved in the fairseq pretraining format (by
+tests/fairseq_fixtures.py); the corpus is a Libri-light layout (train-1h) plus a LibriSpeech dev-other split of tone
+"speech" written by tools/synth_corpus.py. Training runs in-process where it can (no interpreter start-up), in a
+subprocess where the test needs a signal, a kill or torchrun.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import fairseq_fixtures as ff
+from conftest import REPO, synth
+from s3r import Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
+from s3r.checkpoint import torch_load
+
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+TINY = dict(conv_dim=(16,) * 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
+            conv_pos_kernel=16, conv_pos_groups=4)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # 2 shared cores: one thread per process
+
+
+def write_fairseq_checkpoint(path: Path, vocab_size: int = 0, seed: int = 0) -> Path:
+    """A random tiny wav2vec 2.0 in fairseq's own format: pretraining (`Wav2Vec2Model`) or CTC (`wav2vec_ctc`)."""
+    torch.manual_seed(seed)
+    model = ff.perturb_(Wav2Vec2ForCTC(Wav2Vec2Config(**TINY, vocab_size=vocab_size)), seed)
+    c = model.config
+    hf_like = types.SimpleNamespace(state_dict=model.state_dict, config=types.SimpleNamespace(
+        num_hidden_layers=c.num_hidden_layers, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_attention_heads=c.num_attention_heads, do_stable_layer_norm=False, conv_dim=c.conv_dim,
+        conv_kernel=c.conv_kernel, conv_stride=c.conv_stride, conv_bias=False, feat_extract_norm="group",
+        num_conv_pos_embeddings=c.conv_pos_kernel, num_conv_pos_embedding_groups=c.conv_pos_groups))
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf_like) if vocab_size else ff.fairseq_pretraining_checkpoint("base", hf_like)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_init(tmp_path_factory) -> Path:
+    return write_fairseq_checkpoint(tmp_path_factory.mktemp("init") / "wav2vec_tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def corpus_root(tmp_path_factory) -> Path:
+    """librispeech_finetuning/ (28 utterances, 24 of them in train-1h) and LibriSpeech/dev-other (4), tone speech."""
+    root = tmp_path_factory.mktemp("libri")
+    synth.synth_corpus(root, "librilight", num=28, voice="tone", texts=synth.SENTENCES, workers=2)
+    synth.synth_corpus(root, "librispeech", num=4, voice="tone", texts=synth.SENTENCES[5:], split="dev-other",
+                       seed=1, workers=2)
+    return root
+
+
+def args(init, root, save_dir, *extra) -> list[str]:
+    """Small batches (5 s of audio, 2 per update), no DataLoader workers, every line logged."""
+    return ["--init", str(init), "--data", "train-1h", "--data-root", str(root), "--save-dir", str(save_dir),
+            "--max-tokens", "80000", "--update-freq", "2", "--num-workers", "0", "--log-interval", "1", *map(str, extra)]
+
+
+def log_lines(save_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(save_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_checkpoint(a: Path, b: Path):
+    a, b = torch_load(a), torch_load(b)
+    assert sorted(a["model"]) == sorted(b["model"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    oa, ob = a["train_state"]["optimizer"]["state"], b["train_state"]["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+    for key in ("update", "epoch", "batch_offset"):
+        assert a["train_state"][key] == b["train_state"][key], key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags and schedule
+
+
+def test_help_lists_every_flag_with_its_upstream_name(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--init", "--data", "--data-root", "--valid", "--save-dir", "--prune-rate", "--init-score", "--fix-attn",
+                 "--trainable-proj", "--no-trainable-proj", "--finetune-weights", "--max-updates", "--max-tokens",
+                 "--update-freq", "--lr", "--seed", "--validate-interval", "--save-interval", "--num-workers",
+                 "--skip-bad", "--compile", "--amp", "--checkpoint-activations", "--trust-checkpoint", "--log-interval",
+                 "--preset", "--mask-prob", "--mask-channel-prob", "--layerdrop", "--phase-ratio", "--final-lr-scale",
+                 "--freeze-finetune-updates", "--max-sample-size", "--normalize", "--units", "--vocab"):
+        assert flag in out, flag
+    assert "model.prune_rate" in out and "lr_scheduler.phase_ratio" in out  # help text names the fairseq option
+    assert set(train.field_help()) == {f.name for f in train.fields(train.TrainConfig)}
+
+
+def test_preset_fills_recipe_and_explicit_flags_win(tmp_path):
+    cfg, ckpt = train.parse_config(["--save-dir", str(tmp_path), "--preset", "10h", "--layerdrop", "0.2"])
+    assert ckpt is None and cfg.max_updates == 20000 and cfg.mask_channel_prob == 0.5 and cfg.layerdrop == 0.2
+    cfg, _ = train.parse_config(["--save-dir", str(tmp_path), "--preset", "xlsr"])
+    assert (cfg.normalize, cfg.mask_prob, cfg.dropout, cfg.prune_rate, cfg.best_metric) == ("true", 0.75, 0.0, 0.94, "uer")
+    cfg, _ = train.parse_config(["--save-dir", str(tmp_path), "--no-fix-attn", "--phase-ratio", "0.2", "0.3", "0.5"])
+    assert cfg.fix_attn is False and cfg.phase_ratio == (0.2, 0.3, 0.5) and cfg.trainable_proj is True
+
+
+def test_tri_stage_schedule_follows_fairseq():
+    cfg = train.TrainConfig(max_updates=1000, lr=1e-3, init_lr_scale=0.01, final_lr_scale=0.05)
+    lr = lambda u: train.tri_stage_lr(u, cfg)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-5) and lr(50) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert lr(100) == lr(499) == 1e-3  # hold: 0.4 of the updates
+    assert lr(750) == pytest.approx(1e-3 * math.exp(math.log(0.05) / 2))  # halfway through the exponential decay
+    assert lr(1000) == pytest.approx(5e-5) and lr(1200) == pytest.approx(5e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs (in-process)
+
+
+def test_resume_is_bit_identical(tiny_init, corpus_root, tmp_path):
+    """3 updates, stop, 3 more == 6 straight: data order, dropout, layerdrop, masking, Adam and schedule all resume."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run = lambda d, *more: train.main(args(tiny_init, corpus_root, d, "--validate-interval", 2, "--max-tokens", 120000,  # noqa: E731
+                                           "--update-freq", 4, *more))
+    assert run(a, "--max-updates", 3, "--schedule-updates", 6) == 0
+    assert torch_load(a / "checkpoint_last.pt")["train_state"]["update"] == 3
+    assert run(a, "--max-updates", 6) == 0  # the same --save-dir resumes
+    assert run(b, "--max-updates", 6) == 0
+    assert_same_checkpoint(a / "checkpoint_last.pt", b / "checkpoint_last.pt")
+    events = [line.get("event") for line in log_lines(a) if "event" in line]
+    assert events == ["start", "resume"]
+    ts = torch_load(b / "checkpoint_last.pt")["train_state"]
+    assert ts["epoch"] == 1  # 17 batches of <= 7.5 s, 4 per update: update 5 ends epoch 0, update 6 starts epoch 1
+
+
+def test_mask_checkpoint_reloads_with_its_masks(tiny_init, corpus_root, tmp_path):
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--prune-rate", 0.5,
+                           "--no-fix-attn", "--init-score", "kaiming_uniform")) == 0
+    ckpt = torch_load(tmp_path / "checkpoint_last.pt")
+    # only what was trained (scores, head, mask embedding) and where the frozen weights came from
+    assert all(k.endswith(".scores") or k.startswith("lm_head.") or k == "masked_spec_embed" for k in ckpt["model"])
+    assert ckpt["pretrained"]["path"] == str(tiny_init.resolve())
+    assert any(".attention.q_proj.scores" in k for k in ckpt["model"])
+    model = load_pretrained(tmp_path / "checkpoint_last.pt")
+    assert model.route_config.prune_rate == 0.5 and model.vocab is not None
+    for name, mask in model.masks().items():
+        scores = ckpt["model"][name.removesuffix("weight") + "scores"]
+        assert int(mask.sum()) == round(0.5 * mask.numel())
+        assert bool((scores.abs()[mask].min() >= scores.abs()[~mask].max()))  # the kept ones have the largest |scores|
+    best = [line for line in log_lines(tmp_path) if "valid" in line]
+    assert best and "wer" in best[-1] and (tmp_path / "checkpoint_best.pt").is_file()
+
+
+def test_finetune_weights_trains_the_weights(tiny_init, corpus_root, tmp_path):
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--finetune-weights", "--valid", "",
+                           "--lr", 1e-3)) == 0
+    ckpt = torch_load(tmp_path / "checkpoint_last.pt")
+    assert ckpt["pretrained"] is None and ckpt["route"] is None and not any(k.endswith("scores") for k in ckpt["model"])
+    before, after = load_pretrained(tiny_init).state_dict(), ckpt["model"]
+    key = "encoder.layers.0.feed_forward.intermediate_dense.weight"
+    assert not torch.equal(before[key], after[key])
+    conv = "feature_extractor.conv_layers.0.conv.weight"
+    assert torch.equal(before[conv], after[conv])  # feature_grad_mult 0: the extractor stays frozen
+
+
+def test_bad_audio_is_a_one_line_error_or_skipped(tiny_init, corpus_root, tmp_path, capsys):
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus_root / "librispeech_finetuning", root / "librispeech_finetuning")
+    victim = sorted((root / "librispeech_finetuning" / "1h" / "0").rglob("*.flac"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])  # the header still says how long it is; decoding runs short
+    code = train.main(args(tiny_init, root, tmp_path / "run", "--max-updates", 20, "--valid", ""))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and victim.name in lines[0] and "Traceback" not in err
+    code = train.main(args(tiny_init, root, tmp_path / "skip", "--max-updates", 6, "--valid", "", "--skip-bad"))
+    assert code == 0
+    assert log_lines(tmp_path / "skip")[-1]["skipped"] >= 1
+    assert victim.name in capsys.readouterr().err  # named when skipped, not dropped silently
+
+
+def test_missing_files_are_one_line_errors(tiny_init, corpus_root, tmp_path, capsys):
+    assert train.main(args(tmp_path / "nope.pt", corpus_root, tmp_path / "r")) == 2
+    assert train.main(args(tiny_init, tmp_path / "empty", tmp_path / "r")) == 2
+    assert train.main(args(tiny_init, corpus_root, tmp_path / "r", "--valid", "test-other")) == 2
+    errs = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [line.split(":")[0] for line in errs] == ["error"] * 3, errs
+    assert "nope.pt" in errs[0] and "librispeech_finetuning" in errs[1] and "test-other" in errs[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Subprocesses: signals and kills
+
+
+def start(cmd: list[str], out: Path) -> subprocess.Popen:
+    """A subprocess whose stdout / stderr go to files (a full pipe would block the progress bar)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=open(out / "stdout", "w"), stderr=open(out / "stderr", "w"))
+    proc.stdout_text = lambda: (out / "stdout").read_text()
+    proc.stderr_text = lambda: (out / "stderr").read_text()
+    return proc
+
+
+def wait_for(predicate, proc, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.stderr_text()[-3000:]
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tiny_init, corpus_root, tmp_path):
+    proc = start([sys.executable, "train.py", *args(tiny_init, corpus_root, tmp_path / "run", "--max-updates", 10000,
+                                                     "--valid", "")], tmp_path)
+    log = tmp_path / "run" / "log.jsonl"
+    wait_for(lambda: log.exists() and any("loss" in line for line in log.read_text().splitlines()), proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    err = proc.stderr_text()
+    assert proc.returncode == 0, err
+    assert "stopped by a signal" in err and "Traceback" not in err
+    update = torch_load(tmp_path / "run" / "checkpoint_last.pt")["train_state"]["update"]
+    assert 1 <= update < 10000 and log_lines(tmp_path / "run")[-1]["update"] == update
+
+
+KILL_DURING_SAVE = """
+import os, sys, time, torch
+sys.path.insert(0, os.getcwd())
+import train
+real_save, calls = torch.save, []
+def save(obj, f, *a, **kw):
+    calls.append(1)
+    if len(calls) == 2:  # the second checkpoint: write a part of it, then hang until killed
+        f.write(b"half a checkpoint" * 1000); f.flush(); os.fsync(f.fileno())
+        print("SAVING", flush=True)
+        time.sleep(600)
+    return real_save(obj, f, *a, **kw)
+torch.save = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_the_previous_checkpoint(tiny_init, corpus_root, tmp_path):
+    run = tmp_path / "run"
+    proc = start([sys.executable, "-c", KILL_DURING_SAVE, *args(tiny_init, corpus_root, run, "--max-updates", 5,
+                                                              "--save-interval", 1, "--valid", "")], tmp_path)
+    wait_for(lambda: "SAVING" in proc.stdout_text(), proc)
+    assert any(p.name.endswith(".tmp") for p in run.iterdir())  # the half-written temporary file
+    proc.kill()
+    proc.wait(timeout=30)
+    assert torch_load(run / "checkpoint_last.pt")["train_state"]["update"] == 1
+    assert load_pretrained(run / "checkpoint_last.pt").route_config is not None
+    assert train.main(args(tiny_init, corpus_root, run, "--max-updates", 2, "--valid", "")) == 0  # resumes
+    assert torch_load(run / "checkpoint_last.pt")["train_state"]["update"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun, 2 processes on CPU (gloo)
+
+
+def torchrun(*train_args, timeout=240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *train_args]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean(res: subprocess.CompletedProcess):
+    assert res.returncode == 0, res.stderr[-3000:]
+    for bad in ("Traceback", "terminate called", "Aborted", "core dumped", "error:"):
+        assert bad not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_resume_and_reload(tiny_init, corpus_root, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ("--validate-interval", 3, "--num-workers", 1)
+    assert_clean(torchrun(*args(tiny_init, corpus_root, a, "--max-updates", 3, "--schedule-updates", 6, *common)))
+    assert_clean(torchrun(*args(tiny_init, corpus_root, a, "--max-updates", 6, *common)))
+    assert_clean(torchrun(*args(tiny_init, corpus_root, b, "--max-updates", 6, *common)))
+    assert_same_checkpoint(a / "checkpoint_last.pt", b / "checkpoint_last.pt")
+    ckpt = torch_load(b / "checkpoint_last.pt")
+    assert ckpt["train_state"]["world_size"] == 2 and len(ckpt["train_state"]["rng"]) == 2
+    lines = log_lines(b)
+    assert lines[0]["world_size"] == 2 and [line["update"] for line in lines if "valid" in line] == [3, 6]
+    model = load_pretrained(b / "checkpoint_last.pt")
+    assert model.route_config.prune_rate == 0.9 and model.route_config.fix_attn
+
+
+@pytest.mark.slow
+def test_torchrun_error_on_one_rank_stops_both(tiny_init, corpus_root, tmp_path):
+    """A file that only one rank reads fails there: every process exits (non-zero), nothing hangs."""
+    root = tmp_path / "corpus"
+    shutil.copytree(corpus_root / "librispeech_finetuning", root / "librispeech_finetuning")
+    victim = sorted((root / "librispeech_finetuning").rglob("*.flac"))[5]
+    victim.write_bytes(victim.read_bytes()[:200])
+    t0 = time.time()
+    res = torchrun(*args(tiny_init, root, tmp_path / "run", "--max-updates", 50, "--valid", ""), timeout=180)
+    assert res.returncode != 0 and time.time() - t0 < 150
+    assert any(line.startswith("error:") and victim.name in line for line in res.stderr.splitlines()), res.stderr[-3000:]
