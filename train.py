@@ -589,6 +589,9 @@ def train_loop(run, bar):
         run.epoch, run.offset = run.epoch + 1, 0
 
 
+PEER_LOST = re.compile(r"closed by peer|Connection reset|remote worker|NCCL|Timed out|timed out")
+
+
 def main(argv=None) -> int:
     run = Run()
     code = 1
@@ -597,11 +600,13 @@ def main(argv=None) -> int:
         train(cfg, ckpt, run)
         code = 0
     except S3RError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" + (f" (rank {run.rank})" if getattr(run, "ddp", False) else ""), file=sys.stderr)
         code = 2
-    except dist.DistError as e:  # another rank failed (its own message is above) and closed the connection
-        print(f"error: rank {getattr(run, 'rank', '?')}: lost the other processes ({str(e).splitlines()[0][:200]})",
-              file=sys.stderr)
+    except (dist.DistError, RuntimeError) as e:
+        if not (dist.is_initialized() and (isinstance(e, dist.DistError) or PEER_LOST.search(str(e)))):
+            traceback.print_exc()
+        else:  # another rank failed (its own message is above) and its connection closed
+            print(f"error: rank {run.rank} lost the other processes: {str(e).splitlines()[0][:160]}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

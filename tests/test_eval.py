@@ -1,0 +1,118 @@
+"""eval.py: s3r, fairseq and Hugging Face CTC checkpoints; WER equal to jiwer's on the written hypotheses; errors."""
+import json
+import sys
+
+import jiwer
+import pytest
+import torch
+
+from conftest import REPO
+from s3r import load_pretrained
+from s3r.checkpoint import s3r_checkpoint, save_atomic
+from s3r.text import Vocabulary
+from test_train import corpus_root, tiny_init, write_fairseq_checkpoint  # noqa: F401  (session fixtures)
+
+sys.path.insert(0, str(REPO))
+import eval as s3r_eval  # noqa: E402
+
+LETTERS = Vocabulary.librispeech()
+
+
+@pytest.fixture(scope="module")
+def fairseq_ctc(tmp_path_factory):
+    """A CTC-finetuned fairseq checkpoint (random weights, LibriSpeech letters) with dict.ltr.txt beside it."""
+    folder = tmp_path_factory.mktemp("fairseq_ctc")
+    write_fairseq_checkpoint(folder / "ctc.pt", vocab_size=len(LETTERS), seed=3)
+    LETTERS.save_fairseq_dict(str(folder / "dict.ltr.txt"))
+    return folder / "ctc.pt"
+
+
+def write_hf(model, vocab: Vocabulary, folder):
+    """The same model as a Hugging Face Wav2Vec2ForCTC folder: config.json, model.safetensors, vocab.json."""
+    from safetensors.torch import save_file
+    c = model.config
+    folder.mkdir()
+    config = {"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForCTC"], "conv_dim": list(c.conv_dim),
+              "conv_kernel": list(c.conv_kernel), "conv_stride": list(c.conv_stride), "conv_bias": c.conv_bias,
+              "feat_extract_norm": c.feat_extract_norm, "hidden_size": c.hidden_size,
+              "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+              "intermediate_size": c.intermediate_size, "hidden_act": "gelu", "do_stable_layer_norm": False,
+              "num_conv_pos_embeddings": c.conv_pos_kernel, "num_conv_pos_embedding_groups": c.conv_pos_groups,
+              "vocab_size": c.vocab_size, "pad_token_id": 0}
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {(k if k.startswith("lm_head.") else "wav2vec2." + k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    hf_symbols = ["<pad>", "<s>", "</s>", "<unk>"] + vocab.symbols[4:]  # HF names index 0 <pad>; it is the blank
+    (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(hf_symbols)}))
+    return folder
+
+
+def run_eval(tmp_path, checkpoint, root, *extra) -> tuple[int, dict, list]:
+    out, hyp = tmp_path / "out.json", tmp_path / "hyp.tsv"
+    code = s3r_eval.main(["--checkpoint", str(checkpoint), "--data", "dev-other", "--data-root", str(root),
+                          "--json", str(out), "--hyp", str(hyp), "--num-workers", "0", *map(str, extra)])
+    if code:
+        return code, {}, []
+    rows = [line.split("\t") for line in hyp.read_text(encoding="utf-8").splitlines()]
+    return code, json.loads(out.read_text()), rows
+
+
+def test_s3r_checkpoint_wer_equals_jiwer_on_the_written_hypotheses(tiny_init, corpus_root, tmp_path):
+    model = load_pretrained(tiny_init, prune_rate=0.5, vocab_size=len(LETTERS))
+    model.vocab = LETTERS
+    save_atomic(s3r_checkpoint(model, pretrained=str(tiny_init)), tmp_path / "s3r.pt")
+    code, result, rows = run_eval(tmp_path, tmp_path / "s3r.pt", corpus_root)
+    assert code == 0 and result["utterances"] == len(rows) == 4 and all(len(r) == 3 for r in rows)
+    refs, hyps = [r[1] for r in rows], [r[2] for r in rows]
+    assert result["wer"] == pytest.approx(jiwer.wer(refs, hyps), abs=1e-12)
+    assert result["cer"] == pytest.approx(jiwer.cer(refs, hyps), abs=1e-12)
+    assert all(ref == ref.upper() and ref for ref in refs)  # LibriSpeech transcripts, as fairseq's .wrd
+    assert result["decoder"] == "greedy" and result["skipped"] == []
+
+
+def test_fairseq_and_hf_checkpoints_of_one_model_give_the_same_hypotheses(fairseq_ctc, corpus_root, tmp_path, capsys):
+    code, fs, fs_rows = run_eval(tmp_path, fairseq_ctc, corpus_root)  # vocabulary: dict.ltr.txt beside it
+    assert code == 0 and fs["utterances"] == 4
+    assert any(r[2] for r in fs_rows)  # random weights still say something
+    hf_dir = write_hf(load_pretrained(fairseq_ctc), LETTERS, tmp_path / "hf")
+    code, hf, hf_rows = run_eval(tmp_path, hf_dir, corpus_root)  # vocabulary: vocab.json
+    assert code == 0 and hf_rows == fs_rows and hf["wer"] == fs["wer"]
+    assert f"WER {100 * fs['wer']:.2f}%" in capsys.readouterr().out
+
+
+def test_vocabulary_errors_are_one_line(fairseq_ctc, tiny_init, corpus_root, tmp_path, capsys):
+    lone = tmp_path / "lone.pt"
+    lone.write_bytes(fairseq_ctc.read_bytes())  # no dict.ltr.txt beside it
+    assert run_eval(tmp_path, lone, corpus_root)[0] == 2
+    assert run_eval(tmp_path, lone, corpus_root, "--dict", fairseq_ctc.parent / "dict.ltr.txt")[0] == 0
+    short = tmp_path / "dict.short.txt"
+    short.write_text("A 1\nB 1\n")
+    assert run_eval(tmp_path, lone, corpus_root, "--dict", short)[0] == 2
+    assert run_eval(tmp_path, tiny_init, corpus_root)[0] == 2  # a pretrained checkpoint has no CTC head
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 and "--dict" in errors[0] and "symbols" in errors[1] and "no CTC head" in errors[2]
+
+
+def test_beam_search_needs_flashlight_text(fairseq_ctc, corpus_root, tmp_path, capsys):
+    try:
+        from torchaudio.models.decoder import ctc_decoder  # noqa: F401
+        pytest.skip("flashlight-text is installed")
+    except (ImportError, RuntimeError):
+        pass
+    assert run_eval(tmp_path, fairseq_ctc, corpus_root, "--kenlm", tmp_path / "lm.bin")[0] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "flashlight-text" in err[0]
+
+
+def test_score_uses_unit_error_rate_for_phones():
+    rows = [("a", "h ə | l oʊ", "h ə | l"), ("b", "w ɜː l d", "w ɜː l d")]
+    m = s3r_eval.score(rows, "phone")
+    assert m["uer"] == pytest.approx(1 / 8) and m["utterances"] == 2  # one phone of 8 deleted; "|" is no phone
+
+
+@pytest.mark.slow
+def test_cli_prints_wer(fairseq_ctc, corpus_root, run_cli, tmp_path):
+    res = run_cli("eval.py", "--checkpoint", str(fairseq_ctc), "--data", "dev-other", "--data-root", str(corpus_root),
+                  "--json", str(tmp_path / "o.json"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("dev-other: WER ") and json.loads((tmp_path / "o.json").read_text())["utterances"] == 4
