@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="OUT", help="write the scores as JSON")
     p.add_argument("--hyp", default=None, metavar="FILE", help="write id<TAB>reference<TAB>hypothesis per utterance")
     p.add_argument("--dict", default=None, help="vocabulary (dict.ltr.txt or vocab.json) when the checkpoint has none")
-    p.add_argument("--batch-seconds", type=float, default=100.0, help="padded audio per batch (fairseq max_tokens / 16000)")
+    p.add_argument("--batch-seconds", type=float, default=50.0, help="padded audio per batch (50 s = fairseq max_tokens_valid 800000)")
     p.add_argument("--lexicon", default=None, help="word lexicon for beam search (needs flashlight-text)")
     p.add_argument("--kenlm", default=None, help="KenLM binary or ARPA language model for beam search")
     p.add_argument("--beam", type=int, default=50, help="beam size")

@@ -98,7 +98,7 @@ class TrainConfig:
     max_tokens: int = 1_200_000  # dataset.max_tokens: padded audio samples per batch and process (yaml 3.2M, README 1.2M)
     max_tokens_valid: int = 800_000  # dataset.max_tokens_valid
     max_sample_size: int = 0  # task.max_sample_size: crop longer audio to this many samples; 0 = never (fairseq finetuning)
-    num_workers: int = 4  # dataset.num_workers (the yamls say 6)
+    num_workers: int = -1  # dataset.num_workers: DataLoader processes per rank; -1: min(6 (the yamls), CPU cores per rank)
     skip_bad: bool = False  # (s3r) skip unreadable or too long utterances, count them in the log, instead of stopping
     # optimisation
     max_updates: int = 15000  # optimization.max_update
@@ -417,8 +417,10 @@ def train(cfg: TrainConfig, ckpt: dict | None, run: Run):
 
     # data: every rank gets the same number of batches (TokenBatchSampler pads the epoch), DDP never waits forever
     normalize = model.config.normalize
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(6, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     run.loader = make_loader(corpus.utterances, run.vocab, cfg.max_tokens, True, normalize, cfg.max_sample_size or None,
-                             run.world, run.rank, cfg.seed, cfg.num_workers, cfg.skip_bad)
+                             run.world, run.rank, cfg.seed, workers, cfg.skip_bad)
     run.loader.worker_init_fn = _worker_init
     run.valid_name = cfg.valid if cfg.valid != "auto" else default_valid(cfg.data)
     run.valid_loader = None
@@ -433,7 +435,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, run: Run):
                 print(f"warning: no validation ({reason}); pass --valid NAME", file=sys.stderr)
         if valid is not None:
             run.valid_loader = make_loader(valid.utterances[run.rank:: run.world], run.vocab, cfg.max_tokens_valid, False,
-                                           normalize, None, 1, 0, cfg.seed, cfg.num_workers, cfg.skip_bad, allow_unk=True)
+                                           normalize, None, 1, 0, cfg.seed, workers, cfg.skip_bad, allow_unk=True)
             run.valid_loader.worker_init_fn = _worker_init
     bad = corpus.skipped + run.loader.dataset.skipped
     run.skipped = len(bad)
@@ -447,7 +449,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, run: Run):
         amp = "none" if run.device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     run.autocast = (lambda: torch.autocast(run.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    run.scaler = torch.amp.GradScaler(run.device.type, enabled=amp == "fp16")
+    run.scaler = torch.amp.GradScaler(run.device.type, init_scale=128.0, enabled=amp == "fp16")  # common.fp16_init_scale
     run.update, run.epoch, run.offset, run.best = 0, 0, 0, None
     if ckpt is not None:
         resume(run, ckpt)
@@ -542,8 +544,11 @@ def train_step(run, group: list[dict]) -> torch.Tensor:
     run.scaler.unscale_(run.optimizer)
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     run.gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else float("inf")))
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    # fp16 overflow: the scaler skipped the step and lowered the scale; like fairseq, it does not count as an update
+    run.overflow = scale is not None and run.scaler.get_scale() < scale
     stats[4] = float(run.stop)
     if run.ddp:  # one small all-reduce: the log and a stop request (SIGTERM on any rank stops all of them together)
         stats = stats.to(run.device)
@@ -561,14 +566,17 @@ def train_loop(run, bar):
             run.offset += len(group)
             seed_update(cfg.seed, run.rank, run.update)
             stats = train_step(run, group)
-            run.update += 1
-            acc, n_acc = acc + stats[:4], n_acc + 1
+            stop = bool(stats[4] > 0)
             run.skipped += int(stats[3])
+            if run.overflow and not stop:
+                continue
+            run.update += not run.overflow
+            acc, n_acc = acc + stats[:4], n_acc + 1
             lr, wall = run.optimizer.param_groups[0]["lr"], time.perf_counter() - t_log
             bar.update(1)
             bar.set_postfix(loss=f"{stats[0] / max(stats[1], 1):.3f}", lr=f"{lr:.2e}",
                             audio_s_per_s=f"{acc[2] / wall:.1f}", refresh=False)
-            done, stop = run.update >= cfg.max_updates, bool(stats[4] > 0)
+            done = run.update >= cfg.max_updates
             if run.update % cfg.log_interval == 0 or done or stop:
                 if run.rank == 0:  # loss: nats per sentence (fairseq logs bits: divide by ln 2)
                     run.log({"update": run.update, "epoch": run.epoch, "loss": float(acc[0] / max(acc[1], 1)), "lr": lr,

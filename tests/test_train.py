@@ -171,6 +171,16 @@ def test_finetune_weights_trains_the_weights(tiny_init, corpus_root, tmp_path):
     assert torch.equal(before[conv], after[conv])  # feature_grad_mult 0: the extractor stays frozen
 
 
+def test_freeze_finetune_updates_trains_only_the_head(tiny_init, corpus_root, tmp_path):
+    common = ("--max-updates", 2, "--valid", "", "--lr", 1e-3)
+    assert train.main(args(tiny_init, corpus_root, tmp_path / "frozen", *common, "--freeze-finetune-updates", 2)) == 0
+    assert train.main(args(tiny_init, corpus_root, tmp_path / "still", *common[:-2], "--lr", 0.0)) == 0
+    frozen, still = (torch_load(tmp_path / d / "checkpoint_last.pt")["model"] for d in ("frozen", "still"))
+    scores = [k for k in frozen if k.endswith(".scores")]
+    assert scores and all(torch.equal(frozen[k], still[k]) for k in scores + ["masked_spec_embed"])
+    assert not torch.equal(frozen["lm_head.weight"], still["lm_head.weight"])
+
+
 def test_bad_audio_is_a_one_line_error_or_skipped(tiny_init, corpus_root, tmp_path, capsys):
     root = tmp_path / "corpus"
     shutil.copytree(corpus_root / "librispeech_finetuning", root / "librispeech_finetuning")
