@@ -350,7 +350,8 @@ def conv_output_lengths(lengths: torch.Tensor, kernels, strides) -> torch.Tensor
 
 
 class ConvLayer(nn.Module):
-    """Conv1d -> optional norm -> GELU. `norm` is 'group' (per channel over time), 'layer' (per frame) or None."""
+    """Conv1d -> optional norm -> GELU on channels-last frames. `norm`: 'group' (per channel over time), 'layer'
+    (per frame) or None."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, norm: str | None):
         super().__init__()
@@ -361,40 +362,68 @@ class ConvLayer(nn.Module):
         elif norm == "layer":
             self.layer_norm = nn.LayerNorm(out_dim)
 
-    def forward(self, x):  # (B, C_in, S) -> (B, C_out, S')
-        x = self.conv(x)
-        if self.norm == "group":
-            x = F.group_norm(x.float(), x.shape[1], self.layer_norm.weight, self.layer_norm.bias,
-                             self.layer_norm.eps).type_as(x)  # fairseq Fp32GroupNorm
-        elif self.norm == "layer":
-            x = layer_norm_channels(x.float(), self.layer_norm.weight, self.layer_norm.bias,
-                                    self.layer_norm.eps).type_as(x)  # fairseq Fp32LayerNorm, per frame
+    def forward(self, x):  # (B, S, C_in) -> (B, S', C_out)
+        x = strided_conv(x, self.conv.routed_weight(), self.conv.bias, self.conv.stride[0])
+        if self.norm is not None:  # fairseq Fp32GroupNorm (over time, per channel) / Fp32LayerNorm (per frame)
+            x = normalize(x.float(), 1 if self.norm == "group" else 2, self.layer_norm.weight, self.layer_norm.bias,
+                          self.layer_norm.eps).type_as(x)
         return gelu(x)
+
+
+def strided_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
+    """A valid strided Conv1d on channels-last input, (B, S, C_in) -> (B, T, C_out), as matrix products.
+
+    Output frame t reads input frames t*stride ... t*stride + K - 1: K*C_in consecutive numbers of x. Taken
+    `stride` taps at a time, these windows are the rows of a strided view of x (one row every stride*C_in numbers),
+    so each group of taps is one batched matrix product that reads x in place, with no im2col copy. For the
+    extractor's shapes this is about 10% faster than oneDNN's Conv1d on CPU, and channels-last frames need no
+    transposes around the layer norms or before the projection.
+    """
+    B, S, C = x.shape
+    out_dim, _, K = weight.shape
+    T = max((S - K) // stride + 1, 0)
+    x = x.contiguous()
+    w = weight.transpose(1, 2)  # (C_out, K, C_in): the taps in the order they lie in x
+    taps = K if C == 1 else stride  # the first conv reads raw samples: copying its windows (K numbers each) is cheap
+    out = None
+    for j in range(0, K, taps):
+        n = min(taps, K - j)
+        frames = x.as_strided((B, T, n * C), (S * C, stride * C, 1), x.storage_offset() + j * C)  # (B, T, n*C_in)
+        w_j = w[:, j:j + n].reshape(out_dim, n * C).t().expand(B, -1, -1)  # (B, n*C_in, C_out)
+        if out is None:
+            out = torch.bmm(frames, w_j) if bias is None else torch.baddbmm(bias, frames, w_j)
+        else:
+            out = out.baddbmm_(frames.to(out.dtype), w_j.to(out.dtype))  # in place: autocast does not cast for us
+    return out  # (B, T, C_out)
+
+
+def normalize(x: torch.Tensor, dim: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+    """(x - mean) / sqrt(var + eps) over `dim`, then the per-channel affine (channels on the last axis, if any).
+
+    A group norm with one group per channel is this over time (dim 1 of (B, T, C)), a layer norm over channels
+    (dim 2). Without autograd (the frozen extractor) the same operations run in place on x, the fresh output of a
+    conv, with bit-identical results: a new tensor per operation would cost more than its arithmetic.
+    """
+    inplace = not torch.is_grad_enabled()
+    x = x.sub_(x.mean(dim, keepdim=True)) if inplace else x - x.mean(dim, keepdim=True)
+    rstd = mean_of_squares(x, dim).add(eps).rsqrt()  # (B, 1, C) or (B, T, 1)
+    x = x.mul_(rstd) if inplace else x * rstd
+    if weight is not None:
+        x = x.mul_(weight).add_(bias) if inplace else x * weight + bias
+    return x
+
+
+def mean_of_squares(x: torch.Tensor, dim: int, block: int = 1024) -> torch.Tensor:
+    """x.square().mean(dim, keepdim=True) of (B, T, C), `block` frames at a time: as exact, and no temporary is as
+    large as x (torch.linalg.vector_norm needs none either, but it sums long columns naively: 1e-5 relative error)."""
+    sums = [part.square().sum(dim, keepdim=True) for part in x.split(block, dim=1)]
+    return (sum(sums) if dim == 1 else torch.cat(sums, dim=1)) / x.shape[dim]
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU, in place when autograd is off: the frozen extractor's early tensors are each hundreds of MB, and
     writing a fresh one costs more than computing the GELU (every page of a new allocation faults once)."""
     return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
-
-
-def layer_norm_channels(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
-    """LayerNorm over the channels of (B, C, T) at every frame, without transposing to (B, T, C) and back.
-
-    The same numbers as F.layer_norm on x.transpose(1, 2), which would copy x into (B, T, C) and the result back.
-    Without autograd it works in place on `x` (the fresh output of a conv).
-    """
-    inplace = not torch.is_grad_enabled()
-    mean = x.mean(dim=1, keepdim=True)  # (B, 1, T)
-    x = x.sub_(mean) if inplace else x - mean
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)  # (B, 1, T)
-    if not inplace:
-        norm = norm.clone()  # vector_norm's backward needs its output: the in-place ops below must not touch it
-    rstd = norm.div_(x.shape[1] ** 0.5).square_().add_(eps).rsqrt_()
-    x = x.mul_(rstd) if inplace else x * rstd
-    if weight is None:
-        return x
-    return x.mul_(weight[:, None]).add_(bias[:, None]) if inplace else torch.addcmul(bias[:, None], x, weight[:, None])
 
 
 class FeatureExtractor(nn.Module):
@@ -406,12 +435,30 @@ class FeatureExtractor(nn.Module):
         self.conv_layers = nn.ModuleList(
             ConvLayer(i, o, k, s, bias, norm if norm == "layer" or n == 0 else None)
             for n, (i, o, k, s) in enumerate(zip(in_dims, dims, kernels, strides)))
+        self.kernels, self.strides = tuple(kernels), tuple(strides)
 
-    def forward(self, wav):  # (B, S) -> (B, C, T)
-        x = wav.unsqueeze(1)
-        for layer in self.conv_layers:
+    def forward(self, wav, lengths=None):  # (B, S), lengths (B,) or None -> (B, T, C)
+        x = wav.unsqueeze(-1)  # (B, S, 1): channels last throughout
+        # A group norm's statistics span the whole padded row (fairseq and HF compute them so), so the layers up to
+        # the last group norm run on the padded batch. Every later frame depends only on its own window of samples:
+        # there each utterance runs on its valid frames alone, and the padding is neither computed nor kept.
+        shared = max((n + 1 for n, layer in enumerate(self.conv_layers) if layer.norm == "group"), default=0)
+        for layer in self.conv_layers[:shared]:
             x = layer(x)
-        return x
+        rest = self.conv_layers[shared:]
+        if lengths is None or not rest or bool((lengths >= wav.shape[1]).all()):
+            for layer in rest:
+                x = layer(x)
+            return x
+        valid = conv_output_lengths(lengths, self.kernels[:shared], self.strides[:shared]).tolist()
+        T = int(conv_output_lengths(torch.tensor(wav.shape[1]), self.kernels, self.strides))
+        out = x.new_zeros(x.shape[0], T, self.conv_layers[-1].conv.out_channels)  # (B, T, C), zero at padded frames
+        for b, n in enumerate(valid):
+            y = x[b:b + 1, :n]
+            for layer in rest:
+                y = layer(y)
+            out[b, : y.shape[1]] = y[0]
+        return out
 
 
 class FeatureProjection(nn.Module):
@@ -441,7 +488,7 @@ class PositionalConvLayer(nn.Module):
 
     def forward(self, x):  # (B, C, T)
         x = self.conv(x)[..., : x.shape[-1]]  # an even kernel yields one extra frame (fairseq SamePad)
-        return F.gelu(layer_norm_channels(x, None, None, self.layer_norm.eps))
+        return F.gelu(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
 
 
 class PositionalConvEmbedding(nn.Module):
@@ -627,8 +674,8 @@ class Wav2Vec2ForCTC(nn.Module):
             lengths = torch.full((B,), S, dtype=torch.long, device=wav.device)
         frozen = not any(p.requires_grad for p in self.feature_extractor.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = self.feature_extractor(wav)  # (B, 512, T)
-        x = self.feature_projection(features.transpose(1, 2))  # (B, T, C)
+            features = self.feature_extractor(wav, lengths)  # (B, T, 512)
+        x = self.feature_projection(features)  # (B, T, C)
         out_lengths = self.output_lengths(lengths).clamp(max=x.shape[1])
         padding_mask = None
         if bool((out_lengths < x.shape[1]).any()):
