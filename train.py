@@ -61,20 +61,25 @@ class TrainConfig:
     """Every knob of a run; saved in each checkpoint (train_state.config)."""
 
     # what to train
-    init: str = ""  # model.w2v_path / checkpoint.finetune_from_model: fairseq, HF or s3r checkpoint (default: the demo backbone)
+    init: str = ""  # model.w2v_path / checkpoint.finetune_from_model: a fairseq, HF or s3r checkpoint;
+    #                 '' = the built-in demo backbone, s3r/assets/demo/backbone.pt
     data: str = "demo"  # dataset.train_subset: train-1h, train-clean-100, pl-train, a manifest .tsv, demo
     data_root: str = "."  # task.data: folder holding LibriSpeech/, librispeech_finetuning/, cv-corpus-*/
-    valid: str = "auto"  # dataset.valid_subset; auto: dev-other (LibriSpeech), <lang>-dev (CommonVoice), none if absent; '' = none
+    valid: str = "auto"  # dataset.valid_subset; auto: dev-other (LibriSpeech), <lang>-dev (CommonVoice),
+    #                      demo-test (demo); '' = no validation
     save_dir: str = "checkpoints"  # checkpoint.save_dir; an existing checkpoint_last.pt there is resumed
     preset: str = ""  # upstream recipe yaml: 10m (base_10m), 1h (base_1h), 10h (base_10h), xlsr (xlsr/finetune)
     # S3-Router (model._name=wav2vec_ctc_st)
     finetune_weights: bool = False  # model._name=wav2vec_ctc: standard weight finetuning (the baseline), no masks
     prune_rate: float = 0.9  # model.prune_rate: fraction of each routed weight tensor KEPT (0.9 = 10% sparsity)
-    init_score: str = "weight_rank"  # model.init_score; upstream default kaiming_uniform, every README command but data2vec's sets weight_rank
+    init_score: str = "weight_rank"  # model.init_score; upstream default kaiming_uniform, every README command
+    #                                  but data2vec's sets weight_rank
     score_scale: float = 1.0  # model.init_score_scale: scores = W / scale for weight_magnitude_with_scale
-    fix_attn: bool = True  # model.fix_attn: attention stays dense, only the FFN is routed; upstream default false, README finetuning sets true
+    fix_attn: bool = True  # model.fix_attn: attention stays dense, only the FFN is routed; upstream default
+    #                        false, the README's finetuning commands set true (its pruning command false)
     fix_fc: bool = False  # model.fix_fc: FFN stays dense, only attention is routed
-    trainable_proj: bool = True  # model.trainable_proj: train the CTC head; upstream default false, every README command sets true
+    trainable_proj: bool = True  # model.trainable_proj: train the CTC head; upstream default false (a random
+    #                              frozen head), every README command sets true
     trainable_bias: bool = False  # model.trainable_bias
     trainable_layer_norm: bool = False  # model.trainable_layer_norm
     co_train: bool = False  # model.co_train: weights train together with the masks
@@ -89,16 +94,19 @@ class TrainConfig:
     mask_length: int = 10  # model.mask_length
     mask_channel_prob: float = 0.25  # model.mask_channel_prob
     mask_channel_length: int = 64  # model.mask_channel_length
-    freeze_finetune_updates: int = 0  # model.freeze_finetune_updates: encoder frozen (only the head trains) for this many updates
+    freeze_finetune_updates: int = 0  # model.freeze_finetune_updates: the encoder is frozen (only the head
+    #                                   trains) for this many updates
     checkpoint_activations: bool = False  # model.checkpoint_activations: recompute activations in backward to save memory
     # data
     normalize: str = "auto"  # task.normalize: auto (as the checkpoint was pretrained), true or false
     units: str = "auto"  # task.labels: letter (ltr), char or phone; auto: letter for LibriSpeech, char for CommonVoice
-    vocab: str = "auto"  # target dictionary: auto, init, corpus (dict.ltr.txt / LibriSpeech letters), build, or a dict.ltr.txt / vocab.json path
+    vocab: str = "auto"  # target dictionary: auto, init, corpus (its dict.ltr.txt, or the LibriSpeech letters),
+    #                      build (from the transcripts), or a dict.ltr.txt / vocab.json path
     max_tokens: int = 1_200_000  # dataset.max_tokens: padded audio samples per batch and process (yaml 3.2M, README 1.2M)
     max_tokens_valid: int = 800_000  # dataset.max_tokens_valid
     max_sample_size: int = 0  # task.max_sample_size: crop longer audio to this many samples; 0 = never (fairseq finetuning)
-    num_workers: int = -1  # dataset.num_workers: DataLoader processes per rank; -1: min(6 (the yamls), CPU cores per rank)
+    num_workers: int = -1  # dataset.num_workers: DataLoader processes per rank; -1: min(6 (the yamls),
+    #                        CPU cores per rank)
     skip_bad: bool = False  # (s3r) skip unreadable or too long utterances, count them in the log, instead of stopping
     # optimisation
     max_updates: int = 15000  # optimization.max_update
@@ -116,8 +124,11 @@ class TrainConfig:
     seed: int = 1  # common.seed
     # bookkeeping
     validate_interval: int = 1000  # dataset.validate_interval_updates
+    validate_before: bool = False  # (s3r) validate once before the first update, so the log shows the
+    #                                starting error rate
     save_interval: int = 1000  # checkpoint.save_interval_updates (checkpoint_last.pt)
-    best_metric: str = "auto"  # checkpoint.best_checkpoint_metric: wer, cer or uer; auto: uer for char/phone units, else wer
+    best_metric: str = "auto"  # checkpoint.best_checkpoint_metric: wer, cer or uer; auto: uer for char/phone
+    #                            units, else wer
     log_interval: int = 200  # common.log_interval (updates between log.jsonl lines)
     amp: str = "auto"  # common.fp16 / bf16: auto = bf16 on GPUs that support it, else fp16; none on CPU
     compile: bool = False  # (s3r) torch.compile the model
@@ -125,22 +136,37 @@ class TrainConfig:
     trust_checkpoint: bool = False  # (s3r) allow --init files that pickle arbitrary classes (only for files you trust)
 
 
-CHOICES = {"preset": ["", "10m", "1h", "10h", "xlsr"], "init_score": list(INIT_SCORES), "normalize": ["auto", "true", "false"],
-           "units": ["auto", "letter", "char", "phone"], "best_metric": ["auto", "wer", "cer", "uer"],
+CHOICES = {"preset": ["", "10m", "1h", "10h", "xlsr", "demo"], "init_score": list(INIT_SCORES),
+           "normalize": ["auto", "true", "false"], "units": ["auto", "letter", "char", "phone"],
+           "best_metric": ["auto", "wer", "cer", "uer"],
            "amp": ["auto", "bf16", "fp16", "none"], "device": ["auto", "cpu", "cuda"]}
-# Upstream yaml values that differ from the defaults above (= base_1h.yaml + the README command line).
+# Upstream yaml values that differ from the defaults above (= base_1h.yaml + the README command line, whose
+# fix_attn, trainable_proj, init_score, final_lr_scale and max_tokens overrides apply to every preset).
 PRESETS = {
     "10m": dict(max_updates=13000),  # base_10m.yaml
     "1h": dict(),  # base_1h.yaml
-    "10h": dict(max_updates=20000, mask_channel_prob=0.5, layerdrop=0.05),  # base_10h.yaml
+    "10h": dict(max_updates=20000, mask_channel_prob=0.5, layerdrop=0.05, prune_rate=0.7),  # base_10h.yaml
     "xlsr": dict(max_updates=13000, normalize="true", mask_prob=0.75, dropout=0.0, attention_dropout=0.0,  # finetune.yaml
                  prune_rate=0.94, checkpoint_activations=True, best_metric="uer"),  # + the README's XLS-R command
+    # (s3r) the built-in demo (s3r/assets/demo: 3 minutes of Spanish, a 2M-parameter backbone), applied whenever
+    # --data demo is given without --preset: minutes on 2 CPU cores, scored by phone error rate before and after
+    "demo": dict(max_updates=200, lr=1e-3, max_tokens=128000, update_freq=1, valid="demo-test", validate_interval=50,
+                 save_interval=50, validate_before=True, mask_prob=0.3, mask_channel_prob=0.1, mask_channel_length=16,
+                 layerdrop=0.05, log_interval=10),
 }
 
 
 def field_help() -> dict:
-    """The trailing comment of each TrainConfig field, which is its --help text."""
-    return dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
+    """The trailing comment of each TrainConfig field (and its indented continuation lines): its --help text."""
+    helps, name = {}, None
+    for line in inspect.getsource(TrainConfig).splitlines():
+        if m := re.fullmatch(r"    (\w+): .*?  # (.*)", line):
+            name, helps[m.group(1)] = m.group(1), m.group(2)
+        elif name and (m := re.fullmatch(r" +# {2,}(.*)", line)):  # "    #      more words" continues the field
+            helps[name] += " " + m.group(1)
+        else:
+            name = None
+    return helps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +193,8 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
     ckpt = torch_load(last) if last.is_file() else None
     if ckpt is not None:
         values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values})
-    values.update(PRESETS[given["preset"]] if given.get("preset") else {})
+    preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
+    values.update(PRESETS[preset] if preset else {})
     values.update(given)
     tuples = {f.name for f in fields(TrainConfig) if isinstance(f.default, tuple)}
     return TrainConfig(**{k: tuple(v) if k in tuples else v for k, v in values.items()}), ckpt
@@ -282,7 +309,7 @@ def build_model(cfg: TrainConfig, corpus, vocab: Vocabulary | None):
         nn.init.xavier_uniform_(model.lm_head.weight)  # fairseq Wav2VecEncoder.proj = Linear(): xavier, zero bias
         nn.init.zeros_(model.lm_head.bias)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("lm_head.") or k == "masked_spec_embed" for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith("lm_head.") or k == "masked_spec_embed" for k in missing)
     del init
     if cfg.finetune_weights:
         model.freeze_feature_encoder()  # feature_grad_mult 0
@@ -332,7 +359,7 @@ def save_checkpoints(run, names: list[str]):
                    "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": rngs,
                    "world_size": run.world, "skipped": run.skipped, "config": asdict(run.cfg)}
     ckpt = s3r_checkpoint(run.raw_model, run.vocab, pretrained=run.pretrained, train_state=train_state)
-    state = run.raw_model.state_dict()  # a fresh head or mask embedding is not in the pretrained file, whether trained or not
+    state = run.raw_model.state_dict()  # a fresh head or mask embedding is not in the pretrained file, trained or not
     ckpt["model"].update({k: v for k, v in state.items() if k.startswith("lm_head.") or k == "masked_spec_embed"})
     for name in names:
         save_atomic(ckpt, Path(run.cfg.save_dir) / name)
@@ -343,9 +370,10 @@ def resume(run, ckpt: dict):
     ref = ckpt.get("pretrained")
     if ref is not None and ref["sha256"] != weights_fingerprint(run.raw_model):
         raise S3RError(f"{run.cfg.save_dir}/checkpoint_last.pt was trained on other weights than {run.cfg.init}")
-    missing, unexpected = run.raw_model.load_state_dict(ckpt["model"], strict=ref is None)
-    if unexpected:
-        raise S3RError(f"{run.cfg.save_dir}/checkpoint_last.pt: unexpected key {unexpected[0]!r} (other --finetune-weights or route flags?)")
+    missing, unexpected = run.raw_model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or (missing and ref is None):  # mask mode stores only what trained; the rest is the pretrained file
+        raise S3RError(f"{run.cfg.save_dir}/checkpoint_last.pt: {'unexpected' if unexpected else 'missing'} key "
+                       f"{(unexpected or missing)[0]!r} (trained with other --finetune-weights or routing flags?)")
     ts = ckpt["train_state"]
     run.optimizer.load_state_dict(ts["optimizer"])
     run.scaler.load_state_dict(ts["scaler"])
@@ -369,17 +397,18 @@ class Run:
 def default_valid(name: str) -> str:
     if name in LIBRISPEECH_SPLITS or name in LIBRILIGHT_SPLITS:
         return "dev-other"
+    if name == "demo" or name.startswith("demo-"):
+        return "demo-test"  # the built-in demo has train and test splits only
     if m := re.fullmatch(r"(.+)-(train|dev|test|validated)", name):
-        return "demo-dev" if m.group(1) == "demo" else f"{m.group(1)}-dev"
-    if name == "demo":
-        return "demo-dev"
+        return f"{m.group(1)}-dev"
     if name.endswith(".tsv"):
-        return next((str(Path(name).with_name(n)) for n in ("valid.tsv", "dev_other.tsv") if Path(name).with_name(n).exists()), "")
+        found = [Path(name).with_name(n) for n in ("valid.tsv", "dev_other.tsv") if Path(name).with_name(n).exists()]
+        return str(found[0]) if found else ""
     return ""
 
 
-def validate(run) -> dict:
-    """Greedy-decode the validation set (sharded over ranks), score it on rank 0, log one line."""
+def validate(run) -> bool:
+    """Greedy-decode the validation set (sharded over ranks), score it, log one line; True if it is the best yet."""
     rows = transcribe(run.raw_model, run.valid_loader, run.vocab, run.device, run.autocast)
     rows = [r for part in gather(rows, run.ddp, run.world) for r in part]
     metrics = score(rows, run.vocab.units)
@@ -413,7 +442,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, run: Run):
     vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt is not None else None
     model, run.vocab, run.pretrained = build_model(cfg, corpus, vocab)
     run.raw_model = model.to(run.device)
-    run.best_metric = cfg.best_metric if cfg.best_metric != "auto" else "uer" if run.vocab.units in ("char", "phone") else "wer"
+    run.best_metric = cfg.best_metric if cfg.best_metric != "auto" else \
+        "uer" if run.vocab.units in ("char", "phone") else "wer"
 
     # data: every rank gets the same number of batches (TokenBatchSampler pads the epoch), DDP never waits forever
     normalize = model.config.normalize
@@ -480,7 +510,9 @@ def train(cfg: TrainConfig, ckpt: dict | None, run: Run):
         bar.write(f"{mode}: {n_params:,} trainable parameters, {len(corpus.utterances)} utterances "
                   f"({corpus.seconds / 3600:.2f} h), {run.world} process(es), amp {amp}, {len(bad)} skipped")
     if run.update >= cfg.max_updates:
-        bar.write(f"nothing to do: {cfg.save_dir}/checkpoint_last.pt is at update {run.update} (--max-updates {cfg.max_updates})")
+        if run.rank == 0:
+            bar.write(f"nothing to do: {cfg.save_dir}/checkpoint_last.pt is at update {run.update} "
+                      f"(--max-updates {cfg.max_updates})")
         return
 
     # SIGTERM / SIGINT: finish this update, save, exit 0 (a second Ctrl-C interrupts at once)
@@ -558,6 +590,9 @@ def train_step(run, group: list[dict]) -> torch.Tensor:
 
 def train_loop(run, bar):
     cfg = run.cfg
+    if cfg.validate_before and run.update == 0 and run.valid_loader is not None:
+        validate(run)  # where training starts (a fresh CTC head: about 100% error)
+        run.best = None  # only trained models compete for checkpoint_best.pt
     acc, n_acc, t_log = torch.zeros(4, dtype=torch.float64), 0, time.perf_counter()  # since the last log line
     while True:
         set_epoch(run.loader, run.epoch, run.offset)

@@ -105,7 +105,7 @@ def test_help_lists_every_flag_with_its_upstream_name(capsys):
 
 def test_preset_fills_recipe_and_explicit_flags_win(tmp_path):
     cfg, ckpt = train.parse_config(["--save-dir", str(tmp_path), "--preset", "10h", "--layerdrop", "0.2"])
-    assert ckpt is None and cfg.max_updates == 20000 and cfg.mask_channel_prob == 0.5 and cfg.layerdrop == 0.2
+    assert ckpt is None and (cfg.max_updates, cfg.mask_channel_prob, cfg.prune_rate, cfg.layerdrop) == (20000, 0.5, 0.7, 0.2)
     cfg, _ = train.parse_config(["--save-dir", str(tmp_path), "--preset", "xlsr"])
     assert (cfg.normalize, cfg.mask_prob, cfg.dropout, cfg.prune_rate, cfg.best_metric) == ("true", 0.75, 0.0, 0.94, "uer")
     cfg, _ = train.parse_config(["--save-dir", str(tmp_path), "--no-fix-attn", "--phase-ratio", "0.2", "0.3", "0.5"])
