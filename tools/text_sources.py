@@ -43,7 +43,8 @@ SOURCES = {
     # held-out languages: upstream's ten CommonVoice languages
     "nl": dict(kind="words", file=DICT / "dutch", script="LATIN", package="wdutch"),
     "zh-TW": dict(kind="fortunes", files=["chinese", "tang300", "song100"], script="CJK", package="fortunes-zh",
-                  voice="cmn", note="Mandarin (simplified-character text; espeak-ng cmn reads it)"),
+                  voice="cmn", note="Debian's espeak-ng cmn dictionary lacks many characters: it reads those as pinyin "
+                  "with the tone number spoken in English (们 -> 'men five'), so this corpus is only partly Mandarin"),
     "es": dict(kind="fortunes", files=["es/*"], script="LATIN", package="fortunes-es"),
     "tt": dict(kind="words", file=HUNSPELL / "kk_KZ.dic", script="CYRILLIC", package="hunspell-kk",
                alphabet=RUSSIAN + "әөүҗңһ", note="no packaged Tatar text: Kazakh words using only Tatar letters"),
