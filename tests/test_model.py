@@ -424,3 +424,62 @@ def test_weight_norm_conv_keys():
     conv = WeightNormConv1d(8, 4, 2)
     assert set(conv.state_dict()) == {"weight_g", "weight_v", "bias"}
     torch.testing.assert_close(conv.dense_weight(), conv.weight_v)  # g starts as ||v||
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast paths (bench/speed.py): the same numbers as the plain PyTorch operations they replace
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 37, 16, 4, 8, True), (3, 24, 50, 7, 3, 3, False), (1, 16, 5, 8, 2, 4, True)])
+def test_grouped_conv_gradients_match_conv1d(shape):
+    B, C, T, K, G, P, bias = shape
+    torch.manual_seed(0)
+    x = torch.randn(B, C, T, requires_grad=True)
+    w = torch.randn(C, C // G, K, requires_grad=True)
+    b = torch.randn(C, requires_grad=True) if bias else None
+    inputs = [x, w] + ([b] if bias else [])
+    ref = F.conv1d(x, w, b, padding=P, groups=G)
+    out = model_module.GroupedConv1d.apply(x, w, b, P, G)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    for mine, theirs in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, stride, c_in, bias", [(10, 5, 1, False), (3, 2, 6, True), (2, 2, 5, False), (4, 3, 3, True)])
+def test_strided_conv_matches_conv1d(kernel, stride, c_in, bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 41, c_in, requires_grad=True)  # (B, S, C_in), channels last
+    w = torch.randn(7, c_in, kernel, requires_grad=True)
+    b = torch.randn(7) if bias else None
+    out = model_module.strided_conv(x, w, b, stride)
+    ref = F.conv1d(x.transpose(1, 2), w, b, stride=stride).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    for mine, theirs in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_extractor_skips_padding_and_runs_frozen_in_place(wav, norm):
+    model = tiny_model(feat_extract_norm=norm, conv_bias=norm == "layer")
+    x, lengths = wav
+    fe = model.feature_extractor
+    with torch.no_grad():
+        padded = fe(x, lengths)
+        full = fe(x)  # every frame computed, as transformers does
+    n = model.output_lengths(lengths)
+    for b in range(len(n)):
+        torch.testing.assert_close(padded[b, : n[b]], full[b, : n[b]], rtol=1e-5, atol=1e-6)
+        assert not padded[b, n[b]:].any()
+    with_grad = fe(x, lengths)  # the autograd path (out of place) gives the same numbers
+    torch.testing.assert_close(with_grad.detach(), padded, rtol=1e-6, atol=1e-7)
+
+
+def test_frozen_positional_conv_weight_is_cached_and_follows_updates():
+    conv = WeightNormConv1d(8, 4, 2).requires_grad_(False)
+    first = conv.dense_weight()
+    assert conv.dense_weight() is first
+    with torch.no_grad():
+        conv.weight_g.mul_(2)
+    torch.testing.assert_close(conv.dense_weight(), 2 * first)
