@@ -10,17 +10,20 @@ One process (CPU or one GPU):
     python train.py --init wav2vec_small.pt --data train-1h --data-root /data --prune-rate 0.9
 One node, N GPUs (NCCL; gloo when on CPU):
     torchrun --standalone --nproc_per_node=N train.py --init wav2vec_small.pt --data train-1h --data-root /data
-Several nodes (run on each, NODE = 0..M-1):
-    torchrun --nnodes=M --node_rank=NODE --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+Several nodes (the same command on each; HOST is one of them):
+    torchrun --nnodes=M --nproc_per_node=8 --rdzv_id=run1 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 The upstream README commands, one for one:
     torchrun --standalone --nproc_per_node=2 train.py --init wav2vec_small.pt --data train-1h --valid test-clean \
         --data-root /data --prune-rate 0.9 --fix-attn --trainable-proj --init-score weight_rank       # S3-Router, 10%
     ... --init data2vec_base.pt --normalize true --init-score kaiming_uniform                          # data2vec
     ... --preset xlsr --init xlsr2_300m.pt --data zh-TW-train --valid zh-TW-test                       # XLS-R, 6%
-    ... --finetune-weights --save-dir ft                                                               # pruning step 1
+    ... --finetune-weights --final-lr-scale 0.05 --save-dir ft                                         # pruning step 1
     ... --init ft/checkpoint_best.pt --prune-rate 0.3 --no-fix-attn --init-score weight_magnitude_with_scale  # step 2
 Resume: run the same command again with the same --save-dir; flags given again override the saved ones.
-SIGTERM / Ctrl-C: the current update finishes, checkpoint_last.pt is written, every rank exits 0.
+SIGTERM / Ctrl-C: the current update finishes, checkpoint_last.pt is written, every rank exits 0 (torchrun itself,
+signalled, still reports the signal; it waits 30 s for its workers before killing them).
+Outputs in --save-dir: checkpoint_last.pt, checkpoint_best.pt (by validation WER, or UER for character and phone
+units) and log.jsonl (training metrics every --log-interval updates, one line per validation).
 """
 import argparse
 import contextlib
@@ -235,7 +238,8 @@ def seed_update(seed: int, rank: int, update: int):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist()}
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # plain lists: checkpoints load with weights_only
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": [keys.tolist(), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -244,7 +248,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
