@@ -134,7 +134,7 @@ class TrainConfig:
     #                            units, else wer
     log_interval: int = 200  # common.log_interval (updates between log.jsonl lines)
     amp: str = "auto"  # common.fp16 / bf16: auto = bf16 on GPUs that support it, else fp16; none on CPU
-    compile: bool = False  # (s3r) torch.compile the model
+    compile: bool = False  # (s3r) torch.compile the model; experimental: it recompiles for new batch shapes
     device: str = "auto"  # (s3r) auto (cuda when available), cpu or cuda
     trust_checkpoint: bool = False  # (s3r) allow --init files that pickle arbitrary classes (only for files you trust)
 
