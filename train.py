@@ -85,6 +85,8 @@ class TrainConfig:
     #                              frozen head), every README command sets true
     trainable_bias: bool = False  # model.trainable_bias
     trainable_layer_norm: bool = False  # model.trainable_layer_norm
+    trainable_pos: bool = False  # model.trainable_pos: the positional convolution trains too
+    trainable_post_extract_proj: bool = False  # model.trainable_post_extract_proj: the feature projection trains too
     co_train: bool = False  # model.co_train: weights train together with the masks
     # regularisation of the encoder (fairseq Wav2Vec2AsrConfig overrides of the pretrained config)
     dropout: float = 0.1  # model.dropout
@@ -323,7 +325,8 @@ def build_model(cfg: TrainConfig, corpus, vocab: Vocabulary | None):
         model.route(RouteConfig(prune_rate=cfg.prune_rate, init_score=cfg.init_score, score_scale=cfg.score_scale,
                                 fix_attn=cfg.fix_attn, fix_fc=cfg.fix_fc, trainable_proj=cfg.trainable_proj,
                                 trainable_bias=cfg.trainable_bias, trainable_layer_norm=cfg.trainable_layer_norm,
-                                co_train=cfg.co_train))
+                                trainable_pos=cfg.trainable_pos,
+                                trainable_feature_projection=cfg.trainable_post_extract_proj, co_train=cfg.co_train))
     model.vocab = vocab
     return model, vocab, pretrained
 
@@ -364,6 +367,8 @@ def save_checkpoints(run, names: list[str]):
                    "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": rngs,
                    "world_size": run.world, "skipped": run.skipped, "config": asdict(run.cfg)}
     ckpt = s3r_checkpoint(run.raw_model, run.vocab, pretrained=run.pretrained, train_state=train_state)
+    if ckpt["pretrained"] is not None:  # of the weights as loaded (trained ones are stored in "model" anyway)
+        ckpt["pretrained"]["sha256"] = run.pretrained_sha
     state = run.raw_model.state_dict()  # a fresh head or mask embedding is not in the pretrained file, trained or not
     ckpt["model"].update({k: v for k, v in state.items() if k.startswith("lm_head.") or k == "masked_spec_embed"})
     for name in names:
@@ -446,6 +451,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, run: Run):
         raise S3RError(f"{cfg.data}: no utterances under {cfg.data_root}")
     vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt is not None else None
     model, run.vocab, run.pretrained = build_model(cfg, corpus, vocab)
+    # The fingerprint of the frozen weights as loaded: with co_train or trainable_pos some of them train later.
+    run.pretrained_sha = weights_fingerprint(model) if run.pretrained else None
     run.raw_model = model.to(run.device)
     run.best_metric = cfg.best_metric if cfg.best_metric != "auto" else \
         "uer" if run.vocab.units in ("char", "phone") else "wer"

@@ -159,6 +159,18 @@ def test_mask_checkpoint_reloads_with_its_masks(tiny_init, corpus_root, tmp_path
     assert best and "wer" in best[-1] and (tmp_path / "checkpoint_best.pt").is_file()
 
 
+def test_checkpoint_with_trained_weights_still_names_its_pretrained_file(tiny_init, corpus_root, tmp_path):
+    """co_train / trainable_pos change routable weights: the fingerprint must stay that of the file they came from."""
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 1, "--valid", "", "--co-train",
+                           "--trainable-pos", "--trainable-post-extract-proj", "--lr", 1e-3)) == 0
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--valid", "")) == 0  # resumes
+    ckpt = torch_load(tmp_path / "checkpoint_last.pt")
+    model = load_pretrained(tmp_path / "checkpoint_last.pt")
+    key = "encoder.layers.1.feed_forward.output_dense.weight"
+    assert torch.equal(model.state_dict()[key], ckpt["model"][key])
+    assert not torch.equal(model.state_dict()[key], load_pretrained(tiny_init).state_dict()[key])
+
+
 def test_finetune_weights_trains_the_weights(tiny_init, corpus_root, tmp_path):
     assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--finetune-weights", "--valid", "",
                            "--lr", 1e-3)) == 0
