@@ -250,6 +250,7 @@ class Routable:
         self.prune_rate = prune_rate
         self._mask_key = None
 
+    @torch.compiler.disable  # data-dependent selection and a cache: eager, once per optimizer step
     @torch.no_grad()
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask: exactly round(prune_rate * numel) entries with the largest |scores|.
@@ -309,9 +310,10 @@ class MaskedConv1d(Routable, nn.Conv1d):
         self._init_routing()
 
     def forward(self, x):
+        weight = self.routed_weight()
         if self.groups > 1 and x.device.type == "cpu":  # the positional convs: see GroupedConv1d
-            return GroupedConv1d.apply(x, self.routed_weight(), self.bias, self.padding[0], self.groups)
-        return self._conv_forward(x, self.routed_weight(), self.bias)
+            return GroupedConv1d.apply(x, weight, self.bias, self.padding[0], self.groups)
+        return self._conv_forward(x, weight, self.bias)
 
 
 class GroupedConv1d(torch.autograd.Function):
@@ -367,11 +369,17 @@ class WeightNormConv1d(MaskedConv1d):
         v, g = self.weight_v, self.weight_g
         if torch.is_grad_enabled() and (v.requires_grad or g.requires_grad):
             return torch._weight_norm(v, g, dim=2)  # the fused kernel torch's weight_norm uses: g * v / ||v||
-        # Frozen (S3-Router, evaluation): the same weight every forward, so compute it once per version of g and v.
-        key = (v._version, g._version, v.data_ptr(), g.data_ptr(), _optimizer_steps)
+        return self._frozen_dense_weight()
+
+    @torch.compiler.disable  # a cache keyed by version counters: eager (compiled, every new key would recompile)
+    @torch.no_grad()
+    def _frozen_dense_weight(self):
+        """Frozen (S3-Router, evaluation): the same weight every forward, computed once per version of g and v."""
+        v, g = self.weight_v, self.weight_g
+        trained = v.requires_grad or g.requires_grad  # then a fused optimizer may step them without a version bump
+        key = (v._version, g._version, v.data_ptr(), g.data_ptr(), _optimizer_steps if trained else None)
         if key != self._dense_key:
-            with torch.no_grad():
-                self._dense, self._dense_key = torch._weight_norm(v, g, dim=2), key
+            self._dense, self._dense_key = torch._weight_norm(v, g, dim=2), key
         return self._dense
 
 
@@ -474,6 +482,7 @@ class FeatureExtractor(nn.Module):
             for n, (i, o, k, s) in enumerate(zip(in_dims, dims, kernels, strides)))
         self.kernels, self.strides = tuple(kernels), tuple(strides)
 
+    @torch.compiler.disable  # per-utterance lengths vary every batch; the matrix products gain nothing from compiling
     def forward(self, wav, lengths=None):  # (B, S), lengths (B,) or None -> (B, T, C)
         x = wav.unsqueeze(-1)  # (B, S, 1): channels last throughout
         # A group norm's statistics span the whole padded row (fairseq and HF compute them so), so the layers up to

@@ -483,3 +483,23 @@ def test_frozen_positional_conv_weight_is_cached_and_follows_updates():
     with torch.no_grad():
         conv.weight_g.mul_(2)
     torch.testing.assert_close(conv.dense_weight(), 2 * first)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_routed_model_without_recompiling(wav, monkeypatch):
+    import torch._dynamo
+    torch._dynamo.reset()
+    model = tiny_model().route(RouteConfig(prune_rate=0.7)).train()
+    compiled = torch.compile(model)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):  # masks change every step: they must not be guards of the compiled graphs
+        if step == 1:
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        out, _ = compiled(*wav)
+        out.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*wav)[0], model(*wav)[0], rtol=1e-5, atol=1e-5)
