@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# s3r on one GPU, as one prepared run of about 3-5 minutes:
+#   1. bench/speed.py's comparison with transformers and torchaudio under bf16 autocast: base width with its 12
+#      layers and large width with its 24, 8 utterances of 9-16 s (100 s of audio) zero-padded, 10 rounds;
+#      peak GPU memory of each run (torch.cuda.max_memory_allocated above what was allocated before it)
+#   2. s3r's model FLOP utilization (MFU) for the base weight-finetuning and S3-Router steps: FLOPs counted by
+#      torch.utils.flop_counter, against the datasheet bf16 peak and against one 8192^3 bf16 matmul measured there
+# Through the device tool: run(command="bash bench/gpu.sh", timeout_s=480); results come back from $OUT.
+# Elsewhere: bash bench/gpu.sh  (writes bench/results/gpu/). Needs torch, transformers, torchaudio and one GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT/base" "$OUT/large"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+SECONDS_8=16,15,14,13,12,11,10,9
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  python3 -c "import torch, transformers, torchaudio; print('torch', torch.__version__, '| transformers',
+transformers.__version__, '| torchaudio', torchaudio.__version__, '|', torch.cuda.get_device_name())"
+  timeout 240 python3 bench/speed.py --device cuda --dtype bfloat16 --threads 8 --configs base --layers 12 \
+    --rounds 10 --seconds "$SECONDS_8" --mfu --skip-data --skip-ddp --out "$OUT/base" || echo "base run failed: $?"
+  timeout 180 python3 bench/speed.py --device cuda --dtype bfloat16 --threads 8 --configs large --layers 24 \
+    --rounds 10 --seconds "$SECONDS_8" --skip-data --skip-ddp --out "$OUT/large" || echo "large run failed: $?"
+} 2>&1 | grep -v -E "^(Loading weights|Writing model shards)" | tee "$OUT/gpu.log"
