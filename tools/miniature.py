@@ -351,7 +351,7 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
         rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": test["uer"]})
     for rate in rates:
         r = train_cell(out, lang, "prune", seed, ["--prune-rate", str(rate), "--no-fix-attn", "--init-score",
-                                                  "weight_magnitude_with_scale"], 2, init=ft_ckpt, tag=f"-{rate}")
+                                                  "weight_magnitude_with_scale"], 1, init=ft_ckpt, tag=f"-{rate}")
         rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": r["per"]})
     (out / "curve.json").write_text(json.dumps({"lang": lang, "seed": seed, "rows": rows}, indent=1) + "\n")
     return rows
@@ -372,6 +372,23 @@ def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: i
 
 
 # ------------------------------------------------------------------------------------------------ report
+def curve_so_far(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0]) -> dict | None:
+    """The pruning-curve points whose cells have finished (run_curve writes curve.json only when all have)."""
+    ft = cell_result(out, lang, f"ft-s{seed}")
+    if ft is None:
+        return None
+    rows = [{"method": "finetuned (dense)", "prune_rate": 1.0, "sparsity": 0.0, "per": ft["per"]}]
+    for rate in CURVE_RATES:
+        test = out / "cells" / lang / f"omp-{rate}-s{seed}" / "test.json"
+        if test.exists():
+            rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2),
+                         "per": json.loads(test.read_text())["uer"]})
+    for rate in CURVE_RATES:
+        if r := cell_result(out, lang, f"prune-{rate}-s{seed}"):
+            rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": r["per"]})
+    return {"lang": lang, "seed": seed, "rows": rows}
+
+
 def report(out: Path, a):
     """bench/results/miniature.json + miniature.md (+ PNG plots): whatever has finished so far."""
     import statistics
@@ -393,7 +410,7 @@ def report(out: Path, a):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
-    curve = json.loads((out / "curve.json").read_text()) if (out / "curve.json").exists() else None
+    curve = curve_so_far(out)
     sim = json.loads((out / "similarity.json").read_text()) if (out / "similarity.json").exists() else None
     summary = {"command": "python tools/miniature.py", "commit": commit, "cells": cells, "per_mean": mean,
                "seeds": {l: {m: len(v) for m, v in table[l].items()} for l in langs},
@@ -405,12 +422,21 @@ def report(out: Path, a):
     md = ["# The miniature: S3-Router on synthetic multilingual speech, CPU scale", "",
           f"Regenerate: `python tools/miniature.py` (resumable; cells cached under runs/miniature/cells). Commit {commit}; "
           f"{cpu_min:.0f} CPU minutes of finetuning cells so far"
-          + (f", backbone {bb.get('train_cpu_minutes')} min" if bb else "") + ".", "",
+          + (f", backbone {bb.get('train_cpu_minutes')} min of training steps" if bb else "") + ".", "",
+          f"Status: {len(grid)} of {len(a.langs) * len(a.methods) * len(a.seeds)} application-1 cells finished "
+          f"({', '.join(a.langs)} x {', '.join(a.methods)} x seeds {', '.join(map(str, a.seeds))}); rerunning the "
+          "command continues where it stopped.", "",
           "Speech: espeak-ng reading Debian-packaged text (tools/text_sources.py), CommonVoice layout, targets are the "
           "espeak-ng phone transcripts, scored by phone error rate (PER, %, greedy CTC, test split). Backbone: "
-          f"{bb.get('params', 0) / 1e6:.2f}M-parameter wav2vec 2.0 trained with SUPERVISED phone CTC on "
-          f"{', '.join(text_sources.PRETRAIN)} (a stand-in for self-supervised pretraining; held-in PER "
-          f"{100 * bb.get('per', float('nan')):.1f}%); the held-out languages below were never seen.", ""]
+          f"{bb.get('params', 0) / 1e6:.2f}M-parameter pre-LN wav2vec 2.0 trained with SUPERVISED phone CTC plus "
+          f"HuBERT-style MFCC k-means unit prediction on {', '.join(text_sources.PRETRAIN)} (a stand-in for "
+          f"self-supervised pretraining; {bb.get('updates')} updates, held-in PER {100 * bb.get('per', float('nan')):.1f}%);"
+          " the held-out languages below were never seen.", "",
+          "Caveats: the backbone is undertrained (it was trained for ~27 minutes on a machine shared by several jobs), "
+          "so every PER here is high and single-seed differences of a few points are noise; every method gets the same "
+          "300 updates at lr 1e-3 (no per-method tuning); in the pruning curve, S3-Router pruning trains scores and head "
+          "for 300 more updates on top of the finetuned model while OMP (as upstream) does no retraining. The zh-TW "
+          "corpus is only partly Mandarin (see tools/text_sources.py).", ""]
     if langs:
         md += ["## Application 1: PER (%) per held-out language, mean over seeds", "",
                "| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
