@@ -565,12 +565,20 @@ class Attention(nn.Module):
         self.heads, self.dropout = heads, dropout
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (MaskedLinear(dim, dim) for _ in range(4))
 
-    def forward(self, x, key_mask):  # x (B, T, C); key_mask (B, 1, 1, T) True where attended, or None
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)  # (B, H, T, D)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+    def forward(self, x, key_mask, index=None):  # x (B, T, C), or (N, C): the valid frames at `index` of B*T
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if index is not None:  # attention itself needs the (B, T) layout: padded frames become zero queries/keys
+            q, k, v = (unpack_frames(t, index, key_mask.shape[0], key_mask.shape[-1]) for t in (q, k, v))
+        B, T, C = q.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.out_proj(y if index is None else y.flatten(0, 1)[index])
+
+
+def unpack_frames(x: torch.Tensor, index: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """(N, C) valid frames -> (B, T, C), zero at the padded frames; `index` holds their positions in B*T."""
+    return x.new_zeros(B * T, x.shape[-1]).index_copy_(0, index, x).view(B, T, -1)
 
 
 class FeedForward(nn.Module):
@@ -605,11 +613,11 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
         self.layer_norm_first = layer_norm_first
 
-    def forward(self, x, key_mask):  # (B, T, C)
+    def forward(self, x, key_mask, index=None):  # (B, T, C), or (N, C) valid frames (see Encoder)
         if self.layer_norm_first:
-            x = x + self.dropout(self.attention(self.layer_norm(x), key_mask))
+            x = x + self.dropout(self.attention(self.layer_norm(x), key_mask, index))
             return x + self.feed_forward(self.final_layer_norm(x))
-        x = self.layer_norm(x + self.dropout(self.attention(x, key_mask)))
+        x = self.layer_norm(x + self.dropout(self.attention(x, key_mask, index)))
         return self.final_layer_norm(x + self.feed_forward(x))
 
 
@@ -638,14 +646,24 @@ class Encoder(nn.Module):
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
+        B, T, _ = x.shape
+        index = None
+        if padding_mask is not None:
+            # Everything in a layer but attention treats frames one by one, so the layers run on the valid frames
+            # alone, packed as (N, C); attention unpacks its queries, keys and values. Padding then costs no work
+            # (and the padded frames of the output are zero).
+            index = (~padding_mask).flatten().nonzero().squeeze(1)  # (N,) positions in B*T
+            x = x.flatten(0, 1)[index]  # (N, C)
         for layer in self.layers:
             if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop:
                 continue  # LayerDrop (Fan et al. 2019): skip the whole block
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, index, use_reentrant=False)
             else:
-                x = layer(x, key_mask)
-        return self.layer_norm(x) if self.layer_norm_first else x
+                x = layer(x, key_mask, index)
+        if self.layer_norm_first:
+            x = self.layer_norm(x)
+        return x if index is None else unpack_frames(x, index, B, T)
 
 
 # ----------------------------------------------------------------------------------------------------------------
