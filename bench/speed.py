@@ -289,7 +289,8 @@ def measure_data(step_audio_s_per_s: float, num: int, repeat: int = 10, log=prin
     synth = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(synth)
     with tempfile.TemporaryDirectory() as root:
-        synth.synth_corpus(Path(root), "librispeech", num=num, workers=2, split="train-clean-100", texts=synth.SENTENCES)
+        synth.synth_corpus(Path(root), "librispeech", num=num, workers=2, split="train-clean-100",
+                           texts=synth.SENTENCES)
         os.environ.setdefault("S3R_CACHE", str(Path(root) / "cache"))
         corpus = resolve_corpus("train-clean-100", root)
         from s3r.text import Vocabulary

@@ -311,7 +311,7 @@ class MaskedConv1d(Routable, nn.Conv1d):
 
     def forward(self, x):
         weight = self.routed_weight()
-        simple = self.stride == (1,) and self.dilation == (1,) and self.padding_mode == "zeros" and self.padding != "same"
+        simple = self.stride == self.dilation == (1,) and self.padding_mode == "zeros" and self.padding != "same"
         if self.groups > 1 and simple and x.device.type == "cpu":  # the positional convs: see GroupedConv1d
             return GroupedConv1d.apply(x, weight, self.bias, self.padding[0], self.groups)
         return self._conv_forward(x, weight, self.bias)
