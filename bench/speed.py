@@ -1,6 +1,6 @@
 """s3r against transformers' and torchaudio's wav2vec2: same weights, same padded batch, same work, as ratios.
 
-    python bench/speed.py              # the full run quoted in the README (about 15 minutes on 2 CPU cores)
+    python bench/speed.py              # the full run quoted in the README (about 20 minutes on 2 CPU cores)
     python bench/speed.py --quick      # 1 layer, a small batch, base only: under 2 minutes, a smoke test
     python bench/speed.py --device cuda --dtype bfloat16 --layers 12 --configs base   # see bench/gpu.sh
 
@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="base only, 1 layer, small batch, 3 rounds: under 2 minutes")
     p.add_argument("--configs", default=None, help="default base,large (quick: base)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default 4, quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 3)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, quick 3)")
     p.add_argument("--seconds", default=None, help="utterance durations, comma separated (default 5,4.3,3.6,3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the timed steps (default 1)")
     p.add_argument("--device", default="cpu")
@@ -459,7 +459,7 @@ def main(argv=None) -> int:
     clock = args.clock or ("cpu" if args.device == "cpu" else "wall")
     configs = (args.configs or ("base" if args.quick else "base,large")).split(",")
     layers = args.layers or (1 if args.quick else 4)
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 7)
     seconds = [float(s) for s in args.seconds.split(",")] if args.seconds else \
         ([2.0, 1.5] if args.quick else [5.0, 4.3, 3.6, 3.0])
     impls = args.impls.split(",")
