@@ -29,9 +29,15 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import S3RError
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
+
+
+class ConfigError(S3RError, ValueError):
+    """An impossible Wav2Vec2Config or RouteConfig (a ValueError too, for code that catches those)."""
 
 
 @dataclass
@@ -77,11 +83,11 @@ class Wav2Vec2Config:
         self.conv_dim, self.conv_kernel, self.conv_stride = (tuple(int(v) for v in t)
                                                             for t in (self.conv_dim, self.conv_kernel, self.conv_stride))
         if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
-            raise ValueError("conv_dim, conv_kernel and conv_stride must have the same length")
+            raise ConfigError("conv_dim, conv_kernel and conv_stride must have the same length")
         if self.feat_extract_norm not in ("group", "layer"):
-            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {self.feat_extract_norm!r}")
+            raise ConfigError(f"feat_extract_norm must be 'group' or 'layer', not {self.feat_extract_norm!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Wav2Vec2Config":
@@ -96,7 +102,7 @@ class Wav2Vec2Config:
             "data2vec-base": dict(feat_extract_norm="layer", conv_pos_kernel=19, conv_pos_depth=5, normalize=True),
         }
         if name not in presets:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(presets)}")
         return cls(**{**presets[name], **overrides})
 
     def to_dict(self) -> dict:
@@ -107,7 +113,7 @@ class Wav2Vec2Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown Wav2Vec2Config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown Wav2Vec2Config field(s): {', '.join(unknown)}")
         return cls(**d)
 
 
@@ -138,11 +144,12 @@ class RouteConfig:
 
     def __post_init__(self):
         if not 0.0 < self.prune_rate <= 1.0:
-            raise ValueError(f"prune_rate is the fraction of weights kept and must be in (0, 1], not {self.prune_rate}")
+            raise ConfigError(f"prune_rate is the fraction of weights kept and must be in (0, 1], not {self.prune_rate}")
         if self.init_score not in INIT_SCORES:
-            raise ValueError(f"unknown init_score {self.init_score!r}; choose from {', '.join(INIT_SCORES)}")
+            raise ConfigError(f"unknown init_score {self.init_score!r}; choose from {', '.join(INIT_SCORES)}")
         if self.fix_attn and self.fix_fc:
-            raise ValueError("fix_attn and fix_fc together leave nothing to route")
+            raise ConfigError("fix_attn and fix_fc together leave nothing to route (to train the CTC head alone, "
+                              "keep every weight: prune_rate 1.0)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,7 +252,7 @@ class Routable:
             # at 0, so this mask can only shrink, never grow: kept for fidelity to upstream, rarely what you want.
             scores.copy_(topk_mask(weight.abs(), k).float())
         else:
-            raise ValueError(f"unknown init_score {init_score!r}; choose from {', '.join(INIT_SCORES)}")
+            raise ConfigError(f"unknown init_score {init_score!r}; choose from {', '.join(INIT_SCORES)}")
         self.scores = nn.Parameter(scores)
         self.prune_rate = prune_rate
         self._mask_key = None
