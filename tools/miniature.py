@@ -362,9 +362,10 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
         rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": test["uer"]})
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(jobs) as pool:  # `jobs` cells side by side, as in the grid
-        cells = [pool.submit(train_cell, out, lang, "prune", seed, ["--prune-rate", str(rate), "--no-fix-attn",
-                                                                     "--init-score", "weight_magnitude_with_scale", "--lr", ROUTE_LR],
-                             max(1, 2 // jobs), init=ft_ckpt, tag=f"-{rate}") for rate in rates]
+        args = lambda rate: ["--prune-rate", str(rate), "--no-fix-attn", "--init-score",  # noqa: E731
+                             "weight_magnitude_with_scale", "--lr", ROUTE_LR]
+        cells = [pool.submit(train_cell, out, lang, "prune", seed, args(rate), max(1, 2 // jobs), init=ft_ckpt,
+                             tag=f"-{rate}") for rate in rates]
         for rate, cell in zip(rates, cells):
             rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2),
                          "per": cell.result()["per"]})
@@ -480,8 +481,9 @@ def report(out: Path, a):
           f"{100 * bb.get('per', float('nan')):.1f}%): a stand-in for self-supervised pretraining, which two CPU cores "
           "cannot do. The held-out languages below were never seen by it.", "",
           "Caveats: every method gets the same recipe (200 updates of 10 s of audio, tri-stage schedule) with its "
-          f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others {ROUTE_LR}); in the pruning curve, S3-Router pruning trains scores and head for 200 "
-          "more updates on top of the finetuned model while OMP (as upstream's baseline) does no retraining; "
+          f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others {ROUTE_LR}); "
+          "in the pruning curve, S3-Router pruning trains scores and head for 200 more updates on top of the finetuned "
+          "model while OMP (as upstream's baseline) does no retraining; "
           "the espeak-ng voices are far more regular than real speakers, so absolute PERs say little about real "
           "speech, only the comparisons between methods do.", ""]
     if langs:
@@ -493,8 +495,9 @@ def report(out: Path, a):
         if full:
             md.append(f"| mean of {len(full)} | " + " | ".join(f"{100 * statistics.mean(mean[l][m] for l in full):.1f}"
                                                           for m in methods) + " |")
-        md += ["", "Mean over seeds ± half their range; (1) = one seed finished so far. head: frozen encoder, CTC head only; ft: standard weight finetuning; s3r-R: "
-               "S3-Router keeping fraction R of attention+FFN weights; -fa: --fix-attn (FFN only routed).", "",
+        md += ["", "Mean over seeds ± half their range; (1) = one seed finished so far. head: frozen encoder, CTC head "
+               "only; ft: standard weight finetuning; s3r-R: S3-Router keeping fraction R of attention+FFN weights; "
+               "-fa: --fix-attn (FFN only routed).", "",
                "![PER per language](miniature_per.png)", ""]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(langs) * len(methods)), 4))
         w = 0.8 / len(methods)
@@ -530,14 +533,14 @@ def report(out: Path, a):
         plt.close(fig)
     if sim and "reference" in sim:
         r, pairs = sim["reference"], sim["pairs"]
-        mean = lambda key: statistics.mean(p["overall"][key] for p in pairs)  # noqa: E731
+        avg = lambda key: statistics.mean(p["overall"][key] for p in pairs)  # noqa: E731
         md += ["## Application 4: mask similarity vs phoneme-inventory similarity", "",
                f"The {sim.get('method', 's3r-0.9')} masks (seed 1) of {len(sim['names'])} languages, {len(r['pairs'])} "
                "pairs, against the cosine similarity of the languages' phone inventories (from the phone transcripts).",
                "", "| mask similarity | mean over pairs | random masks | Pearson | Spearman |", "|---|---|---|---|---|",
-               f"| cosine of the kept sets (upstream's measure) | {mean('cosine'):.4f} | {mean('cosine_random'):.4f} | "
+               f"| cosine of the kept sets (upstream's measure) | {avg('cosine'):.4f} | {avg('cosine_random'):.4f} | "
                f"{r['cosine']['pearson']:.2f} | {r['cosine']['spearman']:.2f} |",
-               f"| cosine of the pruned sets | {mean('pruned_cosine'):.4f} | {mean('pruned_cosine_random'):.4f} | "
+               f"| cosine of the pruned sets | {avg('pruned_cosine'):.4f} | {avg('pruned_cosine_random'):.4f} | "
                f"{r['pruned_cosine']['pearson']:.2f} | {r['pruned_cosine']['spearman']:.2f} |", ""]
         if c := sim.get("seed_control"):
             md += [f"Control ({c['measure'].replace('_', ' ')}, {', '.join(c['languages'])}): the same language "
