@@ -29,7 +29,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from . import S3RError
 from .checkpoint import load_pretrained, load_s3r, s3r_checkpoint, save_atomic, torch_load, weights_fingerprint
@@ -110,17 +109,6 @@ def load_route(route: str | Path | dict) -> dict:
     return route
 
 
-@torch.no_grad()
-def fix_mask(module: Routable, mask: torch.Tensor):
-    """Route `module` so that its mask is exactly `mask`: scores 1 where kept, 0 where dropped, and a kept
-    fraction of mask.sum() / numel, so Routable.mask() keeps exactly the mask.sum() entries with |score| = 1."""
-    module._init_routing()  # forget the cached mask and threshold of earlier scores
-    module.scores = nn.Parameter(mask.to(next(module.parameters()).device, torch.float32), requires_grad=False)
-    module.prune_rate = int(mask.sum()) / mask.numel()
-    if not torch.equal(module.mask(), mask.to(module.scores.device)):  # cheap: the mask is cached for the forward
-        raise RouteError("internal error: installed mask differs from the stored one")
-
-
 def apply_route(model: Wav2Vec2ForCTC, route: str | Path | dict, fingerprint: str | None = None) -> Wav2Vec2ForCTC:
     """Install a route on `model` (masks, head, trained tensors, vocabulary); every tensor ends frozen.
 
@@ -142,7 +130,7 @@ def apply_route(model: Wav2Vec2ForCTC, route: str | Path | dict, fingerprint: st
             continue
         entry = route["layers"].get(f"{layer}.weight")
         if entry is not None:
-            fix_mask(module, unpack_bits(entry["bits"], entry["shape"]))
+            module.fix_mask(unpack_bits(entry["bits"], entry["shape"]))
         elif module.scores is not None:  # routed by an earlier route, not by this one: dense again
             module.scores = None
             module._init_routing()

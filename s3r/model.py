@@ -257,6 +257,16 @@ class Routable:
         self.prune_rate = prune_rate
         self._mask_key = None
 
+    @torch.no_grad()
+    def fix_mask(self, mask: torch.Tensor):
+        """Route with a given keep-mask, for inference: frozen 0/1 scores whose top-k is exactly `mask`, with the
+        mask cached as if selected (switching routes costs no selection). A 0 score never learns (see RouteConfig)."""
+        self._init_routing()
+        self.scores = nn.Parameter(mask.to(self.dense_weight().device, torch.float32), requires_grad=False)
+        self.prune_rate = int(mask.sum()) / mask.numel()
+        self._mask = self.scores.detach() > 0  # what mask() would select: ties at 1 are all kept, k = mask.sum()
+        self._mask_key = (self.scores._version, self.scores.data_ptr(), self.prune_rate, _optimizer_steps)
+
     @torch.compiler.disable  # data-dependent selection and a cache: eager, once per optimizer step
     @torch.no_grad()
     def mask(self) -> torch.Tensor:

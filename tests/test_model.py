@@ -87,6 +87,17 @@ def test_prune_rate_change_recomputes_mask():
     assert int(layer.mask().sum()) == 100
 
 
+@pytest.mark.parametrize("density", [0.0, 0.37, 1.0])
+def test_fix_mask_is_what_a_fresh_selection_gives(density):
+    layer = MaskedConv1d(8, 6, 3)
+    mask = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) < density
+    layer.fix_mask(mask)
+    assert torch.equal(layer.mask(), mask) and not layer.scores.requires_grad
+    layer._mask_key = None  # forget the installed mask: the top-k of the 0/1 scores must select it again
+    assert torch.equal(layer.mask(), mask)
+    assert torch.equal(layer.routed_weight(), layer.weight * mask)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Score initialisations
 
