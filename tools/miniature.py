@@ -197,7 +197,12 @@ METHODS = {
     "s3r-0.7-fa": ["--prune-rate", "0.7", "--fix-attn", "--lr", ROUTE_LR],
     "s3r-0.5": ["--prune-rate", "0.5", "--no-fix-attn", "--lr", ROUTE_LR],
     "s3r-0.5-fa": ["--prune-rate", "0.5", "--fix-attn", "--lr", ROUTE_LR],
+    # S3-Router at ft's lr: at 1e-2, 200 Adam steps move a score (kaiming scale, ~0.07 here) far more than its initial
+    # value, so the learned masks keep little of their weight_rank init; this column shows what a gentler lr gives
+    # (PER, and in application 4, how language-specific the masks are).
+    "s3r-0.9-lr3e-3": ["--prune-rate", "0.9", "--no-fix-attn", "--lr", FT_LR],
 }
+SIMILARITY_METHODS = ["s3r-0.9", "s3r-0.9-lr3e-3"]
 DEFAULT_METHODS = list(METHODS)
 GRID_LANGS = ["es", "ru", "nl", "it", "tr", "sv-SE", "fr", "tt", "ky", "zh-TW"]  # the first 6 are the minimum; zh-TW last: see make_corpus
 SEEDS = [1, 2]
@@ -380,10 +385,12 @@ def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: i
         return None
     ref = write_reference(out, have)
     routes = [f"{l}={out / cell_result(out, l, f'{method}-s{seed}')['checkpoint']}" for l in have]
-    res_path = out / "similarity.json"
+    res_path = out / f"similarity-{method}.json"
     run_logged(python_cmd("-m", "s3r.masks", "similarity", *routes, "--json", res_path, "--reference", ref,
-                          "--plot", ROOT / "bench" / "results" / "miniature_similarity.png"), out / "similarity.log", 2)
+                          "--plot", ROOT / "bench" / "results" / f"miniature_similarity_{method}.png"),
+               out / "similarity.log", 2)
     result = json.loads(res_path.read_text())
+    result["method"] = method
     result["seed_control"] = seed_control(out, have, method)
     res_path.write_text(json.dumps(result, indent=1))
     return result
@@ -424,6 +431,9 @@ def curve_so_far(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0]) -> dic
     return {"lang": lang, "seed": seed, "rows": rows}
 
 
+COLLAPSED = 0.9  # a run whose test PER is above this emits (almost) only blanks: CTC training collapsed
+
+
 def per_cell(pers: list[float]) -> str:
     """'81.6 ±1.2' (mean ± half the range over seeds, in %), or '81.6 (1)' for a single seed."""
     mean = 100 * sum(pers) / len(pers)
@@ -452,13 +462,14 @@ def report(out: Path, a):
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
     curve = curve_so_far(out)
-    sim = json.loads((out / "similarity.json").read_text()) if (out / "similarity.json").exists() else None
+    sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
     summary = {"command": "python tools/miniature.py", "commit": commit, "cells": cells, "per_mean": mean,
                "seeds": {l: {m: len(v) for m, v in table[l].items()} for l in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
                "bundle": bundle, "curve": curve,
-               "similarity": {k: v for k, v in (sim or {}).items() if k in ("names", "reference", "seed_control")}
-               | ({"pairs": [{"a": p["a"], "b": p["b"], **p["overall"]} for p in sim["pairs"]]} if sim else {}) or None}
+               "similarity": [{k: v for k, v in sim.items() if k in ("method", "names", "reference", "seed_control")}
+                              | {"pairs": [{"a": p["a"], "b": p["b"], **p["overall"]} for p in sim["pairs"]]}
+                              for sim in sims]}
     (results / "miniature.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
 
     corpus_s = sum(json.loads(d.read_text())["seconds_to_make"]
@@ -494,6 +505,8 @@ def report(out: Path, a):
         if full:
             md.append(f"| mean of {len(full)} | " + " | ".join(f"{100 * statistics.mean(mean[l][m] for l in full):.1f}"
                                                           for m in methods) + " |")
+            md.append(f"| runs that collapsed (PER > {100 * COLLAPSED:.0f}%) | " + " | ".join(
+                str(sum(p > COLLAPSED for l in full for p in table[l][m])) for m in methods) + " |")
         md += ["", "Mean over seeds ± half their range; (1) = one seed finished so far. head: frozen encoder, CTC head "
                "only; ft: standard weight finetuning; s3r-R: S3-Router keeping fraction R of attention+FFN weights; "
                "-fa: --fix-attn (FFN only routed).", "",
@@ -530,22 +543,24 @@ def report(out: Path, a):
         fig.tight_layout()
         fig.savefig(results / "miniature_pruning.png", dpi=110)
         plt.close(fig)
-    if sim and "reference" in sim:
-        r, pairs = sim["reference"], sim["pairs"]
-        avg = lambda key: statistics.mean(p["overall"][key] for p in pairs)  # noqa: E731
+    if sims:
         md += ["## Application 4: mask similarity vs phoneme-inventory similarity", "",
-               f"The {sim.get('method', 's3r-0.9')} masks (seed 1) of {len(sim['names'])} languages, {len(r['pairs'])} "
-               "pairs, against the cosine similarity of the languages' phone inventories (from the phone transcripts).",
-               "", "| mask similarity | mean over pairs | random masks | Pearson | Spearman |", "|---|---|---|---|---|",
-               f"| cosine of the kept sets (upstream's measure) | {avg('cosine'):.4f} | {avg('cosine_random'):.4f} | "
-               f"{r['cosine']['pearson']:.2f} | {r['cosine']['spearman']:.2f} |",
-               f"| cosine of the pruned sets | {avg('pruned_cosine'):.4f} | {avg('pruned_cosine_random'):.4f} | "
-               f"{r['pruned_cosine']['pearson']:.2f} | {r['pruned_cosine']['spearman']:.2f} |", ""]
-        if c := sim.get("seed_control"):
-            md += [f"Control ({c['measure'].replace('_', ' ')}, {', '.join(c['languages'])}): the same language "
-                   f"learned from two seeds {c['same_language_two_seeds']:.4f}, two languages from the same seed "
-                   f"{c['two_languages_same_seed']:.4f}, random masks {c['random']:.4f}.", ""]
-        md += ["![similarity](miniature_similarity.png)", ""]
+               f"The seed-1 masks of {len(sims[0]['names'])} languages ({len(sims[0]['pairs'])} pairs) against the "
+               "cosine similarity of the languages' phone inventories (from their phone transcripts). Control: the "
+               "same language learned from two seeds, against two languages learned from the same seed (pruned "
+               "sets; seeds 1 and 2).", "",
+               "| routes | mask similarity | mean over pairs | random masks | Pearson | Spearman | same language, "
+               "two seeds | two languages |", "|---|---|---|---|---|---|---|---|"]
+        for sim in sims:
+            r, c = sim["reference"], sim.get("seed_control") or {}
+            avg = lambda key: statistics.mean(p["overall"][key] for p in sim["pairs"])  # noqa: E731
+            md += [f"| {sim['method']} | cosine, kept sets (upstream's measure) | {avg('cosine'):.4f} | "
+                   f"{avg('cosine_random'):.4f} | {r['cosine']['pearson']:.2f} | {r['cosine']['spearman']:.2f} | | |",
+                   f"| {sim['method']} | cosine, pruned sets | {avg('pruned_cosine'):.4f} | "
+                   f"{avg('pruned_cosine_random'):.4f} | {r['pruned_cosine']['pearson']:.2f} | "
+                   f"{r['pruned_cosine']['spearman']:.2f} | {c.get('same_language_two_seeds', float('nan')):.4f} | "
+                   f"{c.get('two_languages_same_seed', float('nan')):.4f} |"]
+        md += [""] + [f"![similarity, {sim['method']}](miniature_similarity_{sim['method']}.png)" for sim in sims] + [""]
     (results / "miniature.md").write_text("\n".join(md) + "\n")
     log(f"report: {len(cells)} cells -> {results / 'miniature.md'}")
 
@@ -575,7 +590,8 @@ def main(argv=None):
     if a.stage in ("curve", "all"):
         run_curve(out, jobs=a.jobs)
     if a.stage in ("similarity", "all"):
-        run_similarity(out, a.langs)
+        for method in SIMILARITY_METHODS:
+            run_similarity(out, a.langs, method)
     if a.stage in ("report", "all"):
         report(out, a)
 
