@@ -155,9 +155,9 @@ PRESETS = {
                  prune_rate=0.94, checkpoint_activations=True, best_metric="uer"),  # + the README's XLS-R command
     # (s3r) the built-in demo (s3r/assets/demo: 3 minutes of Spanish, a 2M-parameter backbone), applied whenever
     # --data demo is given without --preset: minutes on 2 CPU cores, scored by phone error rate before and after
-    "demo": dict(max_updates=200, lr=1e-2, final_lr_scale=0.05, max_tokens=128000, update_freq=1, valid="demo-test", validate_interval=50,
-                 save_interval=50, validate_before=True, mask_prob=0.3, mask_channel_prob=0.1, mask_channel_length=16,
-                 layerdrop=0.05, log_interval=10),
+    "demo": dict(max_updates=200, lr=1e-2, final_lr_scale=0.05, max_tokens=128000, update_freq=1, valid="demo-test",
+                 validate_interval=50, save_interval=50, validate_before=True, mask_prob=0.3, mask_channel_prob=0.1,
+                 mask_channel_length=16, layerdrop=0.05, log_interval=10),
 }
 
 

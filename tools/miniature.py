@@ -340,7 +340,7 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
     return res
 
 
-def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES, jobs: int = 2) -> list[dict]:
+def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES, jobs: int = 2) -> dict | None:
     """Application 3: S3-Router pruning of the weight-finetuned model vs one-shot magnitude pruning (OMP).
 
     Step 1 is the grid's `ft` cell; step 2 routes its weights from init_score weight_magnitude_with_scale (the first
@@ -349,9 +349,8 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
     ft = cell_result(out, lang, f"ft-s{seed}")
     if ft is None:
         log(f"curve: needs the ft-s{seed} cell of {lang}")
-        return []
+        return None
     ft_ckpt = out / ft["checkpoint"]
-    rows = [{"method": "finetuned (dense)", "prune_rate": 1.0, "sparsity": 0.0, "per": ft["per"]}]
     for rate in rates:
         omp_dir = out / "cells" / lang / f"omp-{rate}-s{seed}"
         source = omp_dir / "finetuned.sha256"  # the finetuned model it pruned: a recomputed ft cell makes it stale
@@ -362,19 +361,16 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
         pruned = omp_dir / "pruned.pt"
         if not pruned.exists():
             run_logged(python_cmd("-m", "s3r.masks", "omp", ft_ckpt, pruned, "--prune-rate", rate), omp_dir / "omp.log", 2)
-        test = evaluate(pruned, f"{lang}-test", out, omp_dir / "test.json", 2)
-        rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": test["uer"]})
+        evaluate(pruned, f"{lang}-test", out, omp_dir / "test.json", 2)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(jobs) as pool:  # `jobs` cells side by side, as in the grid
         args = lambda rate: ["--prune-rate", str(rate), "--no-fix-attn", "--init-score",  # noqa: E731
                              "weight_magnitude_with_scale", "--lr", ROUTE_LR]
         cells = [pool.submit(train_cell, out, lang, "prune", seed, args(rate), max(1, 2 // jobs), init=ft_ckpt,
                              tag=f"-{rate}") for rate in rates]
-        for rate, cell in zip(rates, cells):
-            rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2),
-                         "per": cell.result()["per"]})
-    (out / "curve.json").write_text(json.dumps({"lang": lang, "seed": seed, "rows": rows}, indent=1) + "\n")
-    return rows
+        for cell in cells:
+            cell.result()
+    return curve_rows(out, lang, seed, rates)
 
 
 def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
@@ -414,18 +410,18 @@ def seed_control(out: Path, langs: list[str], method: str) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def curve_so_far(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0]) -> dict | None:
-    """The pruning-curve points whose cells have finished (run_curve writes curve.json only when all have)."""
+def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES) -> dict | None:
+    """The pruning curve from its cached cells: every point that has finished (all of them after run_curve)."""
     ft = cell_result(out, lang, f"ft-s{seed}")
     if ft is None:
         return None
     rows = [{"method": "finetuned (dense)", "prune_rate": 1.0, "sparsity": 0.0, "per": ft["per"]}]
-    for rate in CURVE_RATES:
+    for rate in rates:
         test = out / "cells" / lang / f"omp-{rate}-s{seed}" / "test.json"
         if test.exists():
             rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2),
                          "per": json.loads(test.read_text())["uer"]})
-    for rate in CURVE_RATES:
+    for rate in rates:
         if r := cell_result(out, lang, f"prune-{rate}-s{seed}"):
             rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": r["per"]})
     return {"lang": lang, "seed": seed, "rows": rows}
@@ -461,7 +457,7 @@ def report(out: Path, a):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
-    curve = curve_so_far(out)
+    curve = curve_rows(out)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
     summary = {"command": "python tools/miniature.py", "commit": commit, "cells": cells, "per_mean": mean,
                "seeds": {l: {m: len(v) for m, v in table[l].items()} for l in langs},
