@@ -77,8 +77,12 @@ def route_from_model(model: Wav2Vec2ForCTC, source: str = "") -> dict:
     if cfg.co_train:
         raise RouteError(f"{source}: co_train changed the shared weights, so its masks alone do not reproduce it; "
                          f"export it with `python -m s3r.export --dense` instead")
-    layers = {name: {"shape": list(m.shape), "kept": int(m.sum()), "bits": pack_bits(m)}
-              for name, m in model.masks().items()}
+    layers = {}
+    for name, m in model.masks().items():
+        layers[name] = {"shape": list(m.shape), "kept": int(m.sum()), "bits": pack_bits(m)}
+        weight = model.get_submodule(name.removesuffix(".weight")).dense_weight()
+        if m.shape != weight.shape:  # a structured route: one bit per group, broadcast onto the weight seen as `view`
+            layers[name]["view"] = list(model.get_submodule(name.removesuffix(".weight")).view or weight.shape)
     # Whatever trained besides the scores (head, unfrozen norms/biases, the mask embedding); the head always,
     # because it is task-specific even when frozen (a random head is not in the shared weights either).
     tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
@@ -130,7 +134,7 @@ def apply_route(model: Wav2Vec2ForCTC, route: str | Path | dict, fingerprint: st
             continue
         entry = route["layers"].get(f"{layer}.weight")
         if entry is not None:
-            module.fix_mask(unpack_bits(entry["bits"], entry["shape"]))
+            module.fix_mask(unpack_bits(entry["bits"], entry["shape"]), entry.get("view"))
         elif module.scores is not None:  # routed by an earlier route, not by this one: dense again
             module.scores = None
             module._init_routing()

@@ -78,6 +78,10 @@ class Wav2Vec2Config:
     mask_feature_prob: float = 0.0  # fairseq mask_channel_prob; HF mask_feature_prob
     mask_feature_length: int = 64  # fairseq mask_channel_length; HF mask_feature_length
     gradient_checkpointing: bool = False  # fairseq checkpoint_activations; HF gradient_checkpointing
+    # per-layer widths of a compacted neuron/head route (s3r/compact.py); None = the same in every layer. Neither
+    # fairseq nor HF has these; the head size stays hidden_size // num_attention_heads
+    intermediate_sizes: tuple | None = None
+    num_heads_per_layer: tuple | None = None
 
     def __post_init__(self):
         self.conv_dim, self.conv_kernel, self.conv_stride = (tuple(int(v) for v in t)
@@ -88,6 +92,16 @@ class Wav2Vec2Config:
             raise ConfigError(f"feat_extract_norm must be 'group' or 'layer', not {self.feat_extract_norm!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        for name in ("intermediate_sizes", "num_heads_per_layer"):
+            if (sizes := getattr(self, name)) is not None:
+                setattr(self, name, sizes := tuple(int(v) for v in sizes))
+                if len(sizes) != self.num_hidden_layers or min(sizes) < 1:
+                    raise ConfigError(f"{name} needs {self.num_hidden_layers} values >= 1, not {list(sizes)}")
+
+    def layer_sizes(self, i: int) -> tuple[int, int]:
+        """(attention heads, FFN width) of transformer layer i."""
+        return ((self.num_heads_per_layer or (self.num_attention_heads,) * (i + 1))[i],
+                (self.intermediate_sizes or (self.intermediate_size,) * (i + 1))[i])
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Wav2Vec2Config":
@@ -118,6 +132,18 @@ class Wav2Vec2Config:
 
 
 INIT_SCORES = ("kaiming_uniform", "weight_rank", "weight_magnitude_with_scale", "weight_magnitude")
+# What one score (one bit of the route) covers in the transformer's linear layers; also "n:m", e.g. "2:4".
+GRANULARITIES = ("weight", "row", "column", "neuron", "head", "neuron+head")
+
+
+def n_of_m(granularity: str) -> tuple[int, int] | None:
+    """(n, m) of an "n:m" granularity (keep n of every m consecutive weights along the input), else None."""
+    n, colon, m = granularity.partition(":")
+    if not colon:
+        return None
+    if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ConfigError(f"route granularity {granularity!r} is not n:m with 0 < n < m (e.g. 2:4)")
+    return int(n), int(m)
 
 
 @dataclass
@@ -141,12 +167,25 @@ class RouteConfig:
     trainable_pos: bool = False  # upstream model.trainable_pos (positional conv)
     trainable_feature_projection: bool = False  # upstream model.trainable_post_extract_proj
     co_train: bool = False  # upstream model.co_train: weights train together with the masks
+    # One score per weight (upstream); per output row / input column (upstream Linear_ST_OutStr / InStr); per FFN
+    # neuron (its fc1 row and bias, its fc2 column) and/or attention head (q/k/v rows, out_proj columns), which
+    # s3r/compact.py cuts out of the matrices; or n:m (n of m consecutive weights, GPU semi-structured sparsity).
+    route_granularity: str = "weight"
 
     def __post_init__(self):
         if not 0.0 < self.prune_rate <= 1.0:
             raise ConfigError(f"prune_rate is the fraction of weights kept and must be in (0, 1], not {self.prune_rate}")
         if self.init_score not in INIT_SCORES:
             raise ConfigError(f"unknown init_score {self.init_score!r}; choose from {', '.join(INIT_SCORES)}")
+        nm, g = n_of_m(self.route_granularity), self.route_granularity
+        if nm is None and g not in GRANULARITIES:
+            raise ConfigError(f"unknown route_granularity {g!r}; choose from {', '.join(GRANULARITIES)} or n:m")
+        if nm is not None and abs(self.prune_rate - nm[0] / nm[1]) > 1e-9:
+            raise ConfigError(f"route_granularity {g} keeps {nm[0]}/{nm[1]} of the weights: set prune_rate to "
+                              f"{nm[0] / nm[1]:g}, not {self.prune_rate}")
+        if ("neuron" in g and self.fix_fc) or ("head" in g and self.fix_attn):
+            raise ConfigError(f"route_granularity {g} routes {'FFN neurons' if 'neuron' in g else 'attention heads'}, "
+                              f"which {'fix_fc' if 'neuron' in g else 'fix_attn'} keeps dense")
         if self.fix_attn and self.fix_fc:
             raise ConfigError("fix_attn and fix_fc together leave nothing to route (to train the CTC head alone, "
                               "keep every weight: prune_rate 1.0)")
@@ -163,6 +202,22 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     if k > 0:
         mask[flat.topk(k, sorted=False).indices] = True
     return mask.view_as(values)
+
+
+def kept_count(numel: int, prune_rate: float) -> int:
+    """How many of `numel` entries (weights or groups) a tensor keeps: upstream's `numel - int((1 - p) * numel)`."""
+    return numel - int((1 - prune_rate) * numel)
+
+
+def select_mask(scores: torch.Tensor, prune_rate: float, granularity: str = "weight") -> torch.Tensor:
+    """Keep-mask shaped like `scores`: the kept_count largest |scores| of the tensor (one per group for structured
+    routes), or for "n:m" the n largest of every m consecutive scores along the input dimension (ties by position)."""
+    a = scores.detach().abs()
+    if (nm := n_of_m(granularity)) is None:
+        return topk_mask(a, kept_count(a.numel(), prune_rate))
+    groups = a.reshape(a.shape[0], -1, nm[1])  # (out, in / m, m)
+    keep = groups.argsort(dim=-1, descending=True, stable=True)[..., : nm[0]]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).view_as(a)
 
 
 def _kth_largest(a: torch.Tensor, k: int, hint: float | None, band: float) -> float:
@@ -196,7 +251,9 @@ class _StraightThrough(torch.autograd.Function):
         scores, weight, mask = ctx.saved_tensors
         # dL/d|s| = dL/dW_eff * W (the top-k is treated as the identity); d|s|/ds = sign(s), as upstream,
         # so scores sitting at exactly 0 get no gradient (the `weight_magnitude` trap, see RouteConfig).
-        grad_scores = (grad * weight).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
+        # One score per group (structured routes): the weight is viewed so that the scores broadcast onto it, and
+        # the group's score gets the sum over its weights.
+        grad_scores = (grad * weight).sum_to_size(scores.shape).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None  # co_train: W learns where it is kept
         return grad_scores, grad_weight, None
 
@@ -225,6 +282,7 @@ class Routable:
         self.prune_rate = 1.0
         self._mask_key = None  # (scores version, address, prune_rate, optimizer steps) of the cached mask
         self._mask = None
+        self.granularity, self.view = "weight", None  # view: the weight's shape as the scores broadcast onto it
         self._threshold: float | None = None
         self._band = 0.0
 
@@ -232,39 +290,62 @@ class Routable:
         return self.weight
 
     @torch.no_grad()
-    def route(self, prune_rate: float, init_score: str = "kaiming_uniform", scale: float = 1.0):
-        """Give this layer scores (fp32, same shape as its weight) and keep `prune_rate` of its weights."""
+    def route(self, prune_rate: float, init_score: str = "kaiming_uniform", scale: float = 1.0,
+              granularity: str = "weight", view: tuple | None = None, extra: tuple | None = None):
+        """Give this layer scores (fp32) and keep `prune_rate` of its weights, or of its groups of weights.
+
+        `granularity` "row"/"column" gives one score per output row / input column of `view` (the weight's shape
+        unless given, e.g. (C, H, D) for one score per attention head); "n:m" one per weight, selected n of m.
+        `extra` = (sum of |W|, count) per group from other layers sharing the groups (fc1 rows of fc2's neurons).
+        """
         weight = self.dense_weight().detach().float()
-        scores = torch.empty_like(weight)
-        k = round(prune_rate * weight.numel())
+        view = tuple(view or weight.shape)
+        if (nm := n_of_m(granularity)) and weight[0].numel() % nm[1]:
+            raise ConfigError(f"route granularity {granularity}: {weight[0].numel()} inputs are not groups of {nm[1]}")
+        shape = {"row": view[:1] + (1,) * (len(view) - 1),
+                 "column": (1, view[1]) + (1,) * (len(view) - 2)}.get(granularity, view)
+        scores = torch.empty(shape, device=weight.device)
+        # a group's magnitude: the mean |W| over its weights (ranks as upstream's L1 norms, scaled as one weight)
+        norms = weight.abs().view(view).sum_to_size(shape)
+        count = weight.numel() // scores.numel()
+        if extra is not None:
+            norms, count = norms + extra[0].view(shape), count + extra[1]
+        norms /= count
         if init_score in ("kaiming_uniform", "weight_rank"):
             nn.init.kaiming_uniform_(scores, a=math.sqrt(5))  # nn.Linear's own init: |s| ~ 1/sqrt(fan_in)
+            if shape != weight.shape:  # one score per group, at the scale the per-weight scores have (upstream
+                scores.uniform_(-1, 1).div_(math.sqrt(weight[0].numel()))  # draws on the score's own shape)
             if init_score == "weight_rank":
                 # Reorder the random scores so that rank(|s|) == rank(|W|): the first mask is per-tensor magnitude
                 # pruning, yet the scores keep kaiming scale so that Adam at lr 5e-5 can still reorder them.
                 flat = scores.flatten()
                 by_size = flat[flat.abs().argsort()]
-                flat[weight.flatten().abs().argsort()] = by_size
+                flat[norms.flatten().argsort()] = by_size
         elif init_score == "weight_magnitude_with_scale":
-            scores.copy_(weight / scale)
+            scores.copy_(weight / scale if shape == weight.shape else norms / scale)
         elif init_score == "weight_magnitude":
             # Scores of exactly 1 (kept) and 0 (pruned). A pruned score never receives a gradient through |s|
             # at 0, so this mask can only shrink, never grow: kept for fidelity to upstream, rarely what you want.
-            scores.copy_(topk_mask(weight.abs(), k).float())
+            k = round(prune_rate * weight.numel())
+            scores.copy_(topk_mask(weight.abs(), k) if granularity == "weight" else
+                         select_mask(norms, prune_rate, granularity))
         else:
             raise ConfigError(f"unknown init_score {init_score!r}; choose from {', '.join(INIT_SCORES)}")
         self.scores = nn.Parameter(scores)
         self.prune_rate = prune_rate
+        self.granularity, self.view = granularity, (view if view != tuple(weight.shape) else None)
         self._mask_key = None
 
     @torch.no_grad()
-    def fix_mask(self, mask: torch.Tensor):
+    def fix_mask(self, mask: torch.Tensor, view: tuple | None = None):
         """Route with a given keep-mask, for inference: frozen 0/1 scores whose top-k is exactly `mask`, with the
         mask cached as if selected (switching routes costs no selection). A 0 score never learns (see RouteConfig)."""
         self._init_routing()
         self.scores = nn.Parameter(mask.to(self.dense_weight().device, torch.float32), requires_grad=False)
         self.prune_rate = int(mask.sum()) / mask.numel()
         self._mask = self.scores.detach() > 0  # what mask() would select: ties at 1 are all kept, k = mask.sum()
+        if mask.shape != self.dense_weight().shape:  # one bit per group: any structured selection of k groups
+            self.granularity, self.view = "column", (tuple(view) if view is not None else None)
         self._mask_key = (self.scores._version, self.scores.data_ptr(), self.prune_rate, _optimizer_steps)
 
     @torch.compiler.disable  # data-dependent selection and a cache: eager, once per optimizer step
@@ -281,7 +362,9 @@ class Routable:
         if key != self._mask_key:
             a = self.scores.detach().abs().flatten()
             n, k = a.numel(), round(self.prune_rate * a.numel())
-            if k >= n:
+            if self.granularity != "weight":
+                mask = select_mask(self.scores, self.prune_rate, self.granularity)
+            elif k >= n:
                 mask = torch.ones_like(a, dtype=torch.bool)
             elif k == 0:
                 mask = torch.zeros_like(a, dtype=torch.bool)
@@ -298,14 +381,19 @@ class Routable:
             self._mask, self._mask_key = mask.view_as(self.scores), key
         return self._mask
 
+    def weight_mask(self) -> torch.Tensor:
+        """The keep-mask on the weight's shape (mask() has the scores' shape: one entry per group when structured)."""
+        weight = self.dense_weight()
+        return self.mask().expand(self.view or weight.shape).reshape(weight.shape)
+
     def routed_weight(self) -> torch.Tensor:
         weight = self.dense_weight()
         if self.scores is None:
             return weight
-        mask = self.mask()
+        mask, w = self.mask(), weight.view(self.view or weight.shape)
         if not torch.is_grad_enabled():
-            return weight * mask
-        return _StraightThrough.apply(self.scores, weight, mask)
+            return (w * mask).view(weight.shape)
+        return _StraightThrough.apply(self.scores, w, mask).view(weight.shape)
 
 
 class MaskedLinear(Routable, nn.Linear):
@@ -578,10 +666,12 @@ class PositionalConvEmbedding(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention; padded frames are masked out as keys."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, head_dim: int | None = None):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (MaskedLinear(dim, dim) for _ in range(4))
+        inner = heads * (head_dim or dim // heads)  # fewer heads than dim // head_dim in a compacted model
+        self.q_proj, self.k_proj, self.v_proj = (MaskedLinear(dim, inner) for _ in range(3))
+        self.out_proj = MaskedLinear(inner, dim)
 
     def forward(self, x, key_mask, index=None):  # x (B, T, C), or (N, C): the valid frames at `index` of B*T
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -622,9 +712,10 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, 
 class EncoderLayer(nn.Module):
     """One transformer block, post-LN (base: norm after each residual) or pre-LN (large: norm before each branch)."""
 
-    def __init__(self, dim, heads, ffn_dim, act, dropout, attention_dropout, activation_dropout, eps, layer_norm_first):
+    def __init__(self, dim, heads, ffn_dim, act, dropout, attention_dropout, activation_dropout, eps, layer_norm_first,
+                 head_dim=None):
         super().__init__()
-        self.attention = Attention(dim, heads, attention_dropout)
+        self.attention = Attention(dim, heads, attention_dropout, head_dim)
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
         self.feed_forward = FeedForward(dim, ffn_dim, act, activation_dropout, dropout)
@@ -649,9 +740,9 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout)
         self.layers = nn.ModuleList(
-            EncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.hidden_dropout,
-                         c.attention_dropout, c.activation_dropout, c.layer_norm_eps, c.layer_norm_first)
-            for _ in range(c.num_hidden_layers))
+            EncoderLayer(c.hidden_size, *c.layer_sizes(i), c.hidden_act, c.hidden_dropout, c.attention_dropout,
+                         c.activation_dropout, c.layer_norm_eps, c.layer_norm_first, c.hidden_size // c.num_attention_heads)
+            for i in range(c.num_hidden_layers))
         self.layer_norm_first, self.layerdrop = c.layer_norm_first, c.layerdrop
         self.gradient_checkpointing = c.gradient_checkpointing
 
@@ -789,10 +880,11 @@ class Wav2Vec2ForCTC(nn.Module):
         for name, module in self.named_modules():
             if not isinstance(module, Routable):
                 continue
+            g = cfg.route_granularity  # neuron/head: the output side (fc2, out_proj) holds one score per group
             if ".attention." in name:
-                wanted = not cfg.fix_attn
+                wanted = not cfg.fix_attn and ("head" not in g or name.endswith(".out_proj"))
             elif ".feed_forward." in name:
-                wanted = not cfg.fix_fc
+                wanted = not cfg.fix_fc and ("neuron" not in g or name.endswith(".output_dense"))
             elif name.startswith("feature_extractor."):
                 wanted = cfg.route_feature_extractor
             elif name.startswith("encoder.pos_conv_embed."):
@@ -811,12 +903,34 @@ class Wav2Vec2ForCTC(nn.Module):
         `init_scores=False` only creates score tensors (to be filled from a checkpoint). Weight-based inits read the
         weights present now, so load the (finetuned) weights first, as upstream's pruning recipe requires.
         """
-        for module in self.routable_layers(cfg).values():
-            module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale)
+        for name, module in self.routable_layers(cfg).items():
+            module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale,
+                         *self._groups(name, module, cfg.route_granularity))
         self.route_config = cfg
         for name, p in self.named_parameters():
             p.requires_grad_(self._trains_in_mask_mode(name, cfg))
         return self
+
+    def _groups(self, name: str, module: Routable, g: str) -> tuple:
+        """(granularity, view, extra) of one routed layer (see Routable.route) under route granularity `g`.
+
+        A neuron (head) is masked where its output enters the residual stream, at its fc2 column (out_proj columns):
+        that removes it exactly, and a dropped one still gets the straight-through gradient of putting it back, which
+        masking its fc1 row too would zero (a dropped unit's activation and output weights would both be 0).
+        """
+        parent = self.get_submodule(name.rpartition(".")[0])
+        if "neuron" in g and isinstance(parent, FeedForward):
+            fc1 = parent.intermediate_dense  # its rows and bias belong to the neurons too
+            return "column", None, (fc1.weight.abs().sum(1) + fc1.bias.abs(), fc1.weight.shape[1] + 1)
+        if "head" in g and isinstance(parent, Attention):
+            H, C = parent.heads, module.weight.shape[0]
+            rows = [(p.weight.abs().sum(1) + p.bias.abs()).view(H, -1).sum(1) for p in
+                    (parent.q_proj, parent.k_proj, parent.v_proj)]
+            return "column", (C, H, module.weight.shape[1] // H), (sum(rows), 3 * (C + 1) * module.weight.shape[1] // H)
+        if g in ("row", "column") or n_of_m(g):
+            if isinstance(parent, (FeedForward, Attention)):
+                return g, None, None
+        return "weight", None, None
 
     def _trains_in_mask_mode(self, name: str, cfg: RouteConfig) -> bool:
         if name.endswith(".scores"):
@@ -855,7 +969,7 @@ class Wav2Vec2ForCTC(nn.Module):
         """Multiply every mask into its weight and drop the scores: a plain dense model with real zeros."""
         for module in self.modules():
             if isinstance(module, Routable) and module.scores is not None:
-                mask = module.mask()
+                mask = module.weight_mask()
                 if isinstance(module, WeightNormConv1d):  # fold into v; g is unchanged only where v keeps its norm
                     w = module.dense_weight() * mask
                     norm = w.norm(dim=(0, 1), keepdim=True)
