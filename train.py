@@ -88,6 +88,7 @@ class TrainConfig:
     trainable_pos: bool = False  # model.trainable_pos: the positional convolution trains too
     trainable_post_extract_proj: bool = False  # model.trainable_post_extract_proj: the feature projection trains too
     co_train: bool = False  # model.co_train: weights train together with the masks
+    route_granularity: str = "weight"  # (s3r) weight, row, column, neuron, head, neuron+head or n:m (e.g. 2:4)
     # regularisation of the encoder (fairseq Wav2Vec2AsrConfig overrides of the pretrained config)
     dropout: float = 0.1  # model.dropout
     attention_dropout: float = 0.1  # model.attention_dropout
@@ -326,7 +327,8 @@ def build_model(cfg: TrainConfig, corpus, vocab: Vocabulary | None):
                                 fix_attn=cfg.fix_attn, fix_fc=cfg.fix_fc, trainable_proj=cfg.trainable_proj,
                                 trainable_bias=cfg.trainable_bias, trainable_layer_norm=cfg.trainable_layer_norm,
                                 trainable_pos=cfg.trainable_pos,
-                                trainable_feature_projection=cfg.trainable_post_extract_proj, co_train=cfg.co_train))
+                                trainable_feature_projection=cfg.trainable_post_extract_proj, co_train=cfg.co_train,
+                                route_granularity=cfg.route_granularity))
     model.vocab = vocab
     return model, vocab, pretrained
 
