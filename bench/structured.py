@@ -10,9 +10,9 @@ keeping 1.0 / 0.75 / 0.5 / 0.25 of every layer's neurons, with all heads or with
 ratio says how much of a difference is noise). Measured per variant, as ratios against the dense model:
   e2e      eval forward of the whole model (feature extractor, transformer, CTC head) under torch.no_grad
   layers   the transformer layers alone (model.encoder on (B, T, C) hidden states with the batch's padding)
-  memory   peak memory of one forward of each, above the process with the model loaded, in a fresh subprocess
-           (CPU: VmHWM after resetting it through /proc/self/clear_refs, with glibc returning freed blocks above
-           64 KiB to the OS; CUDA: torch.cuda.max_memory_allocated), and the parameter bytes
+  memory   peak memory of one forward of each, above the process with the model loaded. CPU: in a fresh process
+           per run, VmHWM after resetting it through /proc/self/clear_refs, glibc returning freed blocks above
+           64 KiB to the OS (MALLOC_MMAP_THRESHOLD_); CUDA: torch.cuda.max_memory_allocated in the timing rounds
 `--two-four` adds a 2:4 route folded and swapped for torch's semi-structured sparse weights (CUDA fp16/bf16
 only; elsewhere the run says it was skipped): the GPU speedup of n:m routes.
 Runs are interleaved in a fresh random order every round; tables give the median over rounds of per-round ratios.
@@ -55,22 +55,22 @@ def dense_model(width: str, layers: int) -> Wav2Vec2ForCTC:
     return Wav2Vec2ForCTC(Wav2Vec2Config.preset(width, num_hidden_layers=layers, vocab_size=VOCAB)).eval()
 
 
-def variant_model(dense: Wav2Vec2ForCTC, name: str) -> Wav2Vec2ForCTC:
-    """The model of one variant: "dense", "neurons N heads H" (compact), or "2:4" (semi-structured where possible)."""
+def variant_model(dense: Wav2Vec2ForCTC, name: str, device: str, dtype: torch.dtype) -> Wav2Vec2ForCTC:
+    """One variant on `device`: "dense", "neurons N heads H" (compact), or "2:4" (semi-structured where possible)."""
     if name == "dense":
-        return dense
+        return copy.deepcopy(dense).to(device, dtype)
     model = copy.deepcopy(dense)
     if name == "2:4":
         model.route(RouteConfig(prune_rate=0.5, route_granularity="2:4", fix_attn=False, init_score="weight_rank"))
-        small = compact(model)
-        small.converted = to_semi_structured(small)
+        small = compact(model).to(device, dtype)
+        small.converted = to_semi_structured(small)  # after the move: the kernels exist for CUDA fp16/bf16 only
         return small
     neurons, heads = (float(v) for v in name.split()[1::2])
     torch.manual_seed(1)
     model.route(RouteConfig(prune_rate=neurons, route_granularity="neuron+head", fix_attn=False))
     for layer in model.encoder.layers:  # one prune rate per kind of group (upstream's fc_attn_prune_rate)
         layer.attention.out_proj.prune_rate = heads
-    return compact(model)
+    return compact(model).to(device, dtype)
 
 
 def variant_names(two_four: bool) -> list[str]:
@@ -106,24 +106,33 @@ def sync(device: str):
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def time_width(models: dict, inputs: dict, rounds: int, device: str, log=print) -> dict:
-    """{part: {variant: [seconds per round]}}: every (variant, part) once per round, in a fresh random order."""
+def time_width(models: dict, inputs: dict, rounds: int, device: str, log=print) -> tuple[dict, dict | None]:
+    """{part: {variant: [seconds per round]}}: every (variant, part) once per round, in a fresh random order.
+
+    On CUDA also {variant: {part: peak MiB}}: max_memory_allocated above the allocation before each run.
+    """
     runs = [(v, p) for v in models for p in PARTS]
     times = {p: {v: [] for v in models} for p in PARTS}
+    peak = {v: dict.fromkeys(PARTS, 0.0) for v in models}
     rng = random.Random(0)
     clock = time.process_time if device == "cpu" else time.perf_counter
     for r in range(rounds + 1):  # round 0 warms up allocators and oneDNN / cuBLAS primitives
         rng.shuffle(runs)
         for variant, part in runs:
             sync(device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                rest = torch.cuda.memory_allocated()
             t0 = clock()
             run_part(models[variant], part, inputs)
             sync(device)
             if r > 0:
                 times[part][variant].append(clock() - t0)
+            if device == "cuda":
+                peak[variant][part] = max(peak[variant][part], (torch.cuda.max_memory_allocated() - rest) / 2**20)
         if r > 0:
             log(f"  round {r}: " + ", ".join(f"{v} {p} {times[p][v][-1]:.3f}" for v, p in sorted(runs)))
-    return times
+    return times, (peak if device == "cuda" else None)
 
 
 def ratio(num: list[float], den: list[float]) -> dict:
@@ -147,17 +156,10 @@ def memory_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     dense = dense_model(spec["width"], spec["layers"])
-    model = variant_model(dense, spec["variant"]).to(device, dtype)
+    model = variant_model(dense, spec["variant"], device, dtype)
     del dense
     inputs = make_inputs(model, spec["seconds"], device, dtype)
     gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        rest = torch.cuda.memory_allocated()
-        run_part(model, spec["part"], inputs)
-        torch.cuda.synchronize()
-        return {"peak_mib": (torch.cuda.max_memory_allocated() - rest) / 2**20}
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     rest = _status_kib("VmRSS")
@@ -248,13 +250,18 @@ def main(argv=None):
         print(f"{width}: {layers} layers", flush=True)
         dense = dense_model(width, layers)
         names = variant_names(args.two_four)
-        models = {name: variant_model(dense, name).to(args.device, dtype) for name in names}
+        models = {name: variant_model(dense, name, args.device, dtype) for name in names}
         inputs = make_inputs(dense, args.seconds, args.device, dtype)
+        del dense
         note = ""
-        if "2:4" in models and getattr(models["2:4"], "converted", 0) == 0:
-            note = "2:4: no layer converted (semi-structured kernels need CUDA with fp16/bf16); it ran dense."
-        times = time_width(models, inputs, args.rounds, args.device)
-        memory = None if args.skip_memory else measure_memory(width, layers, names, args)
+        if "2:4" in models:
+            n = models["2:4"].converted
+            note = (f"2:4: {n} of {6 * layers} linear layers as semi-structured sparse tensors" if n else
+                    "2:4: no layer converted (semi-structured kernels need CUDA with fp16/bf16): it ran dense")
+            print(f"  {note}", flush=True)
+        times, memory = time_width(models, inputs, args.rounds, args.device)
+        if memory is None and not args.skip_memory:  # CPU: each in a fresh process (see the docstring)
+            memory = measure_memory(width, layers, names, args)
         w = result["widths"][width] = {"layers": layers, "note": note, "variants": {},
                                        "dense_s": {p: statistics.median(times[p]["dense"]) for p in PARTS}}
         for name, model in models.items():
@@ -271,7 +278,7 @@ def main(argv=None):
                 v["memory_ratio"] = {p: memory[name][p] / memory["dense"][p] for p in PARTS}
         if memory is not None:
             w["dense_memory_mib"] = memory["dense"]
-        w["dense_params"] = parameter_counts(dense)["total"]
+        w["dense_params"] = parameter_counts(models["dense"])["total"]
         del models
         gc.collect()
     table = markdown(result)
