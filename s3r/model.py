@@ -1,27 +1,19 @@
-"""wav2vec 2.0 (and XLS-R, data2vec-audio, HuBERT) with S3-Router's score-masked layers, as one readable file.
+"""wav2vec 2.0 (XLS-R, data2vec-audio, HuBERT) with S3-Router's score-masked layers: the configs, the masked
+layers, then the encoder in the order a waveform (B, S) meets it:
 
-Read top to bottom: the configs, S3-Router's masked layers, then the encoder in the order a waveform meets it:
+    FeatureExtractor   7 strided convs, 320x down    fairseq ConvFeatureExtractionModel (models/wav2vec/wav2vec2.py)
+    FeatureProjection  LayerNorm + Linear 512 -> C   fairseq layer_norm + post_extract_proj
+    spec_augment       time / channel span masks     fairseq apply_mask, compute_mask_indices (data/data_utils.py)
+    Encoder            positional conv + N blocks    fairseq TransformerEncoder (post-LN base, pre-LN large/XLS-R)
+    lm_head            CTC logits                    fairseq Wav2VecEncoder.proj, Wav2VecCtc (wav2vec2_asr.py)
 
-    waveform (B, S)
-      -> FeatureExtractor   7 strided convs, 320x down     fairseq ConvFeatureExtractionModel (wav2vec2.py)
-      -> FeatureProjection  LayerNorm + Linear 512 -> C    fairseq layer_norm + post_extract_proj
-      -> spec_augment       time / channel span masks      fairseq apply_mask, compute_mask_indices (data_utils.py)
-      -> Encoder            positional conv + N blocks     fairseq TransformerEncoder (post-LN base, pre-LN large)
-      -> lm_head            CTC logits                     fairseq Wav2VecEncoder.proj, Wav2VecCtc (wav2vec2_asr.py)
-
-Numerics follow fairseq `models/wav2vec/`; module and parameter names follow Hugging Face `modeling_wav2vec2.py`,
-so HF checkpoints load by dropping the `wav2vec2.` prefix and fairseq ones through `checkpoint.py`'s key table.
-data2vec-audio differs only in its positional conv (5 small convs, no weight norm), HuBERT in having no LayerNorm
-before the feature projection.
-
-S3-Router (Fu et al., NeurIPS 2022, Sec. 3; upstream `operation_st.py`) keeps every pretrained weight W frozen and
-gives each routed tensor real-valued `scores` of its shape. The forward pass uses W * mask, the mask keeping the
-`kept_count` entries of largest |scores|; the backward pass treats the hard top-k as the identity
-(straight-through): dL/ds = dL/dW_eff * W * sign(s). `MaskedLinear` / `MaskedConv1d` are plain nn.Linear /
-nn.Conv1d until `route()` gives them scores, so one model serves weight finetuning, S3-Router and inference.
-
-This file is the reference, in plain PyTorch. Faster versions of a few pieces live in `fast.py`; each dispatch
-point here reads `if fast....`, and `S3R_REFERENCE=1` (or `s3r.fast.set_enabled(False)`) turns them all off.
+Numerics follow fairseq, module names Hugging Face's `modeling_wav2vec2.py` (checkpoint.py maps fairseq's keys).
+data2vec-audio differs in its positional conv (5 small convs), HuBERT in having no LayerNorm before the projection.
+S3-Router (Fu et al., NeurIPS 2022, Sec. 3; upstream `operation_st.py`) keeps each pretrained weight W frozen and
+learns `scores` of its shape: the forward pass uses W * mask, the mask keeping the `kept_count` largest |scores|;
+the backward pass takes the hard top-k as the identity (straight-through): dL/ds = dL/dW_eff * W * sign(s).
+This file is the reference, in plain PyTorch; faster versions of a few pieces live in `fast.py` (dispatch points
+read `if fast....`); `S3R_REFERENCE=1` or `s3r.fast.set_enabled(False)` turns them all off.
 """
 from __future__ import annotations
 
@@ -41,20 +33,15 @@ from .errors import ConfigError, S3RError
 class ShapeError(S3RError, ValueError):
     """A tensor of the wrong shape handed to the model."""
 
-
 # ---------------------------------------------------------------------------------------------------- Configuration
-
-
 @dataclass
 class Wav2Vec2Config:
     """Architecture and regularisation of one encoder; saved inside every s3r checkpoint."""
-    # feature extractor: fairseq `conv_feature_layers` = "[(512,10,5)] + [(512,3,2)]*4 + [(512,2,2)]*2"
     conv_dim: tuple = (512, 512, 512, 512, 512, 512, 512)  # fairseq conv_feature_layers[i][0]; HF conv_dim
     conv_kernel: tuple = (10, 3, 3, 3, 3, 2, 2)  # fairseq conv_feature_layers[i][1]; HF conv_kernel
     conv_stride: tuple = (5, 2, 2, 2, 2, 2, 2)  # fairseq conv_feature_layers[i][2]; HF conv_stride
     conv_bias: bool = False  # fairseq conv_bias; HF conv_bias
     feat_extract_norm: str = "group"  # fairseq extractor_mode default|layer_norm; HF feat_extract_norm group|layer
-    # transformer
     hidden_size: int = 768  # fairseq encoder_embed_dim; HF hidden_size
     num_hidden_layers: int = 12  # fairseq encoder_layers; HF num_hidden_layers
     num_attention_heads: int = 12  # fairseq encoder_attention_heads; HF num_attention_heads
@@ -63,17 +50,14 @@ class Wav2Vec2Config:
     layer_norm_first: bool = False  # fairseq layer_norm_first; HF do_stable_layer_norm (pre-LN: large, XLS-R)
     layer_norm_eps: float = 1e-5  # fairseq uses torch's default; HF layer_norm_eps
     feat_proj_layer_norm: bool = True  # fairseq always normalises the features; HF feat_proj_layer_norm (HuBERT)
-    # positional convolution
     conv_pos_kernel: int = 128  # fairseq conv_pos (data2vec: max(3, conv_pos // depth)); HF num_conv_pos_embeddings
     conv_pos_groups: int = 16  # fairseq conv_pos_groups; HF num_conv_pos_embedding_groups
     conv_pos_depth: int = 1  # fairseq pos_conv_depth (data2vec 5: no weight norm); HF data2vec num_conv_pos_embeddings
-    # CTC head and input
     vocab_size: int = 0  # CTC outputs; 0 = no head, the model returns hidden states; HF vocab_size
     normalize: bool = False  # zero-mean unit-variance waveform; fairseq task.normalize; HF do_normalize
     blank_weight: float = 0.0  # fairseq Wav2Vec2CtcConfig.blank_weight: added to (or set as) the blank logit
     blank_mode: str = "add"  # fairseq Wav2Vec2CtcConfig.blank_mode: add | set
-    # regularisation (training only)
-    hidden_dropout: float = 0.1  # fairseq dropout; HF hidden_dropout
+    hidden_dropout: float = 0.1  # (this and below: training only) fairseq dropout; HF hidden_dropout
     attention_dropout: float = 0.1  # fairseq attention_dropout; HF attention_dropout
     activation_dropout: float = 0.1  # fairseq activation_dropout; HF activation_dropout
     feat_proj_dropout: float = 0.0  # fairseq dropout_input; HF feat_proj_dropout
@@ -114,19 +98,15 @@ class Wav2Vec2Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Wav2Vec2Config:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
+        if unknown := sorted(set(d) - {f.name for f in fields(cls)}):
             raise ConfigError(f"unknown Wav2Vec2Config field(s): {', '.join(unknown)}")
         return cls(**d)
 
-
 INIT_SCORES = ("kaiming_uniform", "weight_rank", "weight_magnitude_with_scale", "weight_magnitude")
-
 
 @dataclass
 class RouteConfig:
-    """Which layers S3-Router masks and what else trains (upstream `wav2vec_ctc_st` options). The defaults are
-    upstream README's S3-Router finetuning command; comments name upstream's own model default where it differs."""
+    """What S3-Router masks and trains (upstream `wav2vec_ctc_st`); defaults: upstream README's finetuning command."""
     # `prune_rate` keeps upstream's name and meaning: the fraction of each routed weight tensor that is KEPT
     # (upstream: "weight remaining ratio"). 0.9 keeps 90% of the weights (10% sparsity); 0.3 keeps 30% (70%).
     prune_rate: float = 0.9  # upstream model.prune_rate
@@ -150,17 +130,12 @@ class RouteConfig:
         if self.init_score not in INIT_SCORES:
             raise ConfigError(f"unknown init_score {self.init_score!r}; choose from {', '.join(INIT_SCORES)}")
         if self.fix_attn and self.fix_fc:
-            raise ConfigError("fix_attn and fix_fc together leave nothing to route (to train the CTC head alone, "
-                              "keep every weight: prune_rate 1.0)")
-
+            raise ConfigError("fix_attn and fix_fc leave nothing to route (to train the head alone: prune_rate 1.0)")
 
 # -------------------------------------------------------------------------------------- S3-Router: score-masked layers
-
-
 def kept_count(numel: int, prune_rate: float) -> int:
     """Entries a mask keeps of a tensor of `numel`: upstream GetSubnet's `numel - int((1 - prune_rate) * numel)`."""
     return numel - int((1 - prune_rate) * numel)
-
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly the k largest entries of `values`; among equal values the first by position win."""
@@ -169,7 +144,6 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[order[:k]] = True
     return mask.view_as(values)
-
 
 class StraightThrough(torch.autograd.Function):
     """W * mask forward; backward passes dL/dW_eff through the hard top-k to the scores unchanged."""
@@ -187,12 +161,8 @@ class StraightThrough(torch.autograd.Function):
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None  # co_train: W learns where it is kept
         return grad_scores, grad_weight, None
 
-
 class Routable:
     """Mixin for a layer whose weight S3-Router can mask: `scores` is None (dense) until `route()` is called."""
-    scores: nn.Parameter | None
-    prune_rate: float
-
     def _init_routing(self):
         self.register_parameter("scores", None)
         self.prune_rate = 1.0
@@ -206,7 +176,6 @@ class Routable:
         """Give this layer fp32 scores of its weight's shape; the mask keeps `prune_rate` of the weights."""
         weight = self.dense_weight().detach().float()
         scores = torch.empty_like(weight)
-        k = kept_count(weight.numel(), prune_rate)
         if init_score in ("kaiming_uniform", "weight_rank"):
             nn.init.kaiming_uniform_(scores, a=math.sqrt(5))  # nn.Linear's own init: |s| <= 1/sqrt(fan_in)
             if init_score == "weight_rank":
@@ -219,7 +188,7 @@ class Routable:
         elif init_score == "weight_magnitude":
             # Scores of exactly 1 (kept) and 0 (pruned). A score at 0 never gets a gradient (sign(0) = 0) and the
             # kept ones stay above it, so this mask cannot change at all: kept for fidelity to upstream only.
-            scores.copy_(topk_mask(weight.abs(), k).float())
+            scores.copy_(topk_mask(weight.abs(), kept_count(weight.numel(), prune_rate)).float())
         else:
             raise ConfigError(f"unknown init_score {init_score!r}; choose from {', '.join(INIT_SCORES)}")
         self.scores = nn.Parameter(scores)
@@ -246,16 +215,11 @@ class Routable:
             return self._mask_cache.get(self.scores, k)  # fast.py: one selection per optimizer step, not per forward
         return topk_mask(self.scores.abs(), k)
 
-    def refresh_mask(self):
-        """Forget any cached mask (the scores moved); the reference path keeps no cache."""
-        self._mask_cache.clear()
-
     def routed_weight(self) -> torch.Tensor:
         weight = self.dense_weight()
         if self.scores is None:
             return weight
         return StraightThrough.apply(self.scores, weight, self.mask())
-
 
 class MaskedLinear(Routable, nn.Linear):
     """nn.Linear whose weight S3-Router can mask; the same `weight`/`bias` keys, plus `scores` once routed."""
@@ -266,20 +230,17 @@ class MaskedLinear(Routable, nn.Linear):
     def forward(self, x):
         return F.linear(x, self.routed_weight(), self.bias)
 
-
 class MaskedConv1d(Routable, nn.Conv1d):
     """nn.Conv1d whose weight S3-Router can mask."""
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  groups: int = 1, bias: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, groups=groups,
-                         bias=bias)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
         self._init_routing()
 
     def forward(self, x):  # (B, C_in, T) -> (B, C_out, T')
         if fast.grouped_conv_applies(self, x):  # fast.py: the positional conv's backward as forward convs (CPU)
             return fast.grouped_conv1d(x, self.routed_weight(), self.bias, self.padding[0], self.groups)
         return self._conv_forward(x, self.routed_weight(), self.bias)
-
 
 class WeightNormConv1d(MaskedConv1d):
     """The positional conv: weight = g * v / ||v||, norm per kernel position; keys `weight_g` (1, 1, K) and
@@ -295,16 +256,12 @@ class WeightNormConv1d(MaskedConv1d):
         # g * v / ||v||_(0,1): the fused kernel torch.nn.utils.weight_norm itself runs (6x the plain expression)
         return torch._weight_norm(self.weight_v, self.weight_g, dim=2)
 
-
 # ----------------------------------------- Feature extractor: waveform (B, S) -> (B, T, 512), 49 frames a second
-
-
 def conv_output_lengths(lengths: torch.Tensor, kernels, strides) -> torch.Tensor:
     """Frames produced from `lengths` samples by valid (unpadded) strided convs: floor((L - k) / s) + 1 each."""
     for k, s in zip(kernels, strides, strict=True):
         lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
     return lengths.clamp(min=0)
-
 
 class ConvLayer(nn.Module):
     """Conv1d -> optional norm -> GELU. `norm`: 'group' (per channel over time), 'layer' (per frame) or None."""
@@ -325,15 +282,13 @@ class ConvLayer(nn.Module):
             x = self.layer_norm(x.float().transpose(1, 2)).transpose(1, 2).type_as(x)
         return F.gelu(x)
 
-
 class FeatureExtractor(nn.Module):
     """fairseq ConvFeatureExtractionModel: base normalises only the first conv (group norm), large every conv."""
     def __init__(self, dims, kernels, strides, bias: bool, norm: str):
         super().__init__()
-        in_dims = (1,) + tuple(dims[:-1])
         self.conv_layers = nn.ModuleList(
             ConvLayer(i, o, k, s, bias, norm if norm == "layer" or n == 0 else None)
-            for n, (i, o, k, s) in enumerate(zip(in_dims, dims, kernels, strides, strict=True)))
+            for n, (i, o, k, s) in enumerate(zip((1, *dims[:-1]), dims, kernels, strides, strict=True)))
 
     def forward(self, wav, lengths=None):  # (B, S), lengths (B,) or None -> (B, T, C)
         if fast.enabled() and wav.device.type == "cpu":  # fast.py: channels-last matrix products, padding skipped
@@ -342,7 +297,6 @@ class FeatureExtractor(nn.Module):
         for layer in self.conv_layers:
             x = layer(x)
         return x.transpose(1, 2)
-
 
 class FeatureProjection(nn.Module):
     """LayerNorm over the 512-d conv features, then a Linear to the model width (fairseq post_extract_proj)."""
@@ -355,10 +309,7 @@ class FeatureProjection(nn.Module):
     def forward(self, x):  # (B, T, 512) -> (B, T, C)
         return self.dropout(self.projection(self.layer_norm(x)))
 
-
 # ------------------------------------------------------------------------------------------------- Transformer encoder
-
-
 class PositionalConvLayer(nn.Module):
     """One data2vec positional conv: Conv1d -> LayerNorm without affine -> GELU (no weight norm)."""
     def __init__(self, channels: int, kernel: int, groups: int):
@@ -369,7 +320,6 @@ class PositionalConvLayer(nn.Module):
     def forward(self, x):  # (B, C, T)
         x = self.conv(x)[..., : x.shape[-1]]  # an even kernel yields one extra frame (fairseq SamePad)
         return F.gelu(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
-
 
 class PositionalConvEmbedding(nn.Module):
     """Relative position by convolution: one wide weight-normed conv (wav2vec2, HuBERT) or a stack (data2vec)."""
@@ -383,12 +333,10 @@ class PositionalConvEmbedding(nn.Module):
     def forward(self, x):  # (B, T, C) -> (B, T, C)
         x = x.transpose(1, 2)
         if hasattr(self, "conv"):
-            x = F.gelu(self.conv(x)[..., : x.shape[-1]])
-        else:
-            for layer in self.layers:
-                x = layer(x)
+            return F.gelu(self.conv(x)[..., : x.shape[-1]]).transpose(1, 2)  # SamePad: see PositionalConvLayer
+        for layer in self.layers:
+            x = layer(x)
         return x.transpose(1, 2)
-
 
 class Attention(nn.Module):
     """Multi-head self-attention; padded frames are masked out as keys."""
@@ -407,25 +355,19 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, C)
 
-
 class FeedForward(nn.Module):
     """fc1 -> activation -> dropout -> fc2 -> dropout (HF intermediate_dense / output_dense)."""
     def __init__(self, dim: int, hidden: int, act: str, activation_dropout: float, dropout: float):
         super().__init__()
-        self.intermediate_dense = MaskedLinear(dim, hidden)
-        self.output_dense = MaskedLinear(hidden, dim)
+        self.intermediate_dense, self.output_dense = MaskedLinear(dim, hidden), MaskedLinear(hidden, dim)
         self.act = ACTIVATIONS[act]
-        self.intermediate_dropout = nn.Dropout(activation_dropout)
-        self.output_dropout = nn.Dropout(dropout)
+        self.intermediate_dropout, self.output_dropout = nn.Dropout(activation_dropout), nn.Dropout(dropout)
 
     def forward(self, x):
         return self.output_dropout(self.output_dense(self.intermediate_dropout(self.act(self.intermediate_dense(x)))))
 
-
-_gelu_tanh = partial(F.gelu, approximate="tanh")  # HF gelu_new, fairseq gelu_accurate
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, "gelu_new": _gelu_tanh,
-               "gelu_accurate": _gelu_tanh}
-
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu,  # HF gelu_new = fairseq gelu_accurate
+               **dict.fromkeys(("gelu_new", "gelu_accurate"), partial(F.gelu, approximate="tanh"))}
 
 class EncoderLayer(nn.Module):
     """One transformer block, post-LN (base: norm after each residual) or pre-LN (large: norm before each branch)."""
@@ -446,7 +388,6 @@ class EncoderLayer(nn.Module):
         x = self.layer_norm(x + self.dropout(self.attention(x, key_mask)))
         return self.final_layer_norm(x + self.feed_forward(x))
 
-
 class Encoder(nn.Module):
     """Positional conv, then the transformer layers, with fairseq's placement of the outer LayerNorm."""
     def __init__(self, c: Wav2Vec2Config):
@@ -463,17 +404,15 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = c.gradient_checkpointing
 
     def forward(self, x, padding_mask=None):  # x (B, T, C); padding_mask (B, T) True at padded frames
-        key_mask = None
-        if padding_mask is not None:
-            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)  # padding must not leak into the positional conv
-            key_mask = ~padding_mask[:, None, None, :]  # (B, 1, 1, T)
+        key_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, T)
+        if padding_mask is not None:  # padding must not leak into the positional conv
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         x = x + self.pos_conv_embed(x)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
-        # LayerDrop (Fan et al. 2019): each block is skipped with probability `layerdrop` while training
-        layers = [layer for layer in self.layers
-                  if not (self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop)]
+        drop = self.layerdrop if self.training else 0.0  # LayerDrop (Fan et al. 2019): skip whole blocks at random
+        layers = [layer for layer in self.layers if not (drop > 0 and torch.rand(()) < drop)]
         if fast.packs_frames(x, padding_mask):  # fast.py: the blocks see only the valid frames, packed (N, C)
             x = fast.run_packed(layers, x, padding_mask, self.run)
         else:
@@ -488,26 +427,19 @@ class Encoder(nn.Module):
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)  # recompute in the backward
         return fn(*args)
 
-
 # ------------------------------------------------------------------------------------------ SpecAugment (finetuning)
-
-
 def compute_mask_indices(shape: tuple[int, int], lengths: torch.Tensor | None, mask_prob: float, mask_length: int,
                          min_masks: int = 0) -> torch.Tensor:
     """(B, T) bool: spans of `mask_length` over about `mask_prob` of each row's L valid positions, never beyond L.
-
-    fairseq's, as its finetuning configs run it (static lengths, no_overlap False, require_same_masks True,
-    mask_dropout 0): each row draws `int(mask_prob * L / mask_length + U[0,1))` distinct starts (at least
-    `min_masks`) in [0, L - mask_length); spans may overlap; then every row is trimmed to the batch's fewest masked
-    positions by unmasking random ones. `lengths` (B,) = L per row, or None: L = T and all rows share one count.
-    """
+    fairseq's as finetuning runs it (static, overlapping, require_same_masks): a row draws `int(mask_prob * L /
+    mask_length + U[0,1))` (>= `min_masks`) distinct starts in [0, L - mask_length), then all rows are trimmed to the
+    batch's fewest masked positions by unmasking random ones. `lengths` (B,), or None: L = T, one count for all."""
     B, T = shape
     sizes = [T] * B if lengths is None else [int(n) for n in lengths.tolist()]
     shared = int(mask_prob * T / mask_length + torch.rand(()).item())
     rows = []
     for size in sizes:
-        n = shared if lengths is None else int(mask_prob * size / mask_length + torch.rand(()).item())
-        n = max(min_masks, n)
+        n = max(min_masks, shared if lengths is None else int(mask_prob * size / mask_length + torch.rand(()).item()))
         room = size - mask_length if size - mask_length > n else n + 1  # fairseq's fallback for short rows
         starts = torch.randperm(room)[:n]
         idx = (starts[:, None] + torch.arange(mask_length)).flatten()
@@ -518,10 +450,7 @@ def compute_mask_indices(shape: tuple[int, int], lengths: torch.Tensor | None, m
         mask[b, idx[torch.randperm(len(idx))[:fewest]]] = True
     return mask
 
-
 # ----------------------------------------------------------------------------------------------------------- The model
-
-
 class Wav2Vec2ForCTC(nn.Module):
     """wav2vec 2.0 encoder with a CTC head: model(wav, lengths) -> (logits, lengths); vocab_size 0 means no head:
     it then returns the encoder's hidden states (B, T, C) instead of logits."""
@@ -565,29 +494,24 @@ class Wav2Vec2ForCTC(nn.Module):
         """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,)."""
         if wav.dim() != 2:
             raise ShapeError(f"expected a (batch, samples) waveform, got shape {tuple(wav.shape)}")
-        B, S = wav.shape
         if lengths is None:
-            lengths = torch.full((B,), S, dtype=torch.long, device=wav.device)
+            lengths = torch.full(wav.shape[:1], wav.shape[1], dtype=torch.long, device=wav.device)
         frozen = not any(p.requires_grad for p in self.feature_extractor.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             features = self.feature_extractor(wav, lengths)  # (B, T, 512)
         x = self.feature_projection(features)  # (B, T, C)
-        T = x.shape[1]
-        out_lengths = self.output_lengths(lengths).clamp(max=T)
-        padding_mask = None
-        if bool((out_lengths < T).any()):
-            padding_mask = torch.arange(T, device=x.device)[None, :] >= out_lengths[:, None]  # (B, T)
+        out_lengths = self.output_lengths(lengths).clamp(max=x.shape[1])
+        padding_mask = torch.arange(x.shape[1], device=x.device)[None, :] >= out_lengths[:, None]  # (B, T)
+        padding_mask = padding_mask if bool(padding_mask.any()) else None
         if self.training and self.config.apply_spec_augment:
             x = self.spec_augment(x, None if padding_mask is None else out_lengths)
-        x = self.encoder(x, padding_mask)
-        if self.lm_head is None:
-            return x, out_lengths
-        return self.ctc_logits(self.lm_head(self.final_dropout(x)), padding_mask), out_lengths
+        x = self.encoder(x, padding_mask)  # (B, T, C)
+        out = x if self.lm_head is None else self.ctc_logits(self.lm_head(self.final_dropout(x)), padding_mask)
+        return out, out_lengths
 
     def spec_augment(self, x, lengths):  # (B, T, C); lengths (B,) valid frames, None when none is padded
         """Time spans -> the learned mask embedding, then channel spans -> 0 (fairseq mask_channel_before False)."""
-        c = self.config
-        B, T, C = x.shape
+        c, (B, T, C) = self.config, x.shape
         if c.mask_time_prob > 0:
             m = compute_mask_indices((B, T), lengths, c.mask_time_prob, c.mask_time_length, min_masks=2)
             x = torch.where(m.to(x.device).unsqueeze(-1), self.masked_spec_embed.to(x.dtype), x)
@@ -597,20 +521,16 @@ class Wav2Vec2ForCTC(nn.Module):
         return x
 
     def ctc_logits(self, logits, padding_mask):  # (B, T, V)
-        """fairseq Wav2VecCtc.get_logits, which both the CTC loss and decoding read: the blank (index 0) logit
-        shifted by or set to `blank_weight`, and padded frames made certain blanks (0 for blank, -inf elsewhere)."""
-        c = self.config
+        """fairseq Wav2VecCtc.get_logits, read by the CTC loss and by decoding alike: `blank_weight` added to (or set
+        as) the blank's (index 0) logit; padded frames made certain blanks (0 for the blank, -inf elsewhere)."""
+        c, blank = self.config, logits[..., :1]
         if c.blank_weight != 0:
-            blank = logits[..., :1] + c.blank_weight if c.blank_mode == "add" else \
-                torch.full_like(logits[..., :1], c.blank_weight)
+            blank = blank + c.blank_weight if c.blank_mode == "add" else torch.full_like(blank, c.blank_weight)
             logits = torch.cat([blank, logits[..., 1:]], dim=-1)
         if padding_mask is not None:
-            certain_blank = torch.full_like(logits[0, 0], float("-inf"))
-            certain_blank[0] = 0.0
+            certain_blank = torch.cat([logits.new_zeros(1), logits.new_full((logits.shape[-1] - 1,), float("-inf"))])
             logits = torch.where(padding_mask.unsqueeze(-1), certain_blank, logits)
         return logits
-
-    # -- S3-Router -------------------------------------------------------------------------------------------
 
     def routable_layers(self, cfg: RouteConfig) -> dict[str, Routable]:
         """The layers `cfg` routes, by name: attention q/k/v/out and FFN fc1/fc2 unless fixed, others on request."""
@@ -621,9 +541,8 @@ class Wav2Vec2ForCTC(nn.Module):
                 and any(part in f".{name}" and on for part, on in wanted.items())}
 
     def route(self, cfg: RouteConfig, init_scores: bool = True) -> Wav2Vec2ForCTC:
-        """Switch to mask mode: give the routed layers scores and freeze everything `cfg` does not train.
-        `init_scores=False` only creates score tensors (to be loaded). Weight-based inits read the weights present
-        now: load the (finetuned) weights first, as upstream's pruning recipe requires."""
+        """Mask mode: scores for the routed layers, everything `cfg` does not train frozen. `init_scores=False` only
+        makes score tensors (to be loaded); weight-based inits read the weights present now (load them first)."""
         for module in self.routable_layers(cfg).values():
             module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale)
         self.route_config = cfg
@@ -656,12 +575,10 @@ class Wav2Vec2ForCTC(nn.Module):
             self.route_config = replace(self.route_config, prune_rate=prune_rate)
 
     def refresh_masks(self):
-        """Tell the mask cache that the scores moved: call it after every `optimizer.step()` (train.py does).
-        The reference path selects afresh every forward. fast.py's cache also sees in-place updates through the
-        scores' version counter, which ordinary optimizers bump, so a loop without this call stays correct with
-        them; a fused optimizer (`Adam(fused=True)`) does not bump it, and its masks stay stale until this call."""
+        """Tell the mask cache the scores moved: call after every `optimizer.step()` (train.py does). Without it the
+        cache stays right with optimizers that bump the version counter, not with fused ones (Adam(fused=True))."""
         for module in self.routed().values():
-            module.refresh_mask()
+            module._mask_cache.clear()
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Boolean keep-mask of every routed layer, keyed by the layer's weight name (e.g. `...q_proj.weight`)."""
@@ -672,11 +589,10 @@ class Wav2Vec2ForCTC(nn.Module):
         """Multiply every mask into its weight and drop the scores: a plain dense model with real zeros."""
         for module in self.routed().values():
             mask = module.mask()
-            if isinstance(module, WeightNormConv1d):  # fold into v; g is unchanged only where v keeps its norm
+            if isinstance(module, WeightNormConv1d):  # g becomes the masked weight's norm; where it is 0 any v will do
                 w = module.dense_weight() * mask
-                norm = w.norm(dim=(0, 1), keepdim=True)
-                module.weight_g.copy_(norm)
-                module.weight_v.copy_(torch.where(norm > 0, w, torch.ones_like(w)))  # g = 0 there
+                module.weight_g.copy_(g := w.norm(dim=(0, 1), keepdim=True))
+                module.weight_v.copy_(torch.where(g > 0, w, torch.ones_like(w)))
             else:
                 module.weight.mul_(mask)
             module._init_routing()

@@ -123,7 +123,7 @@ def test_fix_mask_is_what_a_fresh_selection_gives(density, shape):
     layer.fix_mask(mask)
     assert torch.equal(layer.mask(), mask) and not layer.scores.requires_grad
     assert kept_count(mask.numel(), layer.prune_rate) == int(mask.sum())
-    layer.refresh_mask()  # forget the installed mask: the top-k of the 0/1 scores must select it again
+    layer._mask_cache.clear()  # forget the installed mask: the top-k of the 0/1 scores must select it again
     assert torch.equal(layer.mask(), mask)
     assert torch.equal(layer.routed_weight(), layer.weight * mask)
 
