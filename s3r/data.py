@@ -15,8 +15,9 @@ Transcripts: LibriSpeech letters UPPERCASE with apostrophes (fairseq .ltr); Comm
 normalized by text.normalize_text to lowercase characters. units="phone" reads the phone transcripts that
 tools/synth_corpus.py writes (<spk>-<chapter>.phn.txt, a `phonemes` TSV column, or <split>.phn).
 
-Batching follows fairseq data_utils.batch_by_size (padded samples per batch <= max_tokens) and audio
-follows RawAudioDataset (mono 16 kHz; layer norm over the waveform when the checkpoint says normalize).
+Batching follows fairseq data_utils.batch_by_size (padded samples per batch <= max_tokens, batches of 8 or
+more cut to a multiple of required_batch_size_multiple=8) and audio follows RawAudioDataset (mono 16 kHz;
+normalize_waveform: zero mean, unit variance per utterance, when the checkpoint was pretrained so).
 Bad input raises a one-line DataError naming the file and line; with skip_bad it is skipped and listed.
 
     python -m s3r.data --data-root /data --data dev-clean [--json] [--check] [--skip-bad] [--bench 200]
@@ -40,7 +41,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from . import S3RError
+from .errors import S3RError
 from .text import LIBRISPEECH_LETTERS, Vocabulary, normalize_text
 
 SAMPLE_RATE = 16000  # every wav2vec 2.0 checkpoint was trained on 16 kHz audio
@@ -212,7 +213,7 @@ def _read_manifest(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, str
     if len(labels) != len(rows):
         raise DataError(f"{label_file}: {len(labels)} lines but {tsv.name} has {len(rows)} rows")
     items = []
-    for (n, row), (_, label) in zip(rows, labels):
+    for (n, row), (_, label) in zip(rows, labels, strict=True):
         if row is None or label is None:
             continue  # already reported by _read_lines
         fields = row.split("\t")
@@ -356,8 +357,12 @@ def _resampler(rate: int):
     return torchaudio.transforms.Resample(rate, SAMPLE_RATE)
 
 
-def load_audio(path: str, normalize: bool = False, expected: int | None = None) -> torch.Tensor:
-    """(S,) float32 mono waveform at 16 kHz; `expected` (file-rate samples) catches truncated files."""
+def load_audio(path: str, normalize_waveform: bool = False, expected: int | None = None) -> torch.Tensor:
+    """(S,) float32 mono waveform at 16 kHz; `expected` (file-rate samples) catches truncated files.
+
+    normalize_waveform: zero mean and unit variance over the utterance, for checkpoints pretrained so
+    (fairseq task.normalize, Hugging Face do_normalize: wav2vec2-large-lv60, XLS-R, data2vec).
+    """
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
     except (RuntimeError, OSError) as e:
@@ -369,7 +374,7 @@ def load_audio(path: str, normalize: bool = False, expected: int | None = None) 
     wav = torch.from_numpy(data).mean(dim=1)  # (S,), channels averaged
     if rate != SAMPLE_RATE:
         wav = _resampler(rate)(wav)
-    if normalize:  # fairseq RawAudioDataset: F.layer_norm over the whole utterance (zero mean, unit variance)
+    if normalize_waveform:  # fairseq RawAudioDataset: F.layer_norm over the whole utterance (zero mean, unit variance)
         wav = F.layer_norm(wav, wav.shape)
     return wav
 
@@ -377,9 +382,10 @@ def load_audio(path: str, normalize: bool = False, expected: int | None = None) 
 class SpeechDataset(torch.utils.data.Dataset):
     """Utterances as items {index, id, wav (S,), targets (L,)}; transcripts are encoded up front."""
 
-    def __init__(self, utterances: list[Utterance], vocab: Vocabulary | None = None, normalize: bool = False,
-                 max_sample_size: int | None = None, skip_bad: bool = False, allow_unk: bool = False, seed: int = 0):
-        self.utterances, self.normalize, self.skip_bad = utterances, normalize, skip_bad
+    def __init__(self, utterances: list[Utterance], vocab: Vocabulary | None = None,
+                 normalize_waveform: bool = False, max_sample_size: int | None = None, skip_bad: bool = False,
+                 allow_unk: bool = False, seed: int = 0):
+        self.utterances, self.normalize_waveform, self.skip_bad = utterances, normalize_waveform, skip_bad
         self.max_sample_size, self.seed, self.epoch = max_sample_size, seed, 0
         self.skipped: list[tuple[str, str]] = []  # utterances make_loader left out (too long for max_tokens)
         # Encoding now, not per item, makes an out-of-vocabulary symbol fail before training starts.
@@ -389,13 +395,13 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.utterances)
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # new crop positions each epoch (DataLoader workers get a fresh copy per epoch)
 
     def __getitem__(self, i: int) -> dict:
         u = self.utterances[i]
         try:
-            wav = load_audio(u.path, self.normalize, expected=u.num_samples)
+            wav = load_audio(u.path, self.normalize_waveform, expected=u.num_samples)
         except DataError as e:
             if not self.skip_bad:
                 raise
@@ -429,31 +435,59 @@ def collate(items: list[dict], pad: int = 1) -> dict:
 
 
 # ---------------------------------------------------------------- batching
+def batch_by_size(order: list[int], lengths: list[int], max_tokens: int, max_sentences: int | None = None,
+                  required_batch_size_multiple: int = 1) -> list[list[int]]:
+    """fairseq data_utils.batch_by_size (data_utils_fast.pyx) over the indices in `order`.
+
+    An index joins the current batch while (batch size + 1) * longest length <= max_tokens (and the batch
+    is below max_sentences). When one does not fit, a batch of `required_batch_size_multiple` (8) or more is
+    cut down to a multiple of it and the cut-off indices start the next batch, ahead of the one that did not
+    fit; a smaller batch goes out whole, and so does the last. fairseq orders by descending length, so a
+    batch's first item is its longest and carried-over items never push the next batch over budget.
+    """
+    mult = required_batch_size_multiple
+    batches, batch, longest = [], [], 0
+    for i in order:
+        longest = max(longest, lengths[i])
+        if batch and ((max_sentences and len(batch) == max_sentences) or (len(batch) + 1) * longest > max_tokens):
+            keep = max(mult * (len(batch) // mult), len(batch) % mult)
+            batches.append(batch[:keep])
+            batch = batch[keep:]
+            longest = max([lengths[j] for j in batch] + [lengths[i]])
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 class TokenBatchSampler(torch.utils.data.Sampler):
     """Length-bucketed batches of at most max_tokens padded samples, reshuffled per epoch, sharded over ranks.
 
-    Each epoch: shuffle (seed, epoch), stable-sort by length (random order among equal lengths), cut into
-    batches greedily so that batch_size * longest <= max_tokens (fairseq batch_by_size), shuffle the batches,
-    then deal them to ranks round robin. With even=True (training) the batch list is first padded by
-    repeating its first batches until it divides by world_size: a rank with fewer batches would leave DDP
-    waiting in all-reduce forever, so up to world_size-1 batches are seen twice per epoch. Evaluation should
-    use even=False (or one rank) so no utterance is scored twice. An utterance longer than max_tokens on its
-    own is an error: raise max_tokens, or crop (max_sample_size), or skip it (make_loader with skip_bad).
+    Each epoch as fairseq: order by descending length, ties in random (seed, epoch) order (RawAudioDataset
+    .ordered_indices), cut into batches by `batch_by_size` with required_batch_size_multiple (fairseq's
+    default 8), shuffle the batches, deal them to ranks round robin. With even=True (training) the batch
+    list is first padded by repeating its first batches until it divides by world_size: a rank with fewer
+    batches would leave DDP waiting in all-reduce forever, so up to world_size-1 batches are seen twice per
+    epoch. Evaluation should use even=False (or one rank) so no utterance is scored twice. An utterance
+    longer than max_tokens on its own is an error: raise max_tokens, or crop (max_sample_size), or skip it
+    (make_loader with skip_bad).
     """
 
     def __init__(self, lengths: list[int], max_tokens: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, max_batch_size: int | None = None, even: bool = True):
+                 shuffle: bool = True, max_batch_size: int | None = None, even: bool = True,
+                 required_batch_size_multiple: int = 8):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if len(self.lengths) and self.lengths.max() > max_tokens:
             i = int(self.lengths.argmax())
             raise DataError(f"utterance #{i} has {self.lengths[i]} samples, more than max_tokens={max_tokens}")
         if not 0 <= rank < world_size:
             raise S3RError(f"rank {rank} is outside world_size {world_size}")
+        if required_batch_size_multiple < 1:
+            raise S3RError(f"required_batch_size_multiple must be at least 1, not {required_batch_size_multiple}")
         self.max_tokens, self.world_size, self.rank, self.seed = max_tokens, world_size, rank, seed
         self.shuffle, self.max_batch_size, self.even = shuffle, max_batch_size, even
+        self.required_batch_size_multiple = required_batch_size_multiple
         self.epoch, self.offset, self._cached = 0, 0, None
 
-    def set_epoch(self, epoch: int, offset: int = 0):
+    def set_epoch(self, epoch: int, offset: int = 0) -> None:
         """Select the epoch; `offset` skips this rank's first batches (resuming a checkpoint mid-epoch)."""
         self.epoch, self.offset = epoch, offset
 
@@ -463,15 +497,9 @@ class TokenBatchSampler(torch.utils.data.Sampler):
             return self._cached[1]
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
-        order = order[np.argsort(self.lengths[order], kind="stable")]
-        batches, current = [], []
-        for i in order.tolist():  # ascending lengths, so the newcomer is the longest in the batch
-            full = self.max_batch_size and len(current) == self.max_batch_size
-            if current and (full or (len(current) + 1) * self.lengths[i] > self.max_tokens):
-                batches.append(current)
-                current = []
-            current.append(i)
-        batches += [current] if current else []
+        order = order[np.argsort(-self.lengths[order], kind="stable")]  # longest first
+        batches = batch_by_size(order.tolist(), self.lengths.tolist(), self.max_tokens, self.max_batch_size,
+                                self.required_batch_size_multiple)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
         if self.even and batches and len(batches) % self.world_size:
@@ -487,30 +515,36 @@ class TokenBatchSampler(torch.utils.data.Sampler):
         return max(len(self.batches()) - self.offset, 0)
 
 
-def make_loader(utterances: list[Utterance], vocab: Vocabulary | None, max_tokens: int, train: bool = True,
-                normalize: bool = False, max_sample_size: int | None = None, world_size: int = 1, rank: int = 0,
-                seed: int = 0, num_workers: int = 2, skip_bad: bool = False,
-                allow_unk: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(utterances: list[Utterance], vocab: Vocabulary | None, max_tokens: int, *, train: bool = True,
+                normalize_waveform: bool = False, max_sample_size: int | None = None, world_size: int = 1,
+                rank: int = 0, seed: int = 0, num_workers: int = 2, skip_bad: bool = False, allow_unk: bool = False,
+                required_batch_size_multiple: int = 8) -> torch.utils.data.DataLoader:
     """DataLoader over SpeechDataset + TokenBatchSampler + collate; call set_epoch(loader, e) every epoch.
 
-    Utterances longer than max_tokens (after cropping) raise a DataError naming the file, or with skip_bad
-    are left out and listed in loader.dataset.skipped.
+    When max_sample_size crops, batching counts an utterance at its cropped size (fairseq RawAudioDataset
+    .size), so a long utterance that fits once cropped is kept. One longer than max_tokens even so raises a
+    DataError naming the file, or with skip_bad is left out and listed in loader.dataset.skipped.
     """
+    def size(u: Utterance) -> int:
+        return min(u.length, max_sample_size) if max_sample_size else u.length
+
     bad, keep = _Problems(skip_bad), []
     for u in utterances:
-        if min(u.length, max_sample_size or u.length) > max_tokens:
-            bad(u.path, f"{u.seconds:.1f} s ({u.length} samples) is longer than max_tokens={max_tokens} by itself")
+        if size(u) > max_tokens:
+            cropped = " after cropping" if max_sample_size else ""
+            bad(u.path, f"{u.seconds:.1f} s ({size(u)} samples{cropped}) is longer than max_tokens={max_tokens} "
+                        "by itself")
         else:
             keep.append(u)
-    dataset = SpeechDataset(keep, vocab, normalize, max_sample_size, skip_bad, allow_unk, seed)
+    dataset = SpeechDataset(keep, vocab, normalize_waveform, max_sample_size, skip_bad, allow_unk, seed)
     dataset.skipped = list(bad)
-    sampler = TokenBatchSampler([min(u.length, max_sample_size or u.length) for u in keep], max_tokens,
-                                world_size, rank, seed, shuffle=train, even=train)
+    sampler = TokenBatchSampler([size(u) for u in keep], max_tokens, world_size, rank, seed, shuffle=train,
+                                even=train, required_batch_size_multiple=required_batch_size_multiple)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available())
 
 
-def set_epoch(loader: torch.utils.data.DataLoader, epoch: int, offset: int = 0):
+def set_epoch(loader: torch.utils.data.DataLoader, epoch: int, offset: int = 0) -> None:
     """New shuffle and crops for `epoch`; `offset` = batches this rank already did (resuming mid-epoch)."""
     loader.batch_sampler.set_epoch(epoch, offset)
     loader.dataset.set_epoch(epoch)
@@ -530,24 +564,24 @@ def check_audio(corpus: Corpus, skip_bad: bool = False) -> None:
 
     with _quiet_decoders(), ThreadPoolExecutor(IO_THREADS) as pool:
         problems = list(pool.map(check, corpus.utterances))
-    for u, problem in zip(corpus.utterances, problems):
+    for u, problem in zip(corpus.utterances, problems, strict=True):
         if problem:
             bad(u.path, problem)
     corpus.skipped += list(bad)
-    corpus.utterances = [u for u, problem in zip(corpus.utterances, problems) if not problem]
+    corpus.utterances = [u for u, problem in zip(corpus.utterances, problems, strict=True) if not problem]
 
 
-def bench(utterances: list[Utterance], n: int = 200, normalize: bool = False) -> dict:
+def bench(utterances: list[Utterance], n: int = 200, normalize_waveform: bool = False) -> dict:
     """Decode + resample throughput of one loader worker (one thread), on the first n utterances (cycled)."""
     if not utterances:
         return {"utterances_per_s": 0.0, "audio_s_per_s": 0.0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like a DataLoader worker
     picked = [utterances[k % len(utterances)] for k in range(n)]
-    load_audio(picked[0].path, normalize)  # build the resampler kernel outside the timing
+    load_audio(picked[0].path, normalize_waveform)  # build the resampler kernel outside the timing
     t0, c0 = time.perf_counter(), time.process_time()
     for u in picked:
-        load_audio(u.path, normalize)
+        load_audio(u.path, normalize_waveform)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0  # CPU time: fair on a busy machine too
     torch.set_num_threads(threads)
     audio = sum(u.seconds for u in picked)
@@ -556,6 +590,7 @@ def bench(utterances: list[Utterance], n: int = 200, normalize: bool = False) ->
 
 
 def summarize(corpus: Corpus, vocab: Vocabulary) -> dict:
+    """What `python -m s3r.data` prints: counts, durations, extremes, rates, vocabulary and skipped files."""
     by_len = sorted(corpus.utterances, key=lambda u: u.seconds)
     edge = lambda u: {"id": u.id, "seconds": round(u.seconds, 3)} if u else None  # noqa: E731
     return {"name": corpus.name, "kind": corpus.kind, "root": corpus.root, "language": corpus.language,
@@ -565,7 +600,7 @@ def summarize(corpus: Corpus, vocab: Vocabulary) -> dict:
             "skipped": [{"path": p, "reason": r} for p, r in corpus.skipped]}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m s3r.data", description="Summarize (and check) a speech corpus.")
     p.add_argument("--data", required=True, help="corpus name: dev-clean, train-1h, pl-train, demo, x.tsv")
     p.add_argument("--data-root", default=None, help="holds LibriSpeech/, librispeech_finetuning/, cv-corpus-*")

@@ -12,7 +12,7 @@ import json
 import unicodedata
 from collections import Counter
 
-from . import S3RError
+from .errors import S3RError
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # fairseq Dictionary order; index 0 doubles as the CTC blank
 # fairseq's LibriSpeech dict.ltr.txt in file order, identical to facebook/wav2vec2-base-960h's vocab.json
@@ -77,7 +77,7 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.symbols)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
@@ -108,7 +108,7 @@ class Vocabulary:
             ids.append(i)
         return ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: list[int]) -> str:
         """Text of a unit id sequence (no CTC collapsing here); specials are dropped."""
         units = [self.symbols[i] for i in ids if self.symbols[i] not in SPECIALS and i != 0]
         if self.units == "spm":
@@ -120,7 +120,7 @@ class Vocabulary:
 
     # ---- construction ----
     @classmethod
-    def build(cls, texts, units: str = "letter", vocab_size: int = 100) -> "Vocabulary":
+    def build(cls, texts: list[str], units: str = "letter", vocab_size: int = 100) -> "Vocabulary":
         """Vocabulary from training transcripts: units sorted by count like fairseq's dict.ltr.txt.
 
         `vocab_size` is used only for sentencepiece ("spm") units, trained here as a unigram model.
@@ -136,6 +136,7 @@ class Vocabulary:
     @classmethod
     def _build_spm(cls, texts: list[str], vocab_size: int) -> "Vocabulary":
         import io
+
         import sentencepiece
         proto = io.BytesIO()
         try:  # id 0 = spm's own <unk>; no bos/eos/pad pieces: our specials come first instead

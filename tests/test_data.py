@@ -14,8 +14,16 @@ import torch
 import torchaudio.functional as AF
 
 from s3r import data
-from s3r.data import (DataError, TokenBatchSampler, Utterance, collate, load_audio, make_loader, resolve_corpus,
-                      set_epoch)
+from s3r.data import (
+    DataError,
+    TokenBatchSampler,
+    Utterance,
+    collate,
+    load_audio,
+    make_loader,
+    resolve_corpus,
+    set_epoch,
+)
 from s3r.text import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +184,7 @@ def test_load_audio_stereo_rate_and_normalize(write_audio):
     assert wav.shape == (math.ceil(len(raw) * 16000 / 22050),)
     expected = AF.resample(torch.from_numpy(raw.mean(1)), 22050, 16000)
     assert torch.allclose(wav, expected, atol=1e-6)
-    norm = load_audio(str(path), normalize=True)
+    norm = load_audio(str(path), normalize_waveform=True)
     assert abs(norm.mean()) < 1e-4 and abs(norm.std(unbiased=False) - 1) < 1e-3
     assert torch.allclose(norm, torch.nn.functional.layer_norm(wav, wav.shape), atol=1e-5)  # fairseq's recipe
 
@@ -225,7 +233,39 @@ def test_batches_reproducible_and_resumable():
     assert list(TokenBatchSampler(lengths, 600_000, seed=8)) != list(TokenBatchSampler(lengths, 600_000, seed=7))
     ordered = list(TokenBatchSampler(lengths, 600_000, shuffle=False))
     flat = [lengths[i] for batch in ordered for i in batch]
-    assert flat == sorted(flat)  # unshuffled: plain length order
+    assert flat == sorted(flat, reverse=True)  # unshuffled: longest first, as fairseq orders
+
+
+def test_batch_by_size_multiple_of_8_counted_by_hand():
+    lengths = [10] * 25
+    # max_tokens 100 holds 10 of them: 10 + 10 + 5
+    assert [len(b) for b in data.batch_by_size(list(range(25)), lengths, 100)] == [10, 10, 5]
+    # multiple of 8: 0-9 fill the batch and 10 does not fit, so 10 are cut to 8: out 0-7; 8, 9 carry over and
+    # 10 joins them; 8-17 fill the batch and 18 does not fit: out 8-15; 16, 17 carry over, 16-24 are the
+    # last 9, out whole (fairseq does not cut the last batch)
+    batches = data.batch_by_size(list(range(25)), lengths, 100, required_batch_size_multiple=8)
+    assert batches == [list(range(0, 8)), list(range(8, 16)), list(range(16, 25))]
+    assert list(TokenBatchSampler(lengths, 100, shuffle=False)) == batches  # the sampler's default is 8
+    # a batch smaller than 8 goes out whole: [60] (60 + 30 would pad to 120), [30, 30, 30] (+20 pads to 120), [20]
+    assert data.batch_by_size([0, 1, 2, 3, 4], [60, 30, 30, 30, 20], 100, required_batch_size_multiple=8) == [
+        [0], [1, 2, 3], [4]]
+    # 20 of length 5, max_tokens 60 (12 fit): 0-11 fill, cut to 0-7; 8-11 carry, 8-19 fill and 20 is the end
+    assert [len(b) for b in data.batch_by_size(list(range(20)), [5] * 20, 60, None, 8)] == [8, 12]
+    with pytest.raises(data.S3RError, match="at least 1"):
+        TokenBatchSampler(lengths, 100, required_batch_size_multiple=0)
+
+
+def test_batches_count_the_cropped_size():
+    utts = [Utterance("long", "a.flac", 64000, 16000, "A"), Utterance("short", "b.flac", 800, 16000, "B")]
+    with pytest.raises(DataError, match="4.0 s"):
+        make_loader(utts, None, 32000)
+    # cropped to 16000 samples: 2 x 16000 fits 32000, so both share one batch; at 31999 they do not
+    loader = make_loader(utts, None, 32000, max_sample_size=16000, num_workers=0)
+    assert loader.batch_sampler.lengths.tolist() == [16000, 800] and list(loader.batch_sampler) == [[0, 1]]
+    loader = make_loader(utts, None, 31999, max_sample_size=16000, num_workers=0)
+    assert sorted(loader.batch_sampler) == [[0], [1]]
+    with pytest.raises(DataError, match=r"16000 samples after cropping\) is longer than max_tokens=8000"):
+        make_loader(utts, None, 8000, max_sample_size=16000)
 
 
 def test_too_long_utterance():

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from s3r import S3RError
+from s3r.errors import S3RError
 from s3r.text import SPECIALS, OutOfVocabularyError, Vocabulary, normalize_text
 
 # facebook/wav2vec2-base-960h vocab.json: fairseq's LibriSpeech letters with HF names for the specials.
