@@ -18,7 +18,9 @@ tools/synth_corpus.py writes (<spk>-<chapter>.phn.txt, a `phonemes` TSV column, 
 Batching follows fairseq data_utils.batch_by_size (padded samples per batch <= max_tokens, batches of 8 or
 more cut to a multiple of required_batch_size_multiple=8) and audio follows RawAudioDataset (mono 16 kHz;
 normalize_waveform: zero mean, unit variance per utterance, when the checkpoint was pretrained so).
-Bad input raises a one-line DataError naming the file and line; with skip_bad it is skipped and listed.
+Bad input raises a one-line DataError naming the file (and line) and what is wrong; with skip_bad a bad
+utterance (missing or undecodable audio, a bad transcript line) is skipped and listed. A file or folder that
+cannot be read as a whole (a .tsv that is not a manifest, a folder without transcripts) stops even then.
 
     python -m s3r.data --data-root /data --data dev-clean [--json] [--check] [--skip-bad] [--bench 200]
 """
@@ -107,12 +109,16 @@ class _Problems(list):
         self.append((str(where), reason))
 
 
-def _read_lines(path: Path, bad: _Problems) -> list[tuple[int, str | None]]:
-    """(line number, text) for every line; None where a line is not UTF-8 (reported with its number)."""
+def _read_bytes(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _read_lines(path: Path, bad: _Problems) -> list[tuple[int, str | None]]:
+    """(line number, text) for every line; None where a line is not UTF-8 (reported with its number)."""
+    raw = _read_bytes(path)
     lines = []
     for n, line in enumerate(raw.removesuffix(b"\n").split(b"\n") if raw else [], 1):
         try:
@@ -129,12 +135,14 @@ def _read_chapters(folders: list[Path], units: str, bad: _Problems) -> list[tupl
     suffix = ".phn.txt" if units == "phone" else ".trans.txt"
     items = []
     for top in folders:
+        if not top.is_dir():
+            raise DataError(f"{top}: folder missing")
         transcripts = sorted(top.rglob(f"*{suffix}"))
         if not transcripts:
             raise DataError(f"{top}: no *{suffix} transcripts found")
         for trans in transcripts:
             # ids the transcript lists, readable lines or not (an undecodable line is reported once, not twice)
-            listed = {ln.split()[0].decode("utf-8", "replace") + ".flac" for ln in trans.read_bytes().splitlines()
+            listed = {ln.split()[0].decode("utf-8", "replace") + ".flac" for ln in _read_bytes(trans).splitlines()
                       if ln.strip()}
             for n, line in _read_lines(trans, bad):
                 if not line:
@@ -152,8 +160,14 @@ def _read_chapters(folders: list[Path], units: str, bad: _Problems) -> list[tupl
     return items
 
 
+def _check_root(root: Path) -> None:
+    if not root.is_dir():
+        raise DataError(f"--data-root {root}: {'not a folder' if root.exists() else 'no such folder'}")
+
+
 def _find_cv_folder(root: Path, lang: str) -> Path:
     """The <lang> folder of a CommonVoice release, whether root is above, at, or inside the release."""
+    _check_root(root)
     spellings = {lang, lang.replace("_", "-"), lang.replace("-", "_")}  # upstream writes zh_TW, releases zh-TW
     if (root / "clips").is_dir():  # root is a language folder itself
         if root.name not in spellings:
@@ -200,11 +214,16 @@ def _read_commonvoice(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, 
 def _read_manifest(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, str, str, int]]:
     """A fairseq manifest with labels from the sibling .ltr (preferred) / .wrd, or .phn for phone units."""
     lines = _read_lines(tsv, bad)
-    if not lines or not lines[0][1]:
-        raise DataError(f"{tsv}: first line must be the audio root folder")
+    if not lines or not (lines[0][1] or "").strip():
+        raise DataError(f"{tsv}: not a fairseq manifest: line 1 must be the audio root folder")
+    if "\t" in lines[0][1]:  # e.g. a CommonVoice tsv (client_id<TAB>path<TAB>sentence...) given as a manifest
+        raise DataError(f"{tsv}:1: not a fairseq manifest: line 1 must be the audio root folder, not columns "
+                        f"({lines[0][1][:50]!r}); a CommonVoice split is named <lang>-<split>")
     root, rows = Path(lines[0][1].strip()), lines[1:]
     if not root.is_absolute() and (tsv.parent / root).is_dir():
         root = tsv.parent / root  # a relative root names the manifest's own folder (the committed demo: ".")
+    if not root.is_dir():
+        raise DataError(f"{tsv}:1: audio root folder {root} does not exist")
     exts = ["phn"] if units == "phone" else ["ltr", "wrd"]
     label_file = next((tsv.with_suffix(f".{e}") for e in exts if tsv.with_suffix(f".{e}").exists()), None)
     if label_file is None:
@@ -294,6 +313,7 @@ def scan_audio(paths: list[str], bad: _Problems) -> dict[str, tuple[int, int]]:
 # ---------------------------------------------------------------- naming
 def _first_dir(candidates: list[Path], problem: str) -> Path:
     """The first existing folder: DIR may hold the corpus folder or be it."""
+    _check_root(candidates[-1].parent)
     for d in candidates:
         if d.is_dir():
             return d

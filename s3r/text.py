@@ -57,6 +57,20 @@ def normalize_text(text: str, case: str | None = "lower", keep: str = "'") -> st
     return " ".join("".join(out).split())
 
 
+def _read_text(path: str) -> str:
+    """A UTF-8 text file, or a one-line error naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise S3RError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise S3RError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
 class Vocabulary:
     """CTC output units: `symbols[i]` is the label of logit i; index 0 is the blank."""
 
@@ -159,12 +173,12 @@ class Vocabulary:
     def from_fairseq_dict(cls, path: str) -> "Vocabulary":
         """Read a fairseq dict.ltr.txt / dict.phn.txt: `symbol count [#fairseq:overwrite]` per line."""
         symbols = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                fields = line.rstrip("\n").replace(" #fairseq:overwrite", "").rsplit(" ", 1)
-                if len(fields) != 2 or not fields[1].isdigit():
-                    raise S3RError(f"{path}:{n}: expected 'symbol count', got {line.strip()!r}")
-                symbols.append(fields[0])
+        text = _read_text(path)
+        for n, line in enumerate(text.removesuffix("\n").split("\n") if text else [], 1):
+            fields = line.rstrip("\r").replace(" #fairseq:overwrite", "").rsplit(" ", 1)
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise S3RError(f"{path}:{n}: expected 'symbol count', got {line.strip()[:50]!r}")
+            symbols.append(fields[0])
         return cls._with_units(SPECIALS + [s for s in symbols if s not in SPECIALS])
 
     def save_fairseq_dict(self, path: str) -> None:
@@ -175,8 +189,12 @@ class Vocabulary:
     @classmethod
     def from_hf_vocab(cls, path: str) -> "Vocabulary":
         """Read a Hugging Face Wav2Vec2CTCTokenizer vocab.json ({symbol: index})."""
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
+        try:
+            table = json.loads(_read_text(path))
+        except json.JSONDecodeError as e:
+            raise S3RError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(table, dict) or not all(isinstance(i, int) for i in table.values()):
+            raise S3RError(f"{path}: expected a vocab.json object {{symbol: index}}")
         symbols = sorted(table, key=table.get)
         if [table[s] for s in symbols] != list(range(len(symbols))):
             raise S3RError(f"{path}: indices are not 0..{len(symbols) - 1}")

@@ -348,6 +348,18 @@ def damage(case: str, tiny_corpus) -> tuple[list[str], str]:
         lines[1] = lines[1].replace(b"\tpl\t", b"\tpl\xb9\t")  # a latin-1 byte in row 1 (line 2)
         tsv.write_bytes(b"\n".join(lines))
         return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv:2: not UTF-8"
+    if case in ("short_cv_row", "text_as_audio"):
+        root = tiny_corpus("commonvoice", num=8, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+        lang = root / "cv-corpus-17.0-2024-03-15" / "pl"
+        if case == "text_as_audio":
+            clip = sorted((lang / "clips").glob("*.mp3"))[0]
+            clip.write_text("this is a text file, not audio\n")
+            return ["--data-root", str(root), "--data", "pl-validated"], f"{clip.name}: cannot decode audio"
+        tsv = lang / "dev.tsv"
+        lines = tsv.read_text(encoding="utf-8").split("\n")
+        lines[1] = lines[1].split("\t")[0]  # a row cut after its first column
+        tsv.write_text("\n".join(lines), encoding="utf-8")
+        return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv:2: 1 columns, header has"
     if case == "missing_manifest_audio":
         root = tiny_corpus("manifest", num=4, fresh=True)
         next((root / "audio").rglob("*.flac")).unlink()
@@ -379,7 +391,7 @@ def damage(case: str, tiny_corpus) -> tuple[list[str], str]:
 
 
 BAD_CASES = ["missing_audio", "no_transcript", "empty", "corrupt", "truncated", "non_utf8", "missing_clip",
-             "non_utf8_tsv", "truncated_mp3", "missing_manifest_audio"]
+             "non_utf8_tsv", "truncated_mp3", "missing_manifest_audio", "short_cv_row", "text_as_audio"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -392,6 +404,62 @@ def test_bad_input(case, tiny_corpus, capfd):
     summary = json.loads(capfd.readouterr().out)
     assert len(summary["skipped"]) == 1 and message.split(":")[0] in summary["skipped"][0]["path"]
     assert summary["skipped"][0]["reason"] and isinstance(summary["utterances"], int)
+
+
+def unreadable(case: str, tiny_corpus, tmp_path) -> tuple[list[str], str]:
+    """A whole file or folder that cannot be read as what it should be: (CLI args, text the error must contain)."""
+    if case in ("cv_tsv_as_manifest", "cv_no_path_column", "cv_split_missing"):
+        root = tiny_corpus("commonvoice", num=4, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+        lang = root / "cv-corpus-17.0-2024-03-15" / "pl"
+        if case == "cv_tsv_as_manifest":
+            return ["--data", str(lang / "train.tsv")], "train.tsv:1: not a fairseq manifest"
+        if case == "cv_split_missing":
+            (lang / "dev.tsv").unlink()
+            return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv not found"
+        tsv = lang / "train.tsv"
+        tsv.write_text(tsv.read_text(encoding="utf-8").replace("\tpath\t", "\tfile\t", 1), encoding="utf-8")
+        return ["--data-root", str(root), "--data", "pl-train"], "train.tsv: no path column (header: client_id"
+    if case.startswith("manifest"):
+        root = tiny_corpus("manifest", num=4, fresh=True)
+        tsv = root / "train.tsv"
+        if case == "manifest_empty":
+            tsv.write_text("")
+            return ["--data", str(tsv)], "train.tsv: not a fairseq manifest: line 1 must be the audio root"
+        if case == "manifest_missing_root":
+            tsv.write_text("/no/such/audio\n" + "".join(tsv.read_text().splitlines(True)[1:]))
+            return ["--data", str(tsv)], "train.tsv:1: audio root folder /no/such/audio does not exist"
+        if case == "manifest_dict_not_utf8":
+            (root / "dict.ltr.txt").write_bytes(b"| 5\n\xe9 2\n")
+            return ["--data", str(tsv)], "dict.ltr.txt:2: not UTF-8 text (byte 0xe9)"
+    if case == "no_data_root":
+        return ["--data-root", str(tmp_path / "nowhere"), "--data", "dev-clean"], "nowhere: no such folder"
+    if case == "cv_data_root_is_a_file":
+        (tmp_path / "file").write_text("x")
+        return ["--data-root", str(tmp_path / "file"), "--data", "pl-dev"], "file: not a folder"
+    if case == "no_transcripts":
+        root = tiny_corpus("librispeech", num=4, fresh=True)
+        for trans in (root / "LibriSpeech" / "dev-clean").rglob("*.txt"):
+            trans.unlink()
+        return ["--data-root", str(root), "--data", "dev-clean"], "dev-clean: no *.trans.txt transcripts found"
+    if case == "librilight_fold_missing":
+        root = tiny_corpus("librilight", num=14, fresh=True)
+        shutil.rmtree(root / "librispeech_finetuning" / "9h")
+        return ["--data-root", str(root), "--data", "train-10h"], "9h: folder missing"
+    raise ValueError(case)
+
+
+UNREADABLE = ["cv_tsv_as_manifest", "cv_no_path_column", "cv_split_missing", "manifest_empty",
+              "manifest_missing_root", "manifest_dict_not_utf8", "no_data_root", "cv_data_root_is_a_file",
+              "no_transcripts", "librilight_fold_missing"]
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_unreadable_file_or_folder_is_one_line(case, tiny_corpus, tmp_path, capfd):
+    args, message = unreadable(case, tiny_corpus, tmp_path)
+    for extra in ([], ["--skip-bad"]):  # a whole file or folder is not skipped: nothing would be left to read
+        assert data.main(args + extra) == 2
+        err = capfd.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_truncated_audio_while_training(tiny_corpus):
