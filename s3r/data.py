@@ -8,12 +8,20 @@ under $S3R_CACHE or ~/.cache/s3r). `--data NAME --data-root DIR`, where DIR hold
                 NAME: train-10m (= 1h/0), train-1h (= 1h/*), train-10h (= 1h/* + 9h), as upstream names them
   CommonVoice   DIR/cv-corpus-*/<lang>/<split>.tsv + clips/ (DIR may be the release or the language folder)
                 NAME: <lang>-<split>, split in train/dev/test/validated; zh-TW and zh_TW both work
+                The paper's setting (XLSR-53's low-resource CommonVoice, Rivière et al. 2020): NAME
+                <lang>-train-1h, -train-5h, -dev-1h, -test-1h read the clips a list names, one clip name per
+                line (with or without .mp3), from validated.tsv. The published lists (common_voices_splits.tar.gz:
+                <lang>/trainSeqs_1.0_uniform_new_version.txt, trainSeqs_5.0_..., testSeqs_uniform_new_version.txt)
+                are found in DIR/common_voices_splits/<lang>/ (lang as zh-TW, zh_TW or zh) or in the language
+                folder; any split may also be given as <lang folder>/<split>.txt (dev-1h has no published list).
   fairseq       NAME: a manifest .tsv (root on line 1, then relpath<TAB>num_samples) with sibling .ltr (or
                 .wrd) labels and dict.ltr.txt, as written by examples/wav2vec/{wav2vec_manifest,libri_labels}.py
   demo          NAME: demo or demo-<split>: s3r/assets/demo/<split>.tsv, or a split in a layout above there
 Transcripts: LibriSpeech letters UPPERCASE with apostrophes (fairseq .ltr); CommonVoice sentences
-normalized by text.normalize_text to lowercase characters. units="phone" reads the phone transcripts that
-tools/synth_corpus.py writes (<spk>-<chapter>.phn.txt, a `phonemes` TSV column, or <split>.phn).
+normalized by text.normalize_text to lowercase characters. units="phone": CommonVoice sentences are
+phonemized by espeak-ng (voice from the language: zh-TW -> cmn, sv-SE -> sv, fr -> fr-fr; IPA phones, stress
+removed, "|" between words; cached under $S3R_CACHE); the phone transcripts tools/synth_corpus.py writes are
+read where present (<spk>-<chapter>.phn.txt, a `phonemes` TSV column, or <split>.phn).
 
 Batching follows fairseq data_utils.batch_by_size (padded samples per batch <= max_tokens, batches of 8 or
 more cut to a multiple of required_batch_size_multiple=8) and audio follows RawAudioDataset (mono 16 kHz;
@@ -32,6 +40,8 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +62,13 @@ LIBRISPEECH_SPLITS = ("train-clean-100", "train-clean-360", "train-other-500", "
 LIBRILIGHT_SPLITS = {"train-10m": ["1h/0"], "train-1h": [f"1h/{k}" for k in range(6)],
                      "train-10h": [f"1h/{k}" for k in range(6)] + ["9h"]}
 CV_SPLITS = ("train", "dev", "test", "validated")
+# Rivière et al. 2020's clip lists (dl.fbaipublicfiles.com/cpc_audio/common_voices_splits.tar.gz, one folder per
+# language), as the CPC_audio README names them; a list may also be written as <lang folder>/<split>.txt.
+CV_CLIP_LISTS = {"train-1h": "trainSeqs_1.0_uniform_new_version.txt",
+                 "train-5h": "trainSeqs_5.0_uniform_new_version.txt",
+                 "test-1h": "testSeqs_uniform_new_version.txt", "test-5h": "testSeqs_uniform_new_version.txt"}
+# CommonVoice codes whose espeak-ng voice is not the code or its first part (Rivière et al. phonemized zh as cmn)
+ESPEAK_VOICES = {"zh-TW": "cmn", "zh-CN": "cmn", "zh-HK": "yue", "fr": "fr-fr", "en": "en-us"}
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 IO_THREADS = 8  # soundfile releases the GIL, so threads overlap file reads (and help most on network disks)
 
@@ -183,32 +200,169 @@ def _find_cv_folder(root: Path, lang: str) -> Path:
     return found[0]
 
 
-def _read_commonvoice(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, str, str]]:
-    """A release TSV, columns looked up by header name (their set and order change between releases)."""
+def _read_cv_table(tsv: Path, bad: _Problems) -> list[tuple[str, dict[str, str]]]:
+    """Rows of a release TSV as ("file:line", {column: value}); columns looked up by header name (their set
+    and order change between releases). `path` and `sentence` are required; `phonemes` (our synthetic
+    corpora) is used for phone units when present."""
     lines = _read_lines(tsv, bad)
     if not lines or lines[0][1] is None:
         raise DataError(f"{tsv}: empty or unreadable header")
     header = lines[0][1].split("\t")
-    text_col = "phonemes" if units == "phone" else "sentence"
-    missing = [c for c in ("path", text_col) if c not in header]
+    missing = [c for c in ("path", "sentence") if c not in header]
     if missing:
         raise DataError(f"{tsv}: no {' or '.join(missing)} column (header: {' '.join(header)})")
-    ip, it = header.index("path"), header.index(text_col)
-    items = []
+    need = max(header.index("path"), header.index("sentence"), header.index("phonemes") if "phonemes" in header else 0)
+    rows = []
     for n, line in lines[1:]:
         if line is None or not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) <= max(ip, it):
+        if len(fields) <= need:
             bad(f"{tsv}:{n}", f"{len(fields)} columns, header has {len(header)}")
             continue
-        clip = tsv.parent / "clips" / fields[ip]
-        if not clip.is_file():
-            bad(f"{tsv}:{n}", f"clip {fields[ip]} is missing from {clip.parent}")
-            continue
-        text = " ".join(fields[it].split()) if units == "phone" else normalize_text(fields[it], case="lower")
-        items.append((Path(fields[ip]).stem, str(clip), text))
+        rows.append((f"{tsv}:{n}", dict(zip(header, fields, strict=False))))
+    return rows
+
+
+def _cv_items(rows: list[tuple[str, dict[str, str]]], folder: Path, units: str, language: str,
+              bad: _Problems) -> list[tuple[str, str, str]]:
+    """(id, clip path, transcript) of CommonVoice rows; phone transcripts from espeak-ng when the TSV has none."""
+    found = []
+    for where, row in rows:
+        clip = folder / "clips" / row["path"]
+        if clip.is_file():
+            found.append((where, row, clip))
+        else:
+            bad(where, f"clip {row['path']} is missing from {clip.parent}")
+    if units == "phone":
+        spoken = [row["sentence"] for _, row, _ in found if "phonemes" not in row]
+        phones = phonemize(spoken, espeak_voice(language)) if spoken else {}
+    items = []
+    for where, row, clip in found:
+        if units != "phone":
+            text = normalize_text(row["sentence"], case="lower")
+        else:
+            text = " ".join(row["phonemes"].split()) if "phonemes" in row else phones[row["sentence"]]
+            if not text:
+                bad(where, f"no phones for the sentence {row['sentence'][:40]!r}")
+                continue
+        items.append((Path(row["path"]).stem, str(clip), text))
     return items
+
+
+def _find_clip_list(folder: Path, base: Path, lang: str, split: str) -> Path:
+    """The clip list of `split`: in the language folder (the CPC_audio README unpacks the lists there) or in
+    common_voices_splits/<lang>/ (the tarball unpacked) above the release."""
+    names = [f"{split}.txt"] + ([CV_CLIP_LISTS[split]] if CV_CLIP_LISTS.get(split) else [])
+    langs = dict.fromkeys([lang, lang.replace("_", "-"), lang.replace("-", "_"), re.split("[-_]", lang)[0]])
+    folders = [folder] + [top / "common_voices_splits" / s for top in dict.fromkeys([base, folder.parent.parent])
+                          for s in langs]
+    for candidate in (f / n for f in folders for n in names):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"no clip list for {lang}-{split}: looked for {' or '.join(names)} in {folder} and in "
+                    f"common_voices_splits/{{{','.join(langs)}}}/ under {base}")
+
+
+def _read_clip_list(lst: Path, folder: Path, bad: _Problems) -> list[tuple[str, dict[str, str]]]:
+    """The release rows of the clips `lst` names, one per line (a clip name, with or without .mp3 or folder),
+    in the list's order. The clips are looked up in validated.tsv, then the release's other TSVs."""
+    wanted = []
+    for n, line in _read_lines(lst, bad):
+        if line is not None and line.strip():
+            wanted.append((f"{lst}:{n}", Path(line.strip()).stem))
+    if not wanted:
+        raise DataError(f"{lst}: no clip names in it")
+    index: dict[str, tuple[str, dict[str, str]]] = {}
+    tables = [folder / f"{t}.tsv" for t in ("validated", "train", "dev", "test", "other", "invalidated")]
+    for tsv in (t for t in tables if t.is_file()):
+        for where, row in _read_cv_table(tsv, bad):
+            index.setdefault(Path(row["path"]).stem, (where, row))
+        if all(stem in index for _, stem in wanted):
+            break  # the 1 h lists were drawn from validated clips: the other tables are rarely needed
+    rows, seen = [], set()
+    for where, stem in wanted:
+        if stem in seen:
+            bad(where, f"clip {stem} is listed twice")
+        elif stem not in index:
+            bad(where, f"clip {stem} is in no TSV of {folder}")
+        else:
+            seen.add(stem)
+            rows.append(index[stem])
+    return rows
+
+
+# ---------------------------------------------------------------- phone transcripts (espeak-ng)
+def espeak_voice(language: str) -> str:
+    """The espeak-ng voice for a CommonVoice language code (zh-TW -> cmn, sv-SE -> sv, fr -> fr-fr)."""
+    voices = _espeak()[2]
+    base = re.split("[-_]", language)[0].lower()
+    choices = [ESPEAK_VOICES.get(language.replace("_", "-")), language, language.lower(), base]
+    choices += sorted(v for v in voices if v.startswith(base + "-"))
+    voice = next((v for v in choices if v in voices), None)
+    if voice is None:
+        raise DataError(f"espeak-ng has no voice for the CommonVoice language {language!r} "
+                        "(espeak-ng --voices lists them), so its sentences cannot be phonemized")
+    return voice
+
+
+@functools.lru_cache(maxsize=1)
+def _espeak_info(exe: str) -> tuple[str, frozenset[str]]:
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    listing = subprocess.run([exe, "--voices"], capture_output=True, text=True).stdout.splitlines()[1:]
+    version = re.search(r"text-to-speech: (\S+)", version)
+    return version.group(1) if version else "unknown", frozenset(ln.split()[1] for ln in listing if len(ln.split()) > 1)
+
+
+def _espeak() -> tuple[str, str, frozenset[str]]:
+    """(executable, version, voices) of the installed espeak-ng."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise DataError("phone units for CommonVoice need espeak-ng to phonemize the sentences, and it is not "
+                        "installed (apt install espeak-ng)")
+    return (exe, *_espeak_info(exe))
+
+
+def _ipa_phones(ipa: str) -> str:
+    """espeak-ng `--ipa --sep=_` output -> "p h o n e s | p h o n e s": stress marks and language switches
+    ("(en)") removed, as phonemizer does; espeak's lines (one per clause) joined."""
+    words = []
+    for word in re.sub(r"\([a-z-]+\)", " ", ipa).split():
+        phones = [p for p in word.replace("ˈ", "").replace("ˌ", "").split("_") if p]
+        if phones:
+            words.append(" ".join(phones))
+    return " | ".join(words)
+
+
+def phonemize(sentences: list[str], voice: str) -> dict[str, str]:
+    """{sentence: phone transcript} by espeak-ng, cached under $S3R_CACHE per espeak version and voice."""
+    exe, version, _ = _espeak()
+    cache_dir = Path(os.environ.get("S3R_CACHE") or Path.home() / ".cache" / "s3r")
+    cache_file = cache_dir / f"phones-espeak-{version}-{voice}.json"
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    todo = sorted(set(sentences) - set(cache))
+
+    def speak(text: str) -> str:  # text on stdin: a sentence starting with "-" is not an option
+        res = subprocess.run([exe, "-q", "-v", voice, "--ipa", "--sep=_", "--stdin"], input=text,
+                             capture_output=True, text=True)
+        if res.returncode:
+            raise DataError(f"espeak-ng -v {voice} failed on {text[:40]!r}: {res.stderr.strip()[:200]}")
+        return _ipa_phones(res.stdout)
+
+    if todo:
+        with ThreadPoolExecutor(IO_THREADS) as pool:  # espeak-ng runs in child processes: threads overlap them
+            cache.update(zip(todo, pool.map(speak, todo), strict=True))
+        try:  # write-then-rename, as the audio scan cache
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return {s: cache[s] for s in sentences}
 
 
 def _read_manifest(tsv: Path, units: str, bad: _Problems) -> list[tuple[str, str, str, int]]:
@@ -332,6 +486,7 @@ def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, u
             units = "phone"  # the demo is scored by phone error rate (espeak-ng phone transcripts only)
         return resolve_corpus(str(tsv) if tsv.exists() else split, str(DEMO_DIR), skip_bad, units)
     cv = re.fullmatch(r"(.+)-(train|dev|test|validated)", name)
+    cv_list = re.fullmatch(r"(.+)-((?:train|dev|test)-[15]h)", name)
     if name in LIBRISPEECH_SPLITS:
         kind, units, language = "librispeech", units or "letter", "en"
         where = _first_dir([base / "LibriSpeech" / name, base / name], f"no LibriSpeech/{name} folder under {base}")
@@ -352,10 +507,16 @@ def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, u
         where = _find_cv_folder(base, cv.group(1)) / f"{cv.group(2)}.tsv"
         if not where.is_file():
             raise DataError(f"{where} not found")
-        items = _read_commonvoice(where, units, bad)
+        items = _cv_items(_read_cv_table(where, bad), where.parent, units, language, bad)
+    elif cv_list:
+        kind, units, language = "commonvoice", units or "char", cv_list.group(1).replace("_", "-")
+        folder = _find_cv_folder(base, cv_list.group(1))
+        where = _find_clip_list(folder, base, cv_list.group(1), cv_list.group(2))
+        items = _cv_items(_read_clip_list(where, folder, bad), folder, units, language, bad)
     else:
         raise DataError(f"unknown corpus name {name!r}: expected a LibriSpeech split ({', '.join(LIBRISPEECH_SPLITS)}"
-                        "), train-10m/train-1h/train-10h, <lang>-<split> for CommonVoice, demo, or a manifest .tsv")
+                        "), train-10m/train-1h/train-10h, <lang>-<split> or <lang>-train-1h for CommonVoice, demo, "
+                        "or a manifest .tsv")
 
     if kind == "manifest":  # fairseq manifests carry sizes (16 kHz samples): no need to open the audio
         utts = [Utterance(uid, path, n, SAMPLE_RATE, text) for uid, path, text, n in items]
@@ -622,7 +783,7 @@ def summarize(corpus: Corpus, vocab: Vocabulary) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m s3r.data", description="Summarize (and check) a speech corpus.")
-    p.add_argument("--data", required=True, help="corpus name: dev-clean, train-1h, pl-train, demo, x.tsv")
+    p.add_argument("--data", required=True, help="corpus name: dev-clean, train-1h, pl-train, nl-train-1h, demo, x.tsv")
     p.add_argument("--data-root", default=None, help="holds LibriSpeech/, librispeech_finetuning/, cv-corpus-*")
     p.add_argument("--units", choices=["letter", "char", "phone"], default=None, help="transcript units")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -510,3 +510,110 @@ def test_cli_summary(tiny_corpus, capsys):
     assert summary["shortest"]["seconds"] <= summary["longest"]["seconds"]
     assert data.main(["--data-root", str(root), "--data", "train-10m"]) == 0
     assert "utterances: 4" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- CommonVoice clip lists (Rivière et al. 2020)
+def cv_table(tsv: Path) -> dict[str, dict[str, str]]:
+    """{clip stem: row} of a release TSV, read here independently of s3r.data."""
+    header, *rows = tsv.read_text(encoding="utf-8").splitlines()
+    table = [dict(zip(header.split("\t"), r.split("\t"), strict=True)) for r in rows]
+    return {Path(r["path"]).stem: r for r in table}
+
+
+@pytest.fixture
+def cv_lists(tiny_corpus):
+    """A pl release with a published-style 1 h train list above it and a dev-1h.txt in the language folder."""
+    root = tiny_corpus("commonvoice", num=8, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+    lang = root / "cv-corpus-17.0-2024-03-15" / "pl"
+    lists = root / "common_voices_splits" / "pl"
+    lists.mkdir(parents=True)
+    # a clip name, a file name and a path: the list formats seen in the wild
+    (lists / "trainSeqs_1.0_uniform_new_version.txt").write_text(
+        "common_voice_pl_3000005\nclips/common_voice_pl_3000001.mp3\n\ncommon_voice_pl_3000002.mp3\n")
+    (lang / "dev-1h.txt").write_text("common_voice_pl_3000007\n")
+    return root, lang
+
+
+def test_commonvoice_clip_list(cv_lists):
+    root, lang = cv_lists
+    corpus = resolve_corpus("pl-train-1h", str(root))
+    assert [u.id for u in corpus.utterances] == ["common_voice_pl_3000005", "common_voice_pl_3000001",
+                                                 "common_voice_pl_3000002"]  # the list's order
+    published = root / "common_voices_splits" / "pl" / "trainSeqs_1.0_uniform_new_version.txt"
+    assert (corpus.kind, corpus.language, corpus.units, corpus.root) == ("commonvoice", "pl", "char", str(published))
+    rows = cv_table(lang / "validated.tsv")
+    assert [u.text for u in corpus.utterances] == [
+        " ".join(rows[u.id]["sentence"].lower().replace(".", " ").replace("!", " ").replace('"', " ").replace(",", " ")
+                 .split()) for u in corpus.utterances]
+    assert all(u.path == str(lang / "clips" / f"{u.id}.mp3") and u.sample_rate == 48000 for u in corpus.utterances)
+    dev = resolve_corpus("pl-dev-1h", str(root / "cv-corpus-17.0-2024-03-15"))  # a list beside the TSVs
+    assert [u.id for u in dev.utterances] == ["common_voice_pl_3000007"]
+    with pytest.raises(DataError, match=r"no clip list for pl-train-5h: looked for train-5h\.txt or "
+                                        r"trainSeqs_5\.0_uniform_new_version\.txt"):
+        resolve_corpus("pl-train-5h", str(root))
+
+
+def test_commonvoice_clip_list_bad_lines(cv_lists, capfd):
+    root, lang = cv_lists
+    (lang / "test-1h.txt").write_text("common_voice_pl_3000003\ncommon_voice_pl_9999999\ncommon_voice_pl_3000003\n")
+    args = ["--data-root", str(root), "--data", "pl-test-1h"]
+    assert data.main(args) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "test-1h.txt:2: clip common_voice_pl_9999999 is in no TSV of" in err, err
+    assert data.main(args + ["--skip-bad", "--json"]) == 0
+    summary = json.loads(capfd.readouterr().out)
+    assert summary["utterances"] == 1 and [s["path"].rsplit("/", 1)[-1] for s in summary["skipped"]] == [
+        "test-1h.txt:2", "test-1h.txt:3"]
+    assert summary["skipped"][1]["reason"] == "clip common_voice_pl_3000003 is listed twice"
+    (lang / "test-1h.txt").write_text("\n")
+    assert data.main(args) == 2 and "test-1h.txt: no clip names in it" in capfd.readouterr().err
+
+
+def drop_phonemes_column(lang: Path) -> dict[str, str]:
+    """Remove the synthetic `phonemes` column (what espeak-ng said while speaking); returns {clip stem: phones}."""
+    said = {stem: row["phonemes"] for stem, row in cv_table(lang / "validated.tsv").items()}
+    for tsv in lang.glob("*.tsv"):
+        lines = tsv.read_text(encoding="utf-8").splitlines()
+        tsv.write_text("".join(line.rsplit("\t", 1)[0] + "\n" for line in lines), encoding="utf-8")
+    return said
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_commonvoice_phones_from_espeak_cached(cv_lists, monkeypatch):
+    root, lang = cv_lists
+    said = drop_phonemes_column(lang)
+    corpus = resolve_corpus("pl-train-1h", str(root), units="phone")
+    assert corpus.units == "phone" and corpus.vocab is None
+    # the synthesizer's espeak-ng run spoke the raw sentence; phonemizing it again gives the same phones
+    assert [u.text for u in corpus.utterances] == [said[u.id] for u in corpus.utterances]
+    assert all(" | " in u.text for u in corpus.utterances)
+    official = resolve_corpus("pl-dev", str(root), units="phone")  # a release TSV split: phonemized the same way
+    assert [u.text for u in official.utterances] == [said[u.id] for u in official.utterances]
+
+    def no_espeak(*args, **kw):
+        raise AssertionError("espeak-ng run although its phones are cached")
+
+    monkeypatch.setattr(data.subprocess, "run", no_espeak)
+    assert resolve_corpus("pl-train-1h", str(root), units="phone").utterances == corpus.utterances
+    assert [u.text for u in resolve_corpus("pl-dev-1h", str(root), units="phone").utterances] == [
+        said["common_voice_pl_3000007"]]  # same sentences as train (3 sentences, 8 clips): cached too
+
+
+def test_commonvoice_phones_need_espeak(cv_lists, monkeypatch, capfd):
+    root, lang = cv_lists
+    drop_phonemes_column(lang)
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    assert data.main(["--data-root", str(root), "--data", "pl-train-1h", "--units", "phone"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "need espeak-ng to phonemize the sentences" in err, err
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_espeak_voice_from_commonvoice_language():
+    # Rivière et al.'s languages: es fr it ky nl ru sv-SE tr tt zh-TW, phonemized with these voices
+    voices = {lang: data.espeak_voice(lang) for lang in ("es", "fr", "it", "ky", "nl", "ru", "sv-SE", "tr", "tt",
+                                                          "zh-TW", "zh_TW")}
+    assert voices == {"es": "es", "fr": "fr-fr", "it": "it", "ky": "ky", "nl": "nl", "ru": "ru", "sv-SE": "sv",
+                      "tr": "tr", "tt": "tt", "zh-TW": "cmn", "zh_TW": "cmn"}
+    with pytest.raises(DataError, match="espeak-ng has no voice for the CommonVoice language 'xx-YY'"):
+        data.espeak_voice("xx-YY")
