@@ -147,10 +147,17 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
 FAIRSEQ_DEFAULT_CONV = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
 
 
-def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, head_cfg: dict | None = None) -> Wav2Vec2Config:
-    """Our config from a fairseq encoder config (`cfg.model`, or `cfg.model.w2v_args.model` for CTC checkpoints)."""
+def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, head_cfg: dict | None = None,
+                        source: str = "fairseq config") -> Wav2Vec2Config:
+    """Our config from a fairseq encoder config (`cfg.model`, or `cfg.model.w2v_args.model` for CTC checkpoints)
+    and, for CTC checkpoints, the finetuning config `head_cfg` (`cfg.model`: regularisation, blank_weight/mode)."""
     m = dict(model_cfg)
     get = m.get
+    layer_type = get("layer_type") or "transformer"
+    if layer_type != "transformer":  # conformer, or trf_adp: MMS's transformer layers with adapters
+        mms = " (an MMS adapter model)" if layer_type == "trf_adp" else ""
+        raise CheckpointError(f"{source}: unsupported fairseq option layer_type={layer_type!r}{mms}; s3r reads "
+                              f"'transformer'")
     conv = parse_conv_layers(get("conv_feature_layers") or FAIRSEQ_DEFAULT_CONV)
     depth = int(get("pos_conv_depth", 1) or 1)
     conv_pos = int(get("conv_pos", 128))
@@ -179,6 +186,8 @@ def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, head_cfg:
         mask_time_prob=float(pick("mask_prob", 0.0)), mask_time_length=int(pick("mask_length", 10)),
         mask_feature_prob=float(pick("mask_channel_prob", 0.0)),
         mask_feature_length=int(pick("mask_channel_length", 64)),
+        # Wav2Vec2CtcConfig: fairseq's CTC decoding adds blank_weight to the blank logit ("add") or sets it ("set")
+        blank_weight=float(head.get("blank_weight", 0.0) or 0.0), blank_mode=str(head.get("blank_mode") or "add"),
     )
 
 
@@ -259,7 +268,7 @@ def load_fairseq(ckpt: dict, path: Path) -> Wav2Vec2ForCTC:
     enc_cfg, task_cfg, head_cfg, route_cfg = _fairseq_configs(ckpt, path)
     state = {k.removeprefix("w2v_encoder.").removeprefix("w2v_model."): v for k, v in ckpt["model"].items()}
     vocab_size = state["proj.weight"].shape[0] if "proj.weight" in state else 0
-    config = config_from_fairseq(enc_cfg, task_cfg, head_cfg)
+    config = config_from_fairseq(enc_cfg, task_cfg, head_cfg, str(path))
     config.vocab_size = vocab_size
     model = Wav2Vec2ForCTC(config)
     state = _rename(state, FAIRSEQ_KEYS, FAIRSEQ_DROPPED, model, str(path))
@@ -303,6 +312,9 @@ def config_from_hf(hf: dict, normalize: bool | None = None, source: str = "confi
     for flag in ("conv_pos_batch_norm", "add_adapter", "use_weighted_layer_sum"):
         if hf.get(flag):
             raise CheckpointError(f"{source}: unsupported Hugging Face option {flag}=true")
+    if hf.get("adapter_attn_dim") is not None:  # MMS: a small adapter in every layer, one set per language
+        raise CheckpointError(f"{source}: unsupported Hugging Face option adapter_attn_dim={hf['adapter_attn_dim']} "
+                              f"(an MMS adapter model)")
     if hf.get("feat_extract_activation", "gelu") != "gelu":  # our conv extractor always uses GELU, as fairseq does
         raise CheckpointError(f"{source}: unsupported Hugging Face option "
                               f"feat_extract_activation={hf['feat_extract_activation']!r}")
@@ -329,6 +341,7 @@ def config_from_hf(hf: dict, normalize: bool | None = None, source: str = "confi
         final_dropout=g("final_dropout", 0.0), layerdrop=g("layerdrop", 0.1),
         mask_time_prob=g("mask_time_prob", 0.0), mask_time_length=g("mask_time_length", 10),
         mask_feature_prob=g("mask_feature_prob", 0.0), mask_feature_length=g("mask_feature_length", 64),
+        apply_spec_augment=bool(g("apply_spec_augment", True)),
     )
 
 
@@ -371,6 +384,10 @@ def load_hf(directory: Path) -> Wav2Vec2ForCTC:
     prefix = next((p for p in HF_PREFIXES if any(k.startswith(p) for k in state)), "")
     state = {k.removeprefix(prefix): v for k, v in state.items()}
     config = config_from_hf(hf, normalize, str(directory / "config.json"))
+    adapter = next((k for k in state if ".adapter_layer." in k), None)
+    if adapter is not None:  # MMS adapter weights without adapter_attn_dim in config.json
+        raise CheckpointError(f"{directory}: MMS adapter weights ({adapter}) are not supported (Hugging Face option "
+                              f"adapter_attn_dim)")
     config.vocab_size = state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 0
     model = Wav2Vec2ForCTC(config)
     _load_state(model, _rename(state, HF_KEYS, HF_DROPPED, model, str(directory)), str(directory))

@@ -51,7 +51,7 @@ def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
          "hidden_dropout": c.hidden_dropout, "attention_dropout": c.attention_dropout,
          "activation_dropout": c.activation_dropout, "feat_proj_dropout": c.feat_proj_dropout,
          "final_dropout": c.final_dropout, "layerdrop": c.layerdrop,
-         "apply_spec_augment": c.mask_time_prob > 0 or c.mask_feature_prob > 0,
+         "apply_spec_augment": c.apply_spec_augment,
          "mask_time_prob": c.mask_time_prob, "mask_time_length": c.mask_time_length, "mask_time_min_masks": 2,
          "mask_feature_prob": c.mask_feature_prob, "mask_feature_length": c.mask_feature_length,
          "ctc_loss_reduction": "sum", "ctc_zero_infinity": True,  # fairseq's CTC criterion: summed, zero_infinity

@@ -169,6 +169,40 @@ def test_hf_unsupported_extractor_activation_is_refused(tmp_path):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("apply", [True, False])
+def test_hf_apply_spec_augment_is_read(tmp_path, apply):
+    """transformers' `apply_spec_augment: false` means no SpecAugment whatever mask_time_prob says."""
+    import transformers as tf
+
+    cfg = ff.hf_config("base")
+    cfg.apply_spec_augment = apply
+    tf.Wav2Vec2ForCTC(cfg).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["apply_spec_augment"] is apply
+    model = load_pretrained(tmp_path)
+    assert model.config.apply_spec_augment is apply and model.config.mask_time_prob == 0.05
+
+
+def _with_adapter_keys(state: dict) -> dict:
+    """The MMS adapter of layer 0 as transformers' Wav2Vec2AttnAdapterLayer names it."""
+    extra = {f"wav2vec2.encoder.layers.0.adapter_layer.{n}": torch.zeros(2) for n in
+             ("norm.weight", "norm.bias", "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
+    return {**state, **extra}
+
+
+@pytest.mark.parametrize("where", ["config", "keys"])
+def test_hf_mms_adapter_is_refused_by_option(tmp_path, where):
+    hf("base", True).save_pretrained(tmp_path)
+    if where == "config":
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "adapter_attn_dim": 16}))
+    else:
+        _rewrite_state(tmp_path, _with_adapter_keys)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path)
+    msg = _one_line(e)
+    assert "adapter_attn_dim" in msg and str(tmp_path) in msg and "MMS" in msg, msg
+
+
 def test_hf_file_path_and_preprocessor(tmp_path):
     peer = hf("base", False)
     peer.save_pretrained(tmp_path)
@@ -329,6 +363,35 @@ def test_fairseq_ctc_parity(tmp_path, batch, variant, style):
     assert model.config.layerdrop == 0.1 and model.config.mask_feature_prob == 0.25
     assert model.route_config is None
     assert_parity(model, peer, *batch, what=f"fairseq ctc {variant} {style}")
+
+
+@pytest.mark.parametrize("style", ["cfg", "args"])
+@pytest.mark.parametrize("blank", [(0.0, "add"), (1.5, "add"), (-2.0, "set")], ids=["default", "add", "set"])
+def test_fairseq_blank_weight_and_mode_are_read(tmp_path, style, blank):
+    """Wav2Vec2CtcConfig's blank_weight / blank_mode (applied by fairseq at inference) land in our config."""
+    weight, mode = blank
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), style)
+    head = ckpt["cfg"]["model"] if style == "cfg" else vars(ckpt["args"])
+    head.update(blank_weight=weight, blank_mode=mode)
+    save_atomic(ckpt, tmp_path / "ctc.pt")
+    config = load_pretrained(tmp_path / "ctc.pt").config
+    assert (config.blank_weight, config.blank_mode) == (weight, mode)
+
+
+def test_fairseq_pretraining_checkpoint_has_default_blank(tmp_path):
+    save_atomic(ff.fairseq_pretraining_checkpoint("base", hf("base", False)), tmp_path / "p.pt")
+    config = load_pretrained(tmp_path / "p.pt").config
+    assert (config.blank_weight, config.blank_mode) == (0.0, "add")
+
+
+def test_fairseq_mms_adapter_layers_are_refused_by_option(tmp_path):
+    """MMS finetunes with `layer_type=trf_adp` (transformer layers with per-language adapters)."""
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    ckpt["cfg"]["model"]["w2v_args"]["model"].update(layer_type="trf_adp", adp_num=1, adp_dim=64)
+    save_atomic(ckpt, tmp_path / "mms.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "mms.pt")
+    assert "layer_type='trf_adp'" in _one_line(e) and "MMS" in str(e.value)
 
 
 def _upstream_scores(model, seed=0):
