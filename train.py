@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
             valid = None
             if rank == 0:
                 print(f"warning: no validation ({e}); pass --valid NAME", file=sys.stderr)
-        if valid is not None:  # sharded by hand; validation is not distributed sampling
+        if valid is not None:  # every rank decodes its share; validate() gathers the rows
             valid_loader = make_loader(valid.utterances[rank::world], vocab, cfg.max_tokens_valid, train=False,
                                        allow_unk=True, **common)
             valid_loader.worker_init_fn = cluster.worker_init_fn

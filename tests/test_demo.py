@@ -27,15 +27,14 @@ def test_demo_assets_are_small_and_complete():
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
     """The README's main job on the committed demo, cut to 30 updates in one process: the phone error rate on
-    demo-test must fall to well under half of the fresh head's (measured: 212% -> 37%; fairseq's uer, separators
-    counted, as the demo preset selects by)."""
+    demo-test must fall to well under half of the fresh head's (measured: 212% -> 37%)."""
     assert train.main(["--data", "demo", "--prune-rate", "0.9", "--max-updates", "30", "--validate-interval", "30",
                        "--save-dir", str(tmp_path), "--num-workers", "0"]) == 0
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    valid = [d for d in lines if "uer" in d]  # one line per validation
+    valid = [d for d in lines if "per" in d]  # one line per validation
     before, after = valid[0], valid[-1]
     assert (before["update"], after["update"]) == (0, 30)
-    assert after["uer"] < 0.5 and after["uer"] < 0.5 * before["uer"]
+    assert after["per"] < 0.5 and after["per"] < 0.5 * before["per"]
 
 
 def _cv_folder(root: Path, rows: dict[str, list[str]]) -> Path:
