@@ -18,17 +18,21 @@ import pickle
 import re
 import tempfile
 import types
+import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import S3RError
-from .model import RouteConfig, Routable, Wav2Vec2Config, Wav2Vec2ForCTC
+from .errors import S3RError
+from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .route_format import ROUTE_FORMAT, check_route, describe, install_route
+from .text import Vocabulary
 
 
 class CheckpointError(S3RError):
-    """A checkpoint that cannot be read: unknown format, key, class or architecture."""
+    """A checkpoint that cannot be read: unreadable file, unknown format, key, class or architecture."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -37,14 +41,9 @@ class CheckpointError(S3RError):
 
 def _allowed_globals() -> list:
     """The harmless classes fairseq checkpoints pickle besides tensors and plain containers."""
-    allowed = [argparse.Namespace]
-    try:
-        import numpy as np
-        allowed += [np.dtype, type(np.dtype("float64")), type(np.dtype("int64")), type(np.dtype("float32"))]
-        allowed += [np._core.multiarray.scalar] if hasattr(np, "_core") else [np.core.multiarray.scalar]
-    except ImportError:  # numpy is optional
-        pass
-    return allowed
+    allowed = [argparse.Namespace, np.dtype, type(np.dtype("float64")), type(np.dtype("int64")),
+               type(np.dtype("float32"))]
+    return allowed + [np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar]
 
 
 class _Stub:
@@ -58,6 +57,8 @@ class _Stub:
 
 
 class _LenientUnpickler(pickle.Unpickler):
+    """An unpickler that stubs out classes whose module is missing instead of failing (trusted files only)."""
+
     def find_class(self, module, name):
         try:
             return super().find_class(module, name)
@@ -68,23 +69,52 @@ class _LenientUnpickler(pickle.Unpickler):
 _lenient_pickle = types.SimpleNamespace(Unpickler=_LenientUnpickler, load=pickle.load, __name__="pickle")
 
 
-def torch_load(path: str | Path, trust_checkpoint: bool = False) -> dict:
-    """torch.load with weights_only=True and an allow-list; `trust_checkpoint` lifts it (arbitrary code can run)."""
+def _intact_zip(path: Path) -> bool:
+    """A complete zip archive whose every member passes its CRC check (torch.save's format)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def unreadable(path: Path, kind: str = "PyTorch") -> str:
+    """What is wrong with a file that torch.load (or safetensors) could not read, in a few words."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if size == 0:
+        return "an empty file (0 bytes)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or kind != "PyTorch":
+        # torch.save's zip archive, torch's legacy pickle format, or a safetensors header: cut short or damaged
+        return f"truncated or corrupt ({size:,} bytes)"
+    text = head.split(b"\n")[0].decode("utf-8", "replace")
+    if head.isascii() and text.isprintable():
+        return f"not a {kind} file but text ({size:,} bytes, beginning {text[:40]!r})"
+    return f"not a {kind} file ({size:,} bytes, beginning {head[:8]!r})"
+
+
+def torch_load(path: str | Path, trust_checkpoint: bool = False) -> object:
+    """torch.load with weights_only=True and an allow-list; `trust_checkpoint` lifts it (arbitrary code can run).
+
+    A file torch cannot read is a one-line CheckpointError saying what it is (text, empty, truncated).
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if trust_checkpoint:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
+        raise CheckpointError(f"checkpoint not found: {path}" if not path.is_dir() else
+                              f"{path} is a directory without config.json, not a checkpoint file")
     try:
+        if trust_checkpoint:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_lenient_pickle)
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"class {found.group(1)}" if found else "an object"
-        raise CheckpointError(f"{path} pickles {what} that s3r does not unpickle by default; pass "
-                              f"--trust-checkpoint (trust_checkpoint=True) if you trust this file") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # torch raises anything from KeyError to RuntimeError on a damaged file
+        if isinstance(e, pickle.UnpicklingError) and not trust_checkpoint and _intact_zip(path):
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the weights_only allow-list refused a class
+            what = f"class {found.group(1)}" if found else "an object"
+            raise CheckpointError(f"{path} pickles {what} that s3r does not unpickle by default; pass "
+                                  f"--trust-checkpoint (trust_checkpoint=True) if you trust this file") from None
+        raise CheckpointError(f"cannot read {path}: {unreadable(path)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,17 +147,28 @@ def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:
 FAIRSEQ_DEFAULT_CONV = "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] + [(512,2,2)]"
 
 
-def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, head_cfg: dict | None = None) -> Wav2Vec2Config:
-    """Our config from a fairseq encoder config (`cfg.model`, or `cfg.model.w2v_args.model` for CTC checkpoints)."""
+def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, head_cfg: dict | None = None,
+                        source: str = "fairseq config") -> Wav2Vec2Config:
+    """Our config from a fairseq encoder config (`cfg.model`, or `cfg.model.w2v_args.model` for CTC checkpoints)
+    and, for CTC checkpoints, the finetuning config `head_cfg` (`cfg.model`: regularisation, blank_weight/mode)."""
     m = dict(model_cfg)
     get = m.get
+    layer_type = get("layer_type") or "transformer"
+    if layer_type != "transformer":  # conformer, or trf_adp: MMS's transformer layers with adapters
+        mms = " (an MMS adapter model)" if layer_type == "trf_adp" else ""
+        raise CheckpointError(f"{source}: unsupported fairseq option layer_type={layer_type!r}{mms}; s3r reads "
+                              f"'transformer'")
     conv = parse_conv_layers(get("conv_feature_layers") or FAIRSEQ_DEFAULT_CONV)
     depth = int(get("pos_conv_depth", 1) or 1)
     conv_pos = int(get("conv_pos", 128))
     head = dict(head_cfg or {})  # the CTC finetuning config overrides the encoder's regularisation
-    pick = lambda key, default: head[key] if key in head and head[key] is not None else get(key, default)  # noqa: E731
+
+    def pick(key: str, default: object) -> object:
+        return head[key] if head.get(key) is not None else get(key, default)
+
     return Wav2Vec2Config(
-        conv_dim=tuple(t[0] for t in conv), conv_kernel=tuple(t[1] for t in conv), conv_stride=tuple(t[2] for t in conv),
+        conv_dim=tuple(t[0] for t in conv), conv_kernel=tuple(t[1] for t in conv),
+        conv_stride=tuple(t[2] for t in conv),
         conv_bias=bool(get("conv_bias", False)),
         feat_extract_norm="layer" if get("extractor_mode", "default") == "layer_norm" else "group",
         hidden_size=int(get("encoder_embed_dim", 768)), num_hidden_layers=int(get("encoder_layers", 12)),
@@ -138,11 +179,15 @@ def config_from_fairseq(model_cfg: dict, task_cfg: dict | None = None, head_cfg:
         conv_pos_groups=int(get("conv_pos_groups", 16)), conv_pos_depth=depth,
         normalize=bool((task_cfg or {}).get("normalize", False)),
         hidden_dropout=float(pick("dropout", 0.1)), attention_dropout=float(pick("attention_dropout", 0.1)),
-        activation_dropout=float(pick("activation_dropout", 0.0)), feat_proj_dropout=float(pick("dropout_input", 0.0)),
+        activation_dropout=float(pick("activation_dropout", 0.0)),
+        feat_proj_dropout=float(pick("dropout_input", 0.0)),
         final_dropout=float(head.get("final_dropout", 0.0) or 0.0),
         layerdrop=float(head.get("layerdrop", get("encoder_layerdrop", 0.0)) or 0.0),
         mask_time_prob=float(pick("mask_prob", 0.0)), mask_time_length=int(pick("mask_length", 10)),
-        mask_feature_prob=float(pick("mask_channel_prob", 0.0)), mask_feature_length=int(pick("mask_channel_length", 64)),
+        mask_feature_prob=float(pick("mask_channel_prob", 0.0)),
+        mask_feature_length=int(pick("mask_channel_length", 64)),
+        # Wav2Vec2CtcConfig: fairseq's CTC decoding adds blank_weight to the blank logit ("add") or sets it ("set")
+        blank_weight=float(head.get("blank_weight", 0.0) or 0.0), blank_mode=str(head.get("blank_mode") or "add"),
     )
 
 
@@ -171,7 +216,8 @@ FAIRSEQ_DROPPED = re.compile(r"(quantizer\.|project_q\.|final_proj\.|label_embs_
                              r"project_inp\.|decoder\.|encoder\.version)")
 
 
-def _rename(state: dict, rules, dropped: re.Pattern, model: Wav2Vec2ForCTC, source: str) -> dict:
+def _rename(state: dict, rules: list[tuple[str, str]], dropped: re.Pattern, model: Wav2Vec2ForCTC,
+            source: str) -> dict:
     """Apply rename rules; refuse any key that maps to nothing in `model` (all keys of `model` may stay absent)."""
     ours = set(model.state_dict()) | {f"{n}.scores" for n, m in model.named_modules() if isinstance(m, Routable)}
     out = {}
@@ -190,13 +236,13 @@ def _rename(state: dict, rules, dropped: re.Pattern, model: Wav2Vec2ForCTC, sour
     return out
 
 
-def _as_dict(obj) -> dict:
+def _as_dict(obj: object) -> dict:
     if obj is None:
         return {}
     return vars(obj) if isinstance(obj, argparse.Namespace) else dict(obj)
 
 
-def _fairseq_configs(ckpt: dict, path) -> tuple[dict, dict, dict, dict]:
+def _fairseq_configs(ckpt: dict, path: Path) -> tuple[dict, dict, dict, dict]:
     """(encoder model cfg, task cfg, CTC/head model cfg or {}, router cfg) from the `cfg` or old `args` style."""
     if ckpt.get("cfg") is not None:
         cfg = _as_dict(ckpt["cfg"])
@@ -217,11 +263,12 @@ def _fairseq_configs(ckpt: dict, path) -> tuple[dict, dict, dict, dict]:
     return model, task, {}, {}
 
 
-def load_fairseq(ckpt: dict, path) -> Wav2Vec2ForCTC:
+def load_fairseq(ckpt: dict, path: Path) -> Wav2Vec2ForCTC:
+    """A fairseq checkpoint dict (pretraining, CTC or upstream S3-Router `wav2vec_ctc_st`) as our model."""
     enc_cfg, task_cfg, head_cfg, route_cfg = _fairseq_configs(ckpt, path)
     state = {k.removeprefix("w2v_encoder.").removeprefix("w2v_model."): v for k, v in ckpt["model"].items()}
     vocab_size = state["proj.weight"].shape[0] if "proj.weight" in state else 0
-    config = config_from_fairseq(enc_cfg, task_cfg, head_cfg)
+    config = config_from_fairseq(enc_cfg, task_cfg, head_cfg, str(path))
     config.vocab_size = vocab_size
     model = Wav2Vec2ForCTC(config)
     state = _rename(state, FAIRSEQ_KEYS, FAIRSEQ_DROPPED, model, str(path))
@@ -229,11 +276,12 @@ def load_fairseq(ckpt: dict, path) -> Wav2Vec2ForCTC:
         for option in ("layerwise_prune_rate", "fc_attn_prune_rate"):  # per-layer rates: not modelled by RouteConfig
             if route_cfg.get(option):
                 raise CheckpointError(f"{path}: upstream option {option}={list(route_cfg[option])} is not supported")
-        has = lambda prefix: any(k.startswith(prefix) and k.endswith(".scores") for k in state)  # noqa: E731
-        route = RouteConfig(prune_rate=float(route_cfg.get("prune_rate", 1.0)), fix_attn=bool(route_cfg.get("fix_attn")),
-                            fix_fc=bool(route_cfg.get("fix_fc")), route_feature_extractor=has("feature_extractor."),
-                            route_pos_conv=has("encoder.pos_conv_embed."),
-                            route_feature_projection=has("feature_projection."))
+        scored = [k for k in state if k.endswith(".scores")]
+        route = RouteConfig(prune_rate=float(route_cfg.get("prune_rate", 1.0)),
+                            fix_attn=bool(route_cfg.get("fix_attn")), fix_fc=bool(route_cfg.get("fix_fc")),
+                            route_feature_extractor=any(k.startswith("feature_extractor.") for k in scored),
+                            route_pos_conv=any(k.startswith("encoder.pos_conv_embed.") for k in scored),
+                            route_feature_projection=any(k.startswith("feature_projection.") for k in scored))
         # Upstream builds q/k/v/out and fc1/fc2 as Linear_ST whatever fix_attn/fix_fc say and only switches their
         # mask off, so a fixed layer's scores are stored but never used: drop them.
         fixed = (".attention.",) * route.fix_attn + (".feed_forward.",) * route.fix_fc
@@ -255,25 +303,35 @@ HF_DROPPED = re.compile(r"(quantizer\.|project_q\.|project_hid\.|masked_lm_head\
 HF_MODEL_TYPES = ("wav2vec2", "data2vec-audio", "hubert")
 
 
-def config_from_hf(hf: dict, normalize: bool | None = None) -> Wav2Vec2Config:
+def config_from_hf(hf: dict, normalize: bool | None = None, source: str = "config.json") -> Wav2Vec2Config:
+    """Our config from a transformers `config.json` (wav2vec2, data2vec-audio or hubert)."""
     model_type = hf.get("model_type", "wav2vec2")
     if model_type not in HF_MODEL_TYPES:
-        raise CheckpointError(f"unsupported Hugging Face model_type {model_type!r}; s3r reads {', '.join(HF_MODEL_TYPES)}")
+        raise CheckpointError(f"{source}: unsupported Hugging Face model_type {model_type!r}; s3r reads "
+                              f"{', '.join(HF_MODEL_TYPES)}")
     for flag in ("conv_pos_batch_norm", "add_adapter", "use_weighted_layer_sum"):
         if hf.get(flag):
-            raise CheckpointError(f"unsupported Hugging Face option {flag}=true")
+            raise CheckpointError(f"{source}: unsupported Hugging Face option {flag}=true")
+    if hf.get("adapter_attn_dim") is not None:  # MMS: a small adapter in every layer, one set per language
+        raise CheckpointError(f"{source}: unsupported Hugging Face option adapter_attn_dim={hf['adapter_attn_dim']} "
+                              f"(an MMS adapter model)")
     if hf.get("feat_extract_activation", "gelu") != "gelu":  # our conv extractor always uses GELU, as fairseq does
-        raise CheckpointError(f"unsupported Hugging Face option feat_extract_activation={hf['feat_extract_activation']!r}")
+        raise CheckpointError(f"{source}: unsupported Hugging Face option "
+                              f"feat_extract_activation={hf['feat_extract_activation']!r}")
+    missing = [k for k in ("conv_dim", "conv_kernel", "conv_stride", "hidden_size", "num_hidden_layers",
+                           "num_attention_heads", "intermediate_size") if k not in hf]
+    if missing:
+        raise CheckpointError(f"{source}: not a Hugging Face wav2vec2 config (no {', '.join(missing)})")
     data2vec = model_type == "data2vec-audio"
-    g = lambda k, d=None: hf.get(k, d)  # noqa: E731
+    g = hf.get
     return Wav2Vec2Config(
         conv_dim=tuple(g("conv_dim")), conv_kernel=tuple(g("conv_kernel")), conv_stride=tuple(g("conv_stride")),
         conv_bias=bool(g("conv_bias", False)),
         feat_extract_norm="layer" if data2vec else g("feat_extract_norm", "group"),  # data2vec: always layer norm
-        hidden_size=g("hidden_size"), num_hidden_layers=g("num_hidden_layers"), num_attention_heads=g("num_attention_heads"),
-        intermediate_size=g("intermediate_size"), hidden_act=g("hidden_act", "gelu"),
-        layer_norm_first=bool(g("do_stable_layer_norm", False)) and not data2vec, layer_norm_eps=float(g("layer_norm_eps", 1e-5)),
-        feat_proj_layer_norm=bool(g("feat_proj_layer_norm", True)),
+        hidden_size=g("hidden_size"), num_hidden_layers=g("num_hidden_layers"),
+        num_attention_heads=g("num_attention_heads"), intermediate_size=g("intermediate_size"),
+        hidden_act=g("hidden_act", "gelu"), layer_norm_first=bool(g("do_stable_layer_norm", False)) and not data2vec,
+        layer_norm_eps=float(g("layer_norm_eps", 1e-5)), feat_proj_layer_norm=bool(g("feat_proj_layer_norm", True)),
         conv_pos_kernel=g("conv_pos_kernel_size") if data2vec else g("num_conv_pos_embeddings", 128),
         conv_pos_groups=g("num_conv_pos_embedding_groups", 16),
         conv_pos_depth=g("num_conv_pos_embeddings") if data2vec else 1,
@@ -283,28 +341,57 @@ def config_from_hf(hf: dict, normalize: bool | None = None) -> Wav2Vec2Config:
         final_dropout=g("final_dropout", 0.0), layerdrop=g("layerdrop", 0.1),
         mask_time_prob=g("mask_time_prob", 0.0), mask_time_length=g("mask_time_length", 10),
         mask_feature_prob=g("mask_feature_prob", 0.0), mask_feature_length=g("mask_feature_length", 64),
+        apply_spec_augment=bool(g("apply_spec_augment", True)),
     )
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file  # only Hugging Face directories need safetensors
+
+    try:
+        return load_file(str(path))
+    except Exception:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
+        raise CheckpointError(f"cannot read {path}: {unreadable(path, 'safetensors')}") from None
+
+
 def load_hf(directory: Path) -> Wav2Vec2ForCTC:
-    hf = json.loads((directory / "config.json").read_text())
+    """A Hugging Face model directory (config.json + model.safetensors or pytorch_model.bin) as our model."""
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: no config.json (a Hugging Face model directory is expected)")
+    hf = _read_json(directory / "config.json")
     pre = directory / "preprocessor_config.json"
-    normalize = json.loads(pre.read_text()).get("do_normalize") if pre.is_file() else None
+    normalize = _read_json(pre).get("do_normalize") if pre.is_file() else None
     if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        state = load_file(str(directory / "model.safetensors"))
+        state = _load_safetensors(directory / "model.safetensors")
     elif (directory / "pytorch_model.bin").is_file():
         state = torch_load(directory / "pytorch_model.bin")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{directory / 'pytorch_model.bin'}: holds {describe(state)}, not a state dict")
     else:
-        raise CheckpointError(f"{directory}: neither model.safetensors nor pytorch_model.bin")
+        sharded = sorted(p.name for p in directory.glob("*.index.json"))
+        raise CheckpointError(f"{directory}: no weights (neither model.safetensors nor pytorch_model.bin" +
+                              (f"; sharded checkpoints ({sharded[0]}) are not supported)" if sharded else ")"))
     prefix = next((p for p in HF_PREFIXES if any(k.startswith(p) for k in state)), "")
     state = {k.removeprefix(prefix): v for k, v in state.items()}
-    config = config_from_hf(hf, normalize)
+    config = config_from_hf(hf, normalize, str(directory / "config.json"))
+    adapter = next((k for k in state if ".adapter_layer." in k), None)
+    if adapter is not None:  # MMS adapter weights without adapter_attn_dim in config.json
+        raise CheckpointError(f"{directory}: MMS adapter weights ({adapter}) are not supported (Hugging Face option "
+                              f"adapter_attn_dim)")
     config.vocab_size = state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 0
     model = Wav2Vec2ForCTC(config)
     _load_state(model, _rename(state, HF_KEYS, HF_DROPPED, model, str(directory)), str(directory))
     if (directory / "vocab.json").is_file():
-        from .text import Vocabulary
         model.vocab = Vocabulary.from_hf_vocab(directory / "vocab.json")
     return model
 
@@ -332,7 +419,8 @@ def weights_fingerprint(model: Wav2Vec2ForCTC) -> str:
     return h.hexdigest()
 
 
-def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab=None, pretrained: str | None = None, **extra) -> dict:
+def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab: Vocabulary | None = None, pretrained: str | Path | None = None,
+                   **extra: object) -> dict:
     """The dict s3r saves: config, route, vocabulary and weights, so that a model rebuilds from the file alone.
 
     With `pretrained` (the path the frozen weights came from) a routed model stores only what it trained (scores,
@@ -341,7 +429,8 @@ def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab=None, pretrained: str | None = N
     state = model.state_dict()
     ref = None
     if pretrained is not None and model.route_config is not None:
-        trained = {n for n, p in model.named_parameters() if p.requires_grad} | {k for k in state if k.endswith(".scores")}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        trained |= {k for k in state if k.endswith(".scores")}
         state = {k: v for k, v in state.items() if k in trained}
         ref = {"path": str(Path(pretrained).resolve()), "sha256": weights_fingerprint(model)}
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
@@ -350,7 +439,7 @@ def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab=None, pretrained: str | None = N
             "vocab": vocab.to_dict() if vocab is not None else None, "pretrained": ref, "model": state, **extra}
 
 
-def save_atomic(obj, path: str | Path):
+def save_atomic(obj: object, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -366,7 +455,11 @@ def save_atomic(obj, path: str | Path):
             os.unlink(tmp)
 
 
-def load_s3r(ckpt: dict, path, trust_checkpoint: bool = False) -> Wav2Vec2ForCTC:
+def load_s3r(ckpt: dict, path: str | Path, trust_checkpoint: bool = False) -> Wav2Vec2ForCTC:
+    """An s3r checkpoint dict (written by `s3r_checkpoint`) as our model, its route and vocabulary included."""
+    missing = [k for k in ("config", "model") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: s3r checkpoint without {', '.join(missing)} (truncated or hand-edited?)")
     config = Wav2Vec2Config.from_dict(ckpt["config"])
     ref = ckpt.get("pretrained")
     if ref is not None:  # frozen weights live in the pretrained checkpoint this one was trained from
@@ -374,7 +467,8 @@ def load_s3r(ckpt: dict, path, trust_checkpoint: bool = False) -> Wav2Vec2ForCTC
         if model.config.vocab_size != config.vocab_size:
             model.set_vocab_size(config.vocab_size)
         if weights_fingerprint(model) != ref["sha256"]:
-            raise CheckpointError(f"{path}: the weights at {ref['path']} are not the ones this checkpoint was trained on")
+            raise CheckpointError(f"{path}: the weights at {ref['path']} are not the ones this checkpoint was "
+                                  f"trained on")
         model.config = config
     else:
         model = Wav2Vec2ForCTC(config)
@@ -382,7 +476,6 @@ def load_s3r(ckpt: dict, path, trust_checkpoint: bool = False) -> Wav2Vec2ForCTC
         model.route(RouteConfig(**ckpt["route"]), init_scores=False)
     _load_state(model, ckpt["model"], str(path), partial=ref is not None)
     if ckpt.get("vocab") is not None:
-        from .text import Vocabulary
         model.vocab = Vocabulary.from_dict(ckpt["vocab"])
     return model
 
@@ -391,14 +484,15 @@ def load_s3r(ckpt: dict, path, trust_checkpoint: bool = False) -> Wav2Vec2ForCTC
 # Entry point
 
 
-def _load_state(model: Wav2Vec2ForCTC, state: dict, source: str, partial: bool = False):
+def _load_state(model: Wav2Vec2ForCTC, state: dict, source: str, partial: bool = False) -> None:
     """Load with shape checks; every model tensor must be present except those a checkpoint may lack."""
     ours = model.state_dict()
     for key, tensor in state.items():
         if key not in ours:
             raise CheckpointError(f"{source}: unknown checkpoint key {key!r}")
         if tuple(tensor.shape) != tuple(ours[key].shape):
-            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(ours[key].shape)}")
+            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(ours[key].shape)}")
     optional = {"masked_spec_embed"}  # absent from HF checkpoints saved without SpecAugment
     missing = sorted(set(ours) - set(state) - optional)
     if missing and not partial:
@@ -409,46 +503,65 @@ def _load_state(model: Wav2Vec2ForCTC, state: dict, source: str, partial: bool =
             ours[key].copy_(tensor)
 
 
-def load_pretrained(path: str | Path, prune_rate: float | None = None, init_score: str = "kaiming_uniform",
-                    fix_attn: bool = False, trainable_proj: bool = True, *, masks: str | Path | None = None,
-                    vocab_size: int | None = None, trust_checkpoint: bool = False, **route_options) -> Wav2Vec2ForCTC:
+def load_pretrained(path: str | Path, prune_rate: float | None = None, init_score: str | None = None,
+                    fix_attn: bool | None = None, trainable_proj: bool | None = None, *,
+                    route: str | Path | None = None, vocab_size: int | None = None, trust_checkpoint: bool = False,
+                    **route_options: object) -> Wav2Vec2ForCTC:
     """Load any supported checkpoint as a `Wav2Vec2ForCTC` in eval mode.
 
     path: a fairseq `.pt` (pretraining or CTC, `cfg` or `args` style), a Hugging Face directory (or a file in one),
-    or an s3r checkpoint. `prune_rate` (fraction KEPT) switches to S3-Router mask mode with `RouteConfig` options;
-    weight-based `init_score`s read the weights just loaded. `vocab_size` gives the model a fresh CTC head of that
-    size when it has none or another size. `masks` applies a route file written by `python -m s3r.masks export`.
+    or an s3r checkpoint. `prune_rate` (fraction KEPT) switches to S3-Router mask mode with `RouteConfig` options
+    (None: RouteConfig's default); weight-based `init_score`s read the weights just loaded. `vocab_size` gives the
+    model a fresh CTC head of that size when it has none or another size. `route` installs a route file written by
+    `python -m s3r.routes export` (learned on exactly these weights).
     """
     path = Path(path)
     if path.is_dir() or path.suffix in (".safetensors", ".json") or path.name == "pytorch_model.bin":
-        directory = path if path.is_dir() else path.parent
-        if not (directory / "config.json").is_file():
-            raise CheckpointError(f"{directory}: no config.json (a Hugging Face model directory is expected)")
-        model = load_hf(directory)
+        model = load_hf(path if path.is_dir() else path.parent)
     else:
         ckpt = torch_load(path, trust_checkpoint)
-        if not isinstance(ckpt, dict):
-            raise CheckpointError(f"{path}: not a checkpoint dictionary")
-        if ckpt.get("format") == S3R_FORMAT:
+        kind = ckpt.get("format") if isinstance(ckpt, dict) else None
+        if kind == S3R_FORMAT:
             model = load_s3r(ckpt, path, trust_checkpoint)
-        elif "model" in ckpt and ("cfg" in ckpt or "args" in ckpt):
+        elif isinstance(ckpt, dict) and "model" in ckpt and ("cfg" in ckpt or "args" in ckpt):
             model = load_fairseq(ckpt, path)
+        elif kind == ROUTE_FORMAT:
+            raise CheckpointError(f"{path} is a route, not a checkpoint: load the pretrained checkpoint it was "
+                                  f"learned on with route={str(path)!r} (--route)")
         else:
-            raise CheckpointError(f"{path}: neither an s3r nor a fairseq checkpoint (top-level keys: "
-                                  f"{', '.join(sorted(map(str, ckpt))[:8])})")
+            raise CheckpointError(f"{path}: neither an s3r nor a fairseq checkpoint (it holds {describe(ckpt)})")
     if not hasattr(model, "vocab"):
         model.vocab = None
     model.source = str(path)
     if vocab_size is not None and vocab_size != model.config.vocab_size:
         model.set_vocab_size(vocab_size)
-    if masks is not None:
-        from .masks import apply_route
-        apply_route(model, masks)
+    if route is not None:
+        install_route(model, check_route(torch_load(route), str(route)), weights_fingerprint(model), str(route))
     if prune_rate is not None:
-        known = {f.name for f in fields(RouteConfig)}
-        unknown = sorted(set(route_options) - known)
+        unknown = sorted(set(route_options) - {f.name for f in fields(RouteConfig)})
         if unknown:
             raise TypeError(f"unknown route option(s): {', '.join(unknown)}")
-        model.route(RouteConfig(prune_rate=prune_rate, init_score=init_score, fix_attn=fix_attn,
-                                trainable_proj=trainable_proj, **route_options))
+        given = dict(init_score=init_score, fix_attn=fix_attn, trainable_proj=trainable_proj)
+        options = {**{k: v for k, v in given.items() if v is not None}, **route_options}
+        model.route(RouteConfig(prune_rate=prune_rate, **options))
     return model.eval()
+
+
+def checkpoint_vocab(model: Wav2Vec2ForCTC, path: str | Path, dict_path: str | Path | None = None) -> Vocabulary | None:
+    """The vocabulary a checkpoint was trained with: `dict_path`, the checkpoint's own, or dict.ltr.txt / vocab.json
+    beside it (fairseq keeps the dictionary in the data folder: copy it beside the model); None if there is none."""
+    if dict_path:
+        dict_path = Path(dict_path)
+        if not dict_path.is_file():
+            raise CheckpointError(f"dictionary {dict_path}: no such file")
+        if dict_path.suffix == ".json":
+            return Vocabulary.from_hf_vocab(str(dict_path))
+        return Vocabulary.from_fairseq_dict(str(dict_path))
+    if getattr(model, "vocab", None) is not None:
+        return model.vocab
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if (folder / "dict.ltr.txt").is_file():
+        return Vocabulary.from_fairseq_dict(str(folder / "dict.ltr.txt"))
+    if (folder / "vocab.json").is_file():
+        return Vocabulary.from_hf_vocab(str(folder / "vocab.json"))
+    return None

@@ -1,15 +1,19 @@
-"""CTC decoding and error rates.
+"""CTC decoding: greedy, beam search, and transcribing a whole loader.
 
 Greedy decoding is what fairseq's `viterbi` w2l decoder and HF's `processor.batch_decode(argmax)` do:
-best unit per frame, merge repeats, drop the blank (index 0). Word and character error rates come from
-jiwer (the same Levenshtein alignment everyone reports). `unit_error_rate` is the phone / character
-error rate used for CommonVoice (upstream's "UER"). Beam search with a lexicon and a KenLM language model
-wraps torchaudio's flashlight decoder and is optional.
+best unit per frame, merge repeats, drop the blank (index 0). Beam search with a lexicon and a KenLM
+language model wraps torchaudio's flashlight decoder and is optional. `transcribe` runs a model over a
+loader and returns (id, reference, hypothesis) rows; s3r.metrics scores them.
 """
-import jiwer
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+
 import torch
 
-from . import S3RError
+from .errors import S3RError
 from .text import Vocabulary
 
 
@@ -24,37 +28,30 @@ def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor | None, vocab: Voc
     return texts
 
 
-def error_rates(refs: list[str], hyps: list[str]) -> dict:
-    """Corpus-level WER and CER (errors summed over utterances / reference words or characters).
+@torch.no_grad()
+def transcribe(model: torch.nn.Module, loader: torch.utils.data.DataLoader, vocab: Vocabulary, device: torch.device,
+               autocast: Callable = contextlib.nullcontext,
+               decode: Callable | None = None) -> list[tuple[str, str, str]]:
+    """[(id, reference, hypothesis)] for every utterance of `loader` (greedy CTC unless `decode` is given).
 
-    Empty references are allowed (every hypothesis word is then an insertion), as are empty hypotheses.
+    Utterances the loader skipped (skip_bad) are named on stderr; score the rows with s3r.metrics.score.
     """
-    if len(refs) != len(hyps):
-        raise S3RError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    if not refs:
-        return {"wer": 0.0, "cer": 0.0, "words": 0, "chars": 0, "substitutions": 0, "deletions": 0, "insertions": 0}
-    words = jiwer.process_words(refs, hyps)
-    chars = jiwer.process_characters(refs, hyps)
-    return {"wer": words.wer, "cer": chars.cer,
-            "words": words.hits + words.substitutions + words.deletions,  # reference word count
-            "chars": chars.hits + chars.substitutions + chars.deletions,
-            "substitutions": words.substitutions, "deletions": words.deletions, "insertions": words.insertions}
-
-
-def unit_error_rate(refs: list[str], hyps: list[str], units: str = "phone") -> float:
-    """Edit distance over units / number of reference units, summed over the corpus.
-
-    units="phone": transcripts are space separated phones ("h ə l oʊ | w ɜː l d"); the word boundary `|`
-    is not a phone and is not scored. units="char": every non-space character is one unit, the usual
-    metric for languages written without spaces (Mandarin, Japanese).
-    """
-    def split(text: str) -> str:
-        toks = [t for t in text.split() if t != "|"] if units == "phone" else [c for c in text if not c.isspace()]
-        return " ".join(toks)  # jiwer aligns whitespace-separated tokens
-
-    if units not in ("phone", "char"):
-        raise S3RError(f"unit_error_rate: units must be 'phone' or 'char', not {units!r}")
-    return jiwer.wer([split(r) for r in refs], [split(h) for h in hyps]) if refs else 0.0
+    decode = decode or (lambda logits, lengths: greedy_decode(logits, lengths, vocab))
+    was_training = model.training
+    model.eval()
+    rows = []
+    for batch in loader:
+        for path, reason in batch["skipped"]:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        if not batch["ids"]:
+            continue
+        with autocast():
+            logits, lengths = model(batch["wav"].to(device), batch["lengths"].to(device))  # (B, T, V), (B,)
+        hyps = decode(logits.float(), lengths)
+        refs = [loader.dataset.utterances[i].text for i in batch["indices"]]  # normalized transcripts
+        rows += zip(batch["ids"], refs, hyps, strict=True)
+    model.train(was_training)
+    return rows
 
 
 class BeamSearchDecoder:

@@ -2,8 +2,7 @@
 
     python -m s3r.export --hf DIR CKPT                 # config.json, model.safetensors, vocab.json, processor files
     python -m s3r.export --dense OUT.pt CKPT           # s3r checkpoint with the masks folded into the weights
-    python -m s3r.export --hf DIR PRETRAINED --masks ROUTE   # the same from shared weights + a route file
-    python -m s3r.export --compact OUT.pt CKPT         # neuron/head routes: a smaller dense model (s3r/compact.py)
+    python -m s3r.export --hf DIR PRETRAINED --route ROUTE   # the same from shared weights + a route file
 
 Either way the masks are multiplied into the weights (`Wav2Vec2ForCTC.fold_masks`), so dropped weights are real
 zeros and the model runs in any wav2vec2 implementation. The Hugging Face layout follows transformers'
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from . import S3RError
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
-from .compact import compact
+from .errors import S3RError
 from .model import Wav2Vec2Config, Wav2Vec2ForCTC
 
 HF_CLASSES = {"wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2."), "hubert": ("HubertForCTC", "hubert."),
@@ -42,9 +40,6 @@ def hf_model_type(config: Wav2Vec2Config) -> str:
 def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
     """config.json for transformers (the inverse of checkpoint.config_from_hf)."""
     c = config
-    if c.intermediate_sizes is not None or c.num_heads_per_layer is not None:
-        raise S3RError("a compact model has per-layer FFN widths / head counts, which transformers' config cannot "
-                       "express; keep it as an s3r checkpoint (or export the routed model with --hf)")
     d = {"architectures": [HF_CLASSES[model_type][0]], "model_type": model_type,
          "conv_dim": list(c.conv_dim), "conv_kernel": list(c.conv_kernel), "conv_stride": list(c.conv_stride),
          "num_feat_extract_layers": len(c.conv_dim), "conv_bias": c.conv_bias, "feat_extract_norm": c.feat_extract_norm,
@@ -56,7 +51,7 @@ def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
          "hidden_dropout": c.hidden_dropout, "attention_dropout": c.attention_dropout,
          "activation_dropout": c.activation_dropout, "feat_proj_dropout": c.feat_proj_dropout,
          "final_dropout": c.final_dropout, "layerdrop": c.layerdrop,
-         "apply_spec_augment": c.mask_time_prob > 0 or c.mask_feature_prob > 0,
+         "apply_spec_augment": c.apply_spec_augment,
          "mask_time_prob": c.mask_time_prob, "mask_time_length": c.mask_time_length, "mask_time_min_masks": 2,
          "mask_feature_prob": c.mask_feature_prob, "mask_feature_length": c.mask_feature_length,
          "ctc_loss_reduction": "sum", "ctc_zero_infinity": True,  # fairseq's CTC criterion: summed, zero_infinity
@@ -85,15 +80,20 @@ def hf_state_dict(model: Wav2Vec2ForCTC, model_type: str) -> dict[str, torch.Ten
 
 def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | None = None) -> Path:
     """Write `model` (masks folded in place) as a transformers Wav2Vec2ForCTC-style directory."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # only this export needs safetensors
+
     if model.lm_head is None:
-        raise S3RError(f"{getattr(model, 'source', 'model')} has no CTC head; the Hugging Face export is a *ForCTC model")
+        raise S3RError(f"{getattr(model, 'source', 'model')} has no CTC head; the Hugging Face export is a *ForCTC "
+                       f"model")
     model_type = model_type or hf_model_type(model.config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.fold_masks()
     save_file(hf_state_dict(model, model_type), str(directory / "model.safetensors"), metadata={"format": "pt"})
-    write_json = lambda name, obj: (directory / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")  # noqa: E731
+
+    def write_json(name: str, obj: dict) -> None:
+        (directory / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
     write_json("config.json", hf_config(model.config, model_type))
     write_json("preprocessor_config.json", {
         "feature_extractor_type": "Wav2Vec2FeatureExtractor", "processor_class": "Wav2Vec2Processor",
@@ -113,28 +113,21 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
     return directory
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m s3r.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --masks")
+    p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --route")
     p.add_argument("--hf", metavar="DIR", help="write a Hugging Face model directory")
     p.add_argument("--dense", metavar="OUT", help="write a dense s3r checkpoint with the masks folded in")
-    p.add_argument("--compact", metavar="OUT", help="write a smaller dense s3r checkpoint without the FFN neurons and "
-                   "attention heads a neuron/head route drops (a 2:4 route: dense, in the 2:4 pattern)")
-    p.add_argument("--masks", metavar="ROUTE", help="apply this route file to the checkpoint first")
+    p.add_argument("--route", "--masks", metavar="ROUTE", help="apply this route file (python -m s3r.routes export) "
+                   "to the checkpoint first")
     p.add_argument("--model-type", choices=sorted(HF_CLASSES), help="transformers family (default: from the config)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling arbitrary classes")
     args = p.parse_args(argv)
-    if not (args.hf or args.dense or args.compact):
-        p.error("give --hf DIR, --dense OUT and/or --compact OUT")
+    if not (args.hf or args.dense):
+        p.error("give --hf DIR and/or --dense OUT")
     try:
-        model = load_pretrained(args.checkpoint, masks=args.masks, trust_checkpoint=args.trust_checkpoint)
-        if args.compact:  # first: the other two fold the masks into the model
-            small = compact(model)
-            save_atomic(s3r_checkpoint(small), args.compact)
-            c = small.config
-            print(f"wrote {args.compact}: FFN widths {list(c.intermediate_sizes or [c.intermediate_size])}, "
-                  f"heads {list(c.num_heads_per_layer or [c.num_attention_heads])}")
+        model = load_pretrained(args.checkpoint, route=args.route, trust_checkpoint=args.trust_checkpoint)
         if args.hf:
             export_hf(model, args.hf, args.model_type)
             print(f"wrote {args.hf}")

@@ -12,7 +12,7 @@ import json
 import unicodedata
 from collections import Counter
 
-from . import S3RError
+from .errors import S3RError
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # fairseq Dictionary order; index 0 doubles as the CTC blank
 # fairseq's LibriSpeech dict.ltr.txt in file order, identical to facebook/wav2vec2-base-960h's vocab.json
@@ -57,6 +57,20 @@ def normalize_text(text: str, case: str | None = "lower", keep: str = "'") -> st
     return " ".join("".join(out).split())
 
 
+def _read_text(path: str) -> str:
+    """A UTF-8 text file, or a one-line error naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise S3RError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise S3RError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
 class Vocabulary:
     """CTC output units: `symbols[i]` is the label of logit i; index 0 is the blank."""
 
@@ -77,7 +91,7 @@ class Vocabulary:
     def __len__(self) -> int:
         return len(self.symbols)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
@@ -108,7 +122,7 @@ class Vocabulary:
             ids.append(i)
         return ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: list[int]) -> str:
         """Text of a unit id sequence (no CTC collapsing here); specials are dropped."""
         units = [self.symbols[i] for i in ids if self.symbols[i] not in SPECIALS and i != 0]
         if self.units == "spm":
@@ -120,7 +134,7 @@ class Vocabulary:
 
     # ---- construction ----
     @classmethod
-    def build(cls, texts, units: str = "letter", vocab_size: int = 100) -> "Vocabulary":
+    def build(cls, texts: list[str], units: str = "letter", vocab_size: int = 100) -> "Vocabulary":
         """Vocabulary from training transcripts: units sorted by count like fairseq's dict.ltr.txt.
 
         `vocab_size` is used only for sentencepiece ("spm") units, trained here as a unigram model.
@@ -136,6 +150,7 @@ class Vocabulary:
     @classmethod
     def _build_spm(cls, texts: list[str], vocab_size: int) -> "Vocabulary":
         import io
+
         import sentencepiece
         proto = io.BytesIO()
         try:  # id 0 = spm's own <unk>; no bos/eos/pad pieces: our specials come first instead
@@ -158,12 +173,12 @@ class Vocabulary:
     def from_fairseq_dict(cls, path: str) -> "Vocabulary":
         """Read a fairseq dict.ltr.txt / dict.phn.txt: `symbol count [#fairseq:overwrite]` per line."""
         symbols = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                fields = line.rstrip("\n").replace(" #fairseq:overwrite", "").rsplit(" ", 1)
-                if len(fields) != 2 or not fields[1].isdigit():
-                    raise S3RError(f"{path}:{n}: expected 'symbol count', got {line.strip()!r}")
-                symbols.append(fields[0])
+        text = _read_text(path)
+        for n, line in enumerate(text.removesuffix("\n").split("\n") if text else [], 1):
+            fields = line.rstrip("\r").replace(" #fairseq:overwrite", "").rsplit(" ", 1)
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise S3RError(f"{path}:{n}: expected 'symbol count', got {line.strip()[:50]!r}")
+            symbols.append(fields[0])
         return cls._with_units(SPECIALS + [s for s in symbols if s not in SPECIALS])
 
     def save_fairseq_dict(self, path: str) -> None:
@@ -174,8 +189,12 @@ class Vocabulary:
     @classmethod
     def from_hf_vocab(cls, path: str) -> "Vocabulary":
         """Read a Hugging Face Wav2Vec2CTCTokenizer vocab.json ({symbol: index})."""
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)
+        try:
+            table = json.loads(_read_text(path))
+        except json.JSONDecodeError as e:
+            raise S3RError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(table, dict) or not all(isinstance(i, int) for i in table.values()):
+            raise S3RError(f"{path}: expected a vocab.json object {{symbol: index}}")
         symbols = sorted(table, key=table.get)
         if [table[s] for s in symbols] != list(range(len(symbols))):
             raise S3RError(f"{path}: indices are not 0..{len(symbols) - 1}")

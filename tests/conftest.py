@@ -1,8 +1,10 @@
-"""Shared fixtures: small corpora in the real download layouts, written by tools/synth_corpus.py.
+"""Shared fixtures: small corpora in the real download layouts, written by tools/synth_corpus.py, and tiny
+routed models.
 
 `tiny_corpus(layout, num=..., **kw)` returns the corpus folder (the --data-root). Corpora are cached for the
 session by their arguments; pass `fresh=True` for a private copy a test may damage. Without espeak-ng the
 tool falls back to tone "speech", which is enough for every layout and loader test.
+`tiny_arch` / `tiny_vocab` / `train_route` give a model small enough to train in a second (routes, export tests).
 """
 import importlib.util
 import os
@@ -13,6 +15,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
+from s3r import Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
+from s3r.checkpoint import s3r_checkpoint, save_atomic
+from s3r.routes import route_from_model
+from s3r.text import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,3 +97,62 @@ def run_cli():
                               timeout=timeout)
 
     return run
+
+
+# Sizes not divisible by 8 (10x10, 13x10, 10x13), so every routed layer's last byte of bits is padded.
+TINY_ARCH = dict(conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), hidden_size=10, num_hidden_layers=2,
+                 num_attention_heads=2, intermediate_size=13, conv_pos_kernel=4, conv_pos_groups=2, layerdrop=0.0)
+TINY_SYMBOLS = ["<s>", "<pad>", "</s>", "<unk>", "|", "a", "b"]
+
+
+@pytest.fixture(scope="session")
+def tiny_arch() -> dict:
+    """Wav2Vec2Config fields of a 2-layer, 10-wide encoder (a copy: tests may override fields)."""
+    return dict(TINY_ARCH)
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab() -> Vocabulary:
+    return Vocabulary(TINY_SYMBOLS)
+
+
+@pytest.fixture(scope="session")
+def train_route(tiny_vocab):
+    """Factory: train_route(pretrained, seed, prune_rate, steps=4, **route_options) -> a routed model in eval mode,
+    trained a few steps on random CTC targets, so that its scores are not the initial ones. Attention and FFN are
+    routed from kaiming-uniform scores unless `route_options` say otherwise (tests count on it, not on defaults)."""
+
+    def train(pretrained, seed: int, prune_rate: float, steps: int = 4, **route_options):
+        torch.manual_seed(seed)
+        route_options = {"init_score": "kaiming_uniform", "fix_attn": False, **route_options}
+        model = load_pretrained(pretrained, prune_rate=prune_rate, vocab_size=len(tiny_vocab), **route_options)
+        model.train()
+        model.vocab = tiny_vocab
+        params = [p for p in model.parameters() if p.requires_grad]
+        wav, targets = torch.randn(2, 1600), torch.randint(4, len(tiny_vocab), (2, 5))
+        for _ in range(steps):
+            logits, lengths = model(wav)
+            loss = torch.nn.functional.ctc_loss(logits.log_softmax(-1).transpose(0, 1), targets, lengths,
+                                                torch.full((2,), 5), zero_infinity=True)
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():  # sign descent, Adam's first step; torch.optim would import torch._dynamo (~8 s)
+                for p, g in zip(params, grads, strict=True):
+                    p.sub_(0.05 * g.sign())
+        return model.eval()
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def route_files(tmp_path_factory, tiny_arch, train_route) -> Path:
+    """A folder with pretrained.pt (a headless tiny backbone), a.pt / b.pt (mask-mode checkpoints trained on it;
+    b also unfreezes the layer norms) and their routes a.route / b.route."""
+    d = tmp_path_factory.mktemp("routes")
+    torch.manual_seed(0)
+    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**tiny_arch))), d / "pretrained.pt")
+    a = train_route(d / "pretrained.pt", seed=1, prune_rate=0.7)
+    b = train_route(d / "pretrained.pt", seed=2, prune_rate=0.5, trainable_layer_norm=True)
+    for name, model in (("a", a), ("b", b)):
+        save_atomic(s3r_checkpoint(model, pretrained=str(d / "pretrained.pt")), d / f"{name}.pt")
+        save_atomic(route_from_model(model, str(d / f"{name}.pt")), d / f"{name}.route")
+    return d

@@ -74,59 +74,78 @@ def hf_bare_state(model) -> dict:
     state = {}
     for k, v in model.state_dict().items():
         k = re.sub(r"^(wav2vec2|data2vec_audio|hubert)\.", "", k)
-        k = k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v")
         state[k] = v.detach().clone()
-    return state
+    return old_weight_norm_spelling(state)
 
 
 def old_weight_norm_spelling(state: dict) -> dict:
     """`parametrizations.weight.original0/1` (torch >= 2.1 weight norm) -> `weight_g/weight_v` (older torch)."""
-    return {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"): v
-            for k, v in state.items()}
+    g, v = "parametrizations.weight.original0", "parametrizations.weight.original1"
+    return {k.replace(g, "weight_g").replace(v, "weight_v"): t for k, t in state.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# HF (bare, our names) -> fairseq names
-
-_TO_FAIRSEQ = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(\w+)", r"feature_extractor.conv_layers.\1.0.\2"),
-    (r"feature_projection\.layer_norm\.(\w+)", r"layer_norm.\1"),
-    (r"feature_projection\.projection\.(\w+)", r"post_extract_proj.\1"),
-    (r"masked_spec_embed", r"mask_emb"),
-    (r"encoder\.pos_conv_embed\.conv\.(\w+)", r"encoder.pos_conv.0.\1"),
-    (r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.(\w+)", r"encoder.pos_conv.\1.0.\2"),
-    (r"encoder\.layers\.(\d+)\.attention\.(\w+_proj)\.(\w+)", r"encoder.layers.\1.self_attn.\2.\3"),
-    (r"encoder\.layers\.(\d+)\.layer_norm\.(\w+)", r"encoder.layers.\1.self_attn_layer_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(\w+)", r"encoder.layers.\1.fc1.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(\w+)", r"encoder.layers.\1.fc2.\2"),
-    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"encoder.layers.\1.final_layer_norm.\2"),
-    (r"encoder\.layer_norm\.(\w+)", r"encoder.layer_norm.\1"),
-]
+# HF (bare, our names) -> fairseq names, written out key by key from fairseq's module tree (not from s3r's loader).
+# tests/test_checkpoint.py checks these names against torchaudio's own fairseq importer (`import_fairseq._map_key`).
 
 
-def fairseq_name(key: str, layer_norm_extractor: bool) -> str:
-    """The fairseq Wav2Vec2Model name of one of our (HF) encoder keys."""
-    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(\w+)", key)
-    if m:  # group norm is the block's 3rd module; layer norm sits inside Sequential(TransposeLast, LN, TransposeLast)
-        return f"feature_extractor.conv_layers.{m[1]}.2.{'1.' if layer_norm_extractor else ''}{m[2]}"
-    for pattern, repl in _TO_FAIRSEQ:
-        if re.fullmatch(pattern, key):
-            return re.sub(f"^{pattern}$", repl, key)
-    raise KeyError(f"no fairseq name for {key}")
+def fairseq_names(variant: str, cfg) -> dict[str, str]:
+    """{HF bare key: fairseq Wav2Vec2Model / Data2VecAudioModel / HubertModel key} for every encoder tensor."""
+    names = {}
+    layer_norm_extractor = variant == "data2vec" or cfg.feat_extract_norm == "layer"
+    for i in range(len(cfg.conv_dim)):  # ConvFeatureExtractionModel: conv_layers[i] = Sequential(conv, dropout, ...)
+        names[f"feature_extractor.conv_layers.{i}.conv.weight"] = f"feature_extractor.conv_layers.{i}.0.weight"
+        if cfg.conv_bias:
+            names[f"feature_extractor.conv_layers.{i}.conv.bias"] = f"feature_extractor.conv_layers.{i}.0.bias"
+        for p in ("weight", "bias"):
+            ours = f"feature_extractor.conv_layers.{i}.layer_norm.{p}"
+            if layer_norm_extractor:  # every block: ..., Sequential(TransposeLast, Fp32LayerNorm, TransposeLast), GELU
+                names[ours] = f"feature_extractor.conv_layers.{i}.2.1.{p}"
+            elif i == 0:  # extractor_mode "default": conv, dropout, Fp32GroupNorm, GELU in the first block only
+                names[ours] = f"feature_extractor.conv_layers.0.2.{p}"
+    names["masked_spec_embed"] = "mask_emb"
+    for p in ("weight", "bias"):
+        names[f"feature_projection.layer_norm.{p}"] = f"layer_norm.{p}"  # Wav2Vec2Model.layer_norm (features)
+        names[f"feature_projection.projection.{p}"] = f"post_extract_proj.{p}"
+        names[f"encoder.layer_norm.{p}"] = f"encoder.layer_norm.{p}"  # TransformerEncoder.layer_norm
+    if variant == "data2vec":  # pos_conv = Sequential(block, block, ...), each Sequential(conv, SamePad, ...)
+        for j in range(cfg.num_conv_pos_embeddings):
+            for p in ("weight", "bias"):
+                names[f"encoder.pos_conv_embed.layers.{j}.conv.{p}"] = f"encoder.pos_conv.{j}.0.{p}"
+    else:  # pos_conv = Sequential(weight_norm(conv), SamePad, GELU)
+        for p in ("weight_g", "weight_v", "bias"):
+            names[f"encoder.pos_conv_embed.conv.{p}"] = f"encoder.pos_conv.0.{p}"
+    for i in range(cfg.num_hidden_layers):  # TransformerSentenceEncoderLayer
+        ours, theirs = f"encoder.layers.{i}.", f"encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                names[f"{ours}attention.{proj}.{p}"] = f"{theirs}self_attn.{proj}.{p}"
+            names[f"{ours}layer_norm.{p}"] = f"{theirs}self_attn_layer_norm.{p}"
+            names[f"{ours}feed_forward.intermediate_dense.{p}"] = f"{theirs}fc1.{p}"
+            names[f"{ours}feed_forward.output_dense.{p}"] = f"{theirs}fc2.{p}"
+            names[f"{ours}final_layer_norm.{p}"] = f"{theirs}final_layer_norm.{p}"
+    return names
 
 
-def fairseq_encoder_state(bare: dict, layer_norm_extractor: bool, weight_norm: str = "gv") -> dict:
-    """fairseq Wav2Vec2Model keys for the encoder part of an HF state dict (no head, no pretraining modules)."""
-    out = {fairseq_name(k, layer_norm_extractor): v for k, v in bare.items() if not k.startswith("lm_head.")}
-    if weight_norm == "parametrizations":
+def fairseq_encoder_state(bare: dict, variant: str, cfg, weight_norm: str = "gv") -> dict:
+    """fairseq keys for the encoder part of an HF state dict (no head, no pretraining modules); every key is named."""
+    names = fairseq_names(variant, cfg)
+    encoder = {k: v for k, v in bare.items() if not k.startswith("lm_head.")}
+    unnamed, unused = sorted(set(encoder) - set(names)), sorted(set(names) - set(encoder))
+    if unnamed or unused:
+        raise KeyError(f"fairseq_names does not fit the model: no fairseq name for {unnamed[:3]}, "
+                       f"names for absent keys {unused[:3]}")
+    out = {names[k]: v for k, v in encoder.items()}
+    if weight_norm == "parametrizations":  # fairseq run under torch >= 2.1 weight norm
         out = {k.replace("pos_conv.0.weight_g", "pos_conv.0.parametrizations.weight.original0")
-                .replace("pos_conv.0.weight_v", "pos_conv.0.parametrizations.weight.original1"): v for k, v in out.items()}
+                .replace("pos_conv.0.weight_v", "pos_conv.0.parametrizations.weight.original1"): v
+               for k, v in out.items()}
     return out
 
 
 def conv_feature_layers(cfg) -> str:
     """fairseq's `conv_feature_layers` expression, written the way fairseq configs write it."""
-    layers = list(zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride))
+    layers = list(zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride, strict=True))
     return " + ".join(f"[{t}]" for t in layers).replace(" ", "").replace("+", " + ")
 
 
@@ -180,14 +199,19 @@ def fairseq_task_cfg(variant: str, normalize: bool) -> dict:
 def _pretraining_heads(variant: str, cfg, g: torch.Generator) -> dict:
     """The modules a pretraining checkpoint carries that finetuning drops."""
     C, E = cfg.hidden_size, cfg.conv_dim[-1]
-    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
     if variant == "data2vec":
         return {"final_proj.weight": r(C, C), "final_proj.bias": r(C),
-                "_ema": {"layers.0.fc1.weight": r(cfg.intermediate_size, C), "layers.0.fc1.bias": r(cfg.intermediate_size)}}
+                "_ema": {"layers.0.fc1.weight": r(cfg.intermediate_size, C),
+                         "layers.0.fc1.bias": r(cfg.intermediate_size)}}
     if variant == "hubert":
         return {"final_proj.weight": r(24, C), "final_proj.bias": r(24), "label_embs_concat": r(504, 24)}
-    return {"quantizer.vars": r(1, 10, 12), "quantizer.weight_proj.weight": r(10, E), "quantizer.weight_proj.bias": r(10),
-            "project_q.weight": r(24, 24), "project_q.bias": r(24), "final_proj.weight": r(24, C), "final_proj.bias": r(24)}
+    return {"quantizer.vars": r(1, 10, 12), "quantizer.weight_proj.weight": r(10, E),
+            "quantizer.weight_proj.bias": r(10), "project_q.weight": r(24, 24), "project_q.bias": r(24),
+            "final_proj.weight": r(24, C), "final_proj.bias": r(24)}
 
 
 def _fairseq_top(model_cfg: dict, task_cfg: dict, style: str) -> dict:
@@ -205,9 +229,9 @@ def _fairseq_top(model_cfg: dict, task_cfg: dict, style: str) -> dict:
 
 def fairseq_pretraining_checkpoint(variant: str, hf, style: str = "cfg", normalize: bool = False,
                                    weight_norm: str = "gv", seed: int = 0) -> dict:
-    """A fairseq pretraining checkpoint (`Wav2Vec2Model`, `Data2VecAudioModel` or `HubertModel`) of the bare HF model."""
+    """A fairseq pretraining checkpoint (`Wav2Vec2Model`, `Data2VecAudioModel`, `HubertModel`) of the bare HF model."""
     cfg = hf.config
-    state = fairseq_encoder_state(hf_bare_state(hf), variant == "data2vec" or cfg.feat_extract_norm == "layer", weight_norm)
+    state = fairseq_encoder_state(hf_bare_state(hf), variant, cfg, weight_norm)
     state.update(_pretraining_heads(variant, cfg, torch.Generator().manual_seed(seed)))
     return {**_fairseq_top(fairseq_model_cfg(variant, cfg), fairseq_task_cfg(variant, normalize), style),
             "model": state, "optimizer_history": [{"criterion_name": "Wav2vecCriterion", "num_updates": 400000}],
@@ -241,7 +265,7 @@ def fairseq_ctc_checkpoint(variant: str, hf_ctc, style: str = "cfg", normalize: 
     """
     cfg = hf_ctc.config
     bare = hf_bare_state(hf_ctc)
-    enc = fairseq_encoder_state(bare, variant == "data2vec" or cfg.feat_extract_norm == "layer", weight_norm)
+    enc = fairseq_encoder_state(bare, variant, cfg, weight_norm)
     state = {f"w2v_encoder.w2v_model.{k}": v for k, v in enc.items()}
     state["w2v_encoder.proj.weight"], state["w2v_encoder.proj.bias"] = bare["lm_head.weight"], bare["lm_head.bias"]
     enc_model, enc_task = fairseq_model_cfg(variant, cfg), fairseq_task_cfg(variant, normalize)
@@ -258,8 +282,9 @@ def fairseq_ctc_checkpoint(variant: str, hf_ctc, style: str = "cfg", normalize: 
                  "layerwise_prune_rate": [], "fc_attn_prune_rate": [], "co_train": False, "ste_sigmoid": False,
                  "linear_st_op": "linear_st", "fix_mask": False, "fix_mask_before": 0, "load_mask_only": False,
                  "load_mask_before": 0, "eval_only": False}
-        for layer, scores in route["scores"].items():  # our layer name -> fairseq `...fc1.scores`
-            state["w2v_encoder.w2v_model." + fairseq_name(layer + ".scores", False)] = scores
+        names = fairseq_names(variant, cfg)
+        for layer, scores in route["scores"].items():  # beside each weight: `...fc1.weight` -> `...fc1.scores`
+            state["w2v_encoder.w2v_model." + names[layer + ".weight"].removesuffix(".weight") + ".scores"] = scores
     if style == "cfg":
         w2v_args = {"_name": None, "common": {"fp16": True}, "model": enc_model, "task": enc_task,
                     "criterion": None, "lr_scheduler": None}

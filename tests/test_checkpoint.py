@@ -4,17 +4,21 @@ Peers: transformers (tiny random configs of each family, safetensors and pytorch
 spellings), torchaudio's wav2vec2, and fairseq-format checkpoints written by `fairseq_fixtures` from the same HF
 weights (cfg and args styles, pretraining and CTC, upstream S3-Router `wav2vec_ctc_st`).
 """
+import ast
 import json
 import sys
 import types
+from pathlib import Path
 
+import fairseq_fixtures as ff
 import pytest
 import torch
 
-import fairseq_fixtures as ff
-from s3r import load_pretrained
-from s3r.checkpoint import CheckpointError, s3r_checkpoint, save_atomic, weights_fingerprint
+import s3r.model
+from s3r import RouteConfig, load_pretrained
+from s3r.checkpoint import CheckpointError, checkpoint_vocab, s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.model import Routable, topk_mask
+from s3r.text import Vocabulary
 
 TOL = 1e-4
 torch.set_num_threads(1)
@@ -44,7 +48,10 @@ def hf(variant, ctc):
 def hf_outputs(model, wav, lengths):
     """HF logits (ForCTC) or last hidden states (Model) of the padded batch (given the attention mask) and of each
     utterance alone."""
-    pick = lambda o: o.logits if hasattr(o, "logits") else o.last_hidden_state  # noqa: E731
+
+    def pick(o):
+        return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
     mask = (torch.arange(wav.shape[1])[None, :] < lengths[:, None]).long()
     padded = pick(model(wav, attention_mask=mask))
     alone = [pick(model(wav[b: b + 1, : lengths[b]]))[0] for b in range(len(lengths))]
@@ -96,7 +103,8 @@ def _stored_keys(directory):
 
 
 # Both spellings of the weight-normed positional conv, for every variant that has one (data2vec's has no weight norm).
-SPELLINGS = [(v, s) for v in ff.VARIANTS for s in ("parametrizations", "weight_g") if v != "data2vec" or s != "weight_g"]
+SPELLINGS = [(v, s) for v in ff.VARIANTS for s in ("parametrizations", "weight_g")
+             if v != "data2vec" or s != "weight_g"]
 
 
 @pytest.mark.parametrize("variant,spelling", SPELLINGS)
@@ -161,6 +169,40 @@ def test_hf_unsupported_extractor_activation_is_refused(tmp_path):
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("apply", [True, False])
+def test_hf_apply_spec_augment_is_read(tmp_path, apply):
+    """transformers' `apply_spec_augment: false` means no SpecAugment whatever mask_time_prob says."""
+    import transformers as tf
+
+    cfg = ff.hf_config("base")
+    cfg.apply_spec_augment = apply
+    tf.Wav2Vec2ForCTC(cfg).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["apply_spec_augment"] is apply
+    model = load_pretrained(tmp_path)
+    assert model.config.apply_spec_augment is apply and model.config.mask_time_prob == 0.05
+
+
+def _with_adapter_keys(state: dict) -> dict:
+    """The MMS adapter of layer 0 as transformers' Wav2Vec2AttnAdapterLayer names it."""
+    extra = {f"wav2vec2.encoder.layers.0.adapter_layer.{n}": torch.zeros(2) for n in
+             ("norm.weight", "norm.bias", "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
+    return {**state, **extra}
+
+
+@pytest.mark.parametrize("where", ["config", "keys"])
+def test_hf_mms_adapter_is_refused_by_option(tmp_path, where):
+    hf("base", True).save_pretrained(tmp_path)
+    if where == "config":
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "adapter_attn_dim": 16}))
+    else:
+        _rewrite_state(tmp_path, _with_adapter_keys)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path)
+    msg = _one_line(e)
+    assert "adapter_attn_dim" in msg and str(tmp_path) in msg and "MMS" in msg, msg
+
+
 def test_hf_file_path_and_preprocessor(tmp_path):
     peer = hf("base", False)
     peer.save_pretrained(tmp_path)
@@ -191,9 +233,8 @@ def test_hf_layer_norm_model_padding_invariant(tmp_path, batch):
 
 def _torchaudio_to_ours(state: dict) -> dict:
     out = {}
-    for k, v in state.items():
+    for k, v in ff.old_weight_norm_spelling(state).items():
         k = k.replace("encoder.transformer.", "encoder.").replace("encoder.feature_projection.", "feature_projection.")
-        k = k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v")
         out[k.replace("aux.", "lm_head.")] = v
     return out
 
@@ -204,7 +245,7 @@ def test_torchaudio_parity(tmp_path, batch, mode, layer_norm_first, aux):
     from torchaudio.models import wav2vec2_model
 
     torch.manual_seed(3)
-    conv = list(zip(ff.CONV["conv_dim"], ff.CONV["conv_kernel"], ff.CONV["conv_stride"]))
+    conv = list(zip(ff.CONV["conv_dim"], ff.CONV["conv_kernel"], ff.CONV["conv_stride"], strict=True))
     peer = wav2vec2_model(mode, conv, mode == "layer_norm", 32, 0.0, 15, 4, 2, 4, 0.0, 52, 0.0, 0.0,
                           layer_norm_first, 0.0, aux)
     ff.perturb_(peer, seed=3).eval()
@@ -251,6 +292,42 @@ def test_torchaudio_import_of_hf_model_agrees(tmp_path, batch, variant):
 # fairseq
 
 
+def _torchaudio_name_to_hf(key: str) -> str:
+    """torchaudio's Wav2Vec2Model names -> HF bare names, as torchaudio's own `import_huggingface_model` pairs them
+    (HF `feature_projection` -> `encoder.feature_projection`, HF `encoder` -> `encoder.transformer`, `lm_head` ->
+    `aux`)."""
+    for ta, ours in (("encoder.feature_projection.", "feature_projection."), ("encoder.transformer.", "encoder."),
+                     ("aux.", "lm_head.")):
+        if key.startswith(ta):
+            return ours + key.removeprefix(ta)
+    return key
+
+
+@pytest.mark.parametrize("variant", ["base", "large", "hubert"])
+@pytest.mark.parametrize("kind", ["pretraining", "ctc"])
+def test_fairseq_fixture_names_agree_with_torchaudio_importer(variant, kind):
+    """The fixtures' hand-written fairseq names are those torchaudio's fairseq importer reads: every key it maps
+    (`import_fairseq._map_key`) carries the HF tensor of that name, so the parity tests do not rest on s3r's table.
+    (torchaudio's importer knows no data2vec positional conv stack; data2vec's other names are the same code.)"""
+    from torchaudio.models.wav2vec2.utils.import_fairseq import _map_key
+
+    peer = hf(variant, kind == "ctc")
+    bare = ff.hf_bare_state(peer)
+    if kind == "ctc":
+        state = ff.fairseq_ctc_checkpoint(variant, peer, "cfg")["model"]
+        state = {k.removeprefix("w2v_encoder."): v for k, v in state.items()}
+    else:
+        state = ff.fairseq_pretraining_checkpoint(variant, peer, "cfg")["model"]
+    checked = 0
+    for key, tensor in state.items():
+        if _map_key(key) is None or key == "label_embs_concat":
+            continue  # pretraining heads and the mask embedding, which torchaudio drops (HuBERT's labels it keeps)
+        mapped = _map_key(key)
+        assert torch.equal(tensor, bare[_torchaudio_name_to_hf(mapped)]), (key, mapped)
+        checked += 1
+    assert checked == len(bare) - 1  # every HF tensor but masked_spec_embed
+
+
 @pytest.mark.parametrize("variant", ff.VARIANTS)
 @pytest.mark.parametrize("style", ["cfg", "args"])
 def test_fairseq_pretraining_parity(tmp_path, batch, variant, style):
@@ -288,10 +365,40 @@ def test_fairseq_ctc_parity(tmp_path, batch, variant, style):
     assert_parity(model, peer, *batch, what=f"fairseq ctc {variant} {style}")
 
 
+@pytest.mark.parametrize("style", ["cfg", "args"])
+@pytest.mark.parametrize("blank", [(0.0, "add"), (1.5, "add"), (-2.0, "set")], ids=["default", "add", "set"])
+def test_fairseq_blank_weight_and_mode_are_read(tmp_path, style, blank):
+    """Wav2Vec2CtcConfig's blank_weight / blank_mode (applied by fairseq at inference) land in our config."""
+    weight, mode = blank
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), style)
+    head = ckpt["cfg"]["model"] if style == "cfg" else vars(ckpt["args"])
+    head.update(blank_weight=weight, blank_mode=mode)
+    save_atomic(ckpt, tmp_path / "ctc.pt")
+    config = load_pretrained(tmp_path / "ctc.pt").config
+    assert (config.blank_weight, config.blank_mode) == (weight, mode)
+
+
+def test_fairseq_pretraining_checkpoint_has_default_blank(tmp_path):
+    save_atomic(ff.fairseq_pretraining_checkpoint("base", hf("base", False)), tmp_path / "p.pt")
+    config = load_pretrained(tmp_path / "p.pt").config
+    assert (config.blank_weight, config.blank_mode) == (0.0, "add")
+
+
+def test_fairseq_mms_adapter_layers_are_refused_by_option(tmp_path):
+    """MMS finetunes with `layer_type=trf_adp` (transformer layers with per-language adapters)."""
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    ckpt["cfg"]["model"]["w2v_args"]["model"].update(layer_type="trf_adp", adp_num=1, adp_dim=64)
+    save_atomic(ckpt, tmp_path / "mms.pt")
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(tmp_path / "mms.pt")
+    assert "layer_type='trf_adp'" in _one_line(e) and "MMS" in str(e.value)
+
+
 def _upstream_scores(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {name: torch.randn(m.weight.shape, generator=g)
-            for name, m in model.named_modules() if isinstance(m, Routable) and (".attention." in name or ".feed_forward." in name)}
+            for name, m in model.named_modules()
+            if isinstance(m, Routable) and (".attention." in name or ".feed_forward." in name)}
 
 
 @torch.no_grad()
@@ -313,11 +420,17 @@ def _apply_masks_to_hf(peer, scores: dict, keep: dict, prefix: str):
     return masked
 
 
+@pytest.mark.xfail(not hasattr(s3r.model, "kept_count"), strict=True,
+                   reason="until model.kept_count lands, s3r keeps round(prune_rate * numel) (one fewer here)")
 @pytest.mark.parametrize("fix_attn", [False, True], ids=["all", "fix_attn"])
 @pytest.mark.parametrize("style", ["cfg", "args"])
 def test_upstream_s3router_checkpoint(tmp_path, batch, fix_attn, style):
-    """wav2vec_ctc_st: `.scores` next to every q/k/v/out/fc1/fc2 weight, `cfg.model.prune_rate` = fraction kept."""
-    variant, prune_rate = "base", 0.5
+    """wav2vec_ctc_st: `.scores` next to every q/k/v/out/fc1/fc2 weight, `cfg.model.prune_rate` = fraction kept.
+
+    At 0.6 upstream's GetSubnet count, numel - int((1 - prune_rate) * numel), differs from round(0.6 * numel) on
+    every routed tensor of the tiny model: 32x32 keeps 615 (not 614), 52x32 keeps 999 (not 998).
+    """
+    variant, prune_rate = "base", 0.6
     peer = hf(variant, True)
     scores = _upstream_scores(load_pretrained_dir(tmp_path / "hf", peer))
     ckpt = ff.fairseq_ctc_checkpoint(variant, peer, style, route={"prune_rate": prune_rate, "fix_attn": fix_attn,
@@ -328,24 +441,13 @@ def test_upstream_s3router_checkpoint(tmp_path, batch, fix_attn, style):
     model = load_pretrained(tmp_path / "st.pt")
     assert model.route_config is not None and model.route_config.prune_rate == prune_rate
     assert model.route_config.fix_attn == fix_attn
-    keep = {layer: round(prune_rate * s.numel()) for layer, s in scores.items()
-            if not (fix_attn and ".attention." in layer)}
+    upstream = {32 * 32: 1024 - int(0.4 * 1024), 52 * 32: 1664 - int(0.4 * 1664)}
+    assert upstream == {1024: 615, 1664: 999}  # counted by hand: int(409.6) = 409, int(665.6) = 665
+    keep = {layer: upstream[s.numel()] for layer, s in scores.items() if not (fix_attn and ".attention." in layer)}
     for name, mask in model.masks().items():
         assert int(mask.sum()) == keep[name.removesuffix(".weight")]
     expected = _apply_masks_to_hf(peer, scores, keep, "wav2vec2.")
     assert_parity(model, expected, *batch, what=f"upstream st fix_attn={fix_attn} {style}")
-
-
-@pytest.mark.xfail(strict=True, reason="upstream GetSubnet keeps numel - int((1 - prune_rate) * numel) entries, "
-                                      "s3r keeps round(prune_rate * numel); they differ by one when the fraction "
-                                      "part of prune_rate * numel is below 0.5 (e.g. wav2vec2-base fc1 at 0.9)")
-def test_upstream_kept_count_formula():
-    from s3r import MaskedLinear
-
-    layer = MaskedLinear(3072, 768)  # wav2vec2-base fc1 shape
-    layer.route(0.9)
-    n = layer.weight.numel()
-    assert int(layer.mask().sum()) == n - int((1 - 0.9) * n)
 
 
 def load_pretrained_dir(directory, peer):
@@ -382,13 +484,29 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
-def test_unknown_fairseq_key_is_refused_by_name(tmp_path):
+def _drop(state: dict, key: str) -> None:
+    del state[key]
+
+
+FAIRSEQ_DAMAGE = {  # what is done to a CTC checkpoint's state -> what the one-line error must name
+    "unknown": (lambda s: s.__setitem__("w2v_encoder.w2v_model.encoder.layers.0.fc3.weight", torch.zeros(3)),
+                ["encoder.layers.0.fc3.weight"]),
+    "missing": (lambda s: _drop(s, "w2v_encoder.w2v_model.encoder.layers.1.fc2.bias"),
+                ["encoder.layers.1.feed_forward.output_dense.bias"]),
+    "shape": (lambda s: s.__setitem__("w2v_encoder.w2v_model.encoder.layers.0.self_attn.k_proj.weight",
+                                      torch.zeros(32, 31)), ["encoder.layers.0.attention.k_proj.weight", "(32, 31)"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(FAIRSEQ_DAMAGE))
+def test_bad_fairseq_key_is_refused_by_name(tmp_path, damage):
+    change, named = FAIRSEQ_DAMAGE[damage]
     ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
-    ckpt["model"]["w2v_encoder.w2v_model.encoder.layers.0.fc3.weight"] = torch.zeros(3)
+    change(ckpt["model"])
     save_atomic(ckpt, tmp_path / "c.pt")
     with pytest.raises(CheckpointError) as e:
         load_pretrained(tmp_path / "c.pt")
-    assert "encoder.layers.0.fc3.weight" in _one_line(e)
+    assert all(n in _one_line(e) for n in named), str(e.value)
 
 
 def test_unknown_hf_key_is_refused_by_name(tmp_path):
@@ -397,25 +515,6 @@ def test_unknown_hf_key_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_pretrained(tmp_path)
     assert "encoder.adapter.weight" in _one_line(e)
-
-
-def test_missing_key_is_refused_by_name(tmp_path):
-    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
-    del ckpt["model"]["w2v_encoder.w2v_model.encoder.layers.1.fc2.bias"]
-    save_atomic(ckpt, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError) as e:
-        load_pretrained(tmp_path / "c.pt")
-    assert "encoder.layers.1.feed_forward.output_dense.bias" in _one_line(e)
-
-
-def test_wrong_shape_is_refused_by_name(tmp_path):
-    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
-    ckpt["model"]["w2v_encoder.w2v_model.encoder.layers.0.self_attn.k_proj.weight"] = torch.zeros(32, 31)
-    save_atomic(ckpt, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError) as e:
-        load_pretrained(tmp_path / "c.pt")
-    msg = _one_line(e)
-    assert "encoder.layers.0.attention.k_proj.weight" in msg and "(32, 31)" in msg
 
 
 class NotAllowListed:
@@ -464,10 +563,88 @@ def test_pickled_fairseq_dictionary_needs_trust_and_loads_without_fairseq(tmp_pa
 
 def test_not_a_checkpoint(tmp_path):
     save_atomic({"weights": torch.zeros(2)}, tmp_path / "x.pt")
-    with pytest.raises(CheckpointError, match="neither"):
+    with pytest.raises(CheckpointError, match=r"neither an s3r nor a fairseq checkpoint \(it holds a dict with keys "
+                                              r"weights\)"):
         load_pretrained(tmp_path / "x.pt")
+    save_atomic([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="it holds a list"):
+        load_pretrained(tmp_path / "list.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Unreadable files: one line naming the file and what is wrong with it
+
+
+def _unreadable_message(path, **kw) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(path, **kw)
+    return _one_line(e)
+
+
+def test_text_file_named_pt(tmp_path):
+    (tmp_path / "x.pt").write_text("epoch 3: loss 0.21\nepoch 4: loss 0.19\n")
+    for trust in (False, True):
+        msg = _unreadable_message(tmp_path / "x.pt", trust_checkpoint=trust)
+        assert msg == f"cannot read {tmp_path / 'x.pt'}: not a PyTorch file but text (38 bytes, beginning " \
+                      f"'epoch 3: loss 0.21')", msg
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.0], ids=["half", "last-byte", "empty"])
+def test_truncated_checkpoint(tmp_path, keep):
+    ckpt = ff.fairseq_ctc_checkpoint("base", hf("base", True), "cfg")
+    save_atomic(ckpt, tmp_path / "full.pt")
+    data = (tmp_path / "full.pt").read_bytes()
+    cut = int(keep * len(data))
+    (tmp_path / "cut.pt").write_bytes(data[:cut])
+    want = "an empty file (0 bytes)" if cut == 0 else f"truncated or corrupt ({cut:,} bytes)"
+    assert _unreadable_message(tmp_path / "cut.pt") == f"cannot read {tmp_path / 'cut.pt'}: {want}"
+
+
+def test_corrupt_zip_directory(tmp_path):
+    """Full length, but the zip directory at the end is overwritten (a damaged copy)."""
+    save_atomic({"cfg": {}, "model": {"w": torch.arange(4096.0)}}, tmp_path / "c.pt")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[:-200] + bytes(200))
+    assert _unreadable_message(tmp_path / "c.pt") == \
+        f"cannot read {tmp_path / 'c.pt'}: truncated or corrupt ({len(data):,} bytes)"
+
+
+def test_binary_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"\x1f\x8b\x08\x00" + bytes(100))  # a gzip header
+    head = repr(b"\x1f\x8b\x08\x00" + bytes(4))
+    assert _unreadable_message(tmp_path / "x.pt") == \
+        f"cannot read {tmp_path / 'x.pt'}: not a PyTorch file (104 bytes, beginning {head})"
+
+
+HF_DAMAGE = {  # what is done to a saved HF directory -> the start of the one-line error, after the path
+    "no-config": (lambda d: (d / "config.json").unlink(), "", "no config.json"),
+    "no-weights": (lambda d: (d / "model.safetensors").unlink(), "", "no weights (neither model.safetensors nor "
+                                                                     "pytorch_model.bin)"),
+    "bad-json": (lambda d: (d / "config.json").write_text('{"model_type": "wav2vec2",'), "config.json",
+                 "not valid JSON"),
+    "not-wav2vec2": (lambda d: (d / "config.json").write_text('{"model_type": "wav2vec2"}'), "config.json",
+                     "not a Hugging Face wav2vec2 config (no conv_dim"),
+    "truncated-weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:999]),
+                          "model.safetensors", "truncated or corrupt (999 bytes)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(HF_DAMAGE))
+def test_damaged_hf_directory(tmp_path, damage):
+    change, file, want = HF_DAMAGE[damage]
+    hf("base", True).save_pretrained(tmp_path)
+    change(tmp_path)
+    msg = _unreadable_message(tmp_path)
+    where = str(tmp_path / file) if file else str(tmp_path)
+    assert where in msg and want in msg, msg
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    assert _unreadable_message(tmp_path / "ckpts") == \
+        f"{tmp_path / 'ckpts'}: no config.json (a Hugging Face model directory is expected)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,8 +690,7 @@ def test_s3r_checkpoint_refuses_changed_pretrained_weights(tmp_path, batch):
     model = load_pretrained(tmp_path / "hf", prune_rate=0.9)
     save_atomic(s3r_checkpoint(model, pretrained=str(tmp_path / "hf")), tmp_path / "s3r.pt")
     load_pretrained(tmp_path / "s3r.pt")  # fine while the weights are the same
-    _rewrite_state(tmp_path / "hf", lambda s: {k: (v + 1e-3 if k.endswith("fc2.weight") or "output_dense.weight" in k else v)
-                                               for k, v in s.items()})
+    _rewrite_state(tmp_path / "hf", lambda s: {k: v + 1e-3 if "output_dense.weight" in k else v for k, v in s.items()})
     with pytest.raises(CheckpointError) as e:
         load_pretrained(tmp_path / "s3r.pt")
     assert "not the ones" in _one_line(e)
@@ -534,12 +710,12 @@ def test_s3r_checkpoint_unknown_key_is_refused(tmp_path):
 def test_weight_based_init_reads_loaded_weights(tmp_path):
     """load_pretrained(prune_rate=..., init_score='weight_rank') routes after loading: first mask = magnitude top-k."""
     hf("base", True).save_pretrained(tmp_path)
-    model = load_pretrained(tmp_path, prune_rate=0.6, init_score="weight_rank", fix_attn=True)
+    model = load_pretrained(tmp_path, prune_rate=0.5, init_score="weight_rank", fix_attn=True)
     assert model.route_config.fix_attn
     for name, mask in model.masks().items():
         assert ".feed_forward." in name
         w = model.get_parameter(name)
-        assert torch.equal(mask, topk_mask(w.abs(), round(0.6 * w.numel())))
+        assert torch.equal(mask, topk_mask(w.abs(), w.numel() // 2))  # 0.5: every kept-count formula agrees
 
 
 def test_conv_feature_layers_parse_without_eval():
@@ -551,3 +727,77 @@ def test_conv_feature_layers_parse_without_eval():
     for bad in ("__import__('os').system('true')", "[(512, 10)]", "[(1, 2, 3)] - [(1, 2, 3)]", "[(1, 2, 3)"):
         with pytest.raises(CheckpointError):
             parse_conv_layers(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_pretrained's route options, checkpoint_vocab
+
+
+def test_route_options_default_to_route_config(tmp_path):
+    """init_score / fix_attn / trainable_proj left out (None) are RouteConfig's defaults, not load_pretrained's."""
+    hf("base", True).save_pretrained(tmp_path)
+    assert load_pretrained(tmp_path, prune_rate=0.5).route_config == RouteConfig(prune_rate=0.5)
+    given = load_pretrained(tmp_path, prune_rate=0.5, init_score="weight_rank", fix_attn=False, trainable_proj=False,
+                            trainable_bias=True).route_config
+    assert given == RouteConfig(prune_rate=0.5, init_score="weight_rank", fix_attn=False, trainable_proj=False,
+                                trainable_bias=True)
+    with pytest.raises(TypeError, match="unknown route option"):
+        load_pretrained(tmp_path, prune_rate=0.5, fix_atn=True)
+
+
+def test_checkpoint_vocab_sources(tmp_path):
+    hf("base", True).save_pretrained(tmp_path / "hf")
+    model = load_pretrained(tmp_path / "hf")
+    assert model.vocab is None and checkpoint_vocab(model, tmp_path / "hf") is None
+    (tmp_path / "hf" / "dict.ltr.txt").write_text("| 10\nE 5\nT 3\n")
+    beside = checkpoint_vocab(model, tmp_path / "hf" / "model.safetensors")
+    assert beside.symbols == ["<s>", "<pad>", "</s>", "<unk>", "|", "E", "T"]
+    (tmp_path / "v.json").write_text(json.dumps({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "A": 5}))
+    assert checkpoint_vocab(model, tmp_path / "hf", tmp_path / "v.json").symbols[-1] == "A"  # dict_path first
+    model.vocab = Vocabulary(["<s>", "<pad>", "</s>", "<unk>", "|", "Z"])
+    assert checkpoint_vocab(model, tmp_path / "hf") is model.vocab  # the checkpoint's own before files beside it
+    with pytest.raises(CheckpointError, match=r"dictionary .*nope\.txt: no such file"):
+        checkpoint_vocab(model, tmp_path / "hf", tmp_path / "nope.txt")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No import circles, function-level imports included
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Every s3r module `path` imports, at any depth of the file (inside functions too)."""
+    name = package + "." + path.stem if path.stem != "__init__" else package
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == package}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative to this module's package
+                parent = name if path.stem == "__init__" else name.rpartition(".")[0]
+                base = ".".join(filter(None, [parent.rsplit(".", node.level - 1)[0], node.module]))
+            if base.split(".")[0] != package:
+                continue
+            submodules = {f"{base}.{a.name}" for a in node.names if (path.parent / f"{a.name}.py").is_file()}
+            found |= submodules or {base}
+    return found - {name}
+
+
+def test_no_import_circles():
+    root = Path(s3r.model.__file__).parent
+    graph = {("s3r." + p.stem if p.stem != "__init__" else "s3r"): _imports(p, "s3r") for p in root.glob("*.py")}
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == "open":
+                raise AssertionError("import circle: " + " -> ".join(trail[trail.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert graph["s3r.checkpoint"] >= {"s3r.route_format"} and "s3r.routes" not in graph["s3r.checkpoint"]

@@ -14,8 +14,16 @@ import torch
 import torchaudio.functional as AF
 
 from s3r import data
-from s3r.data import (DataError, TokenBatchSampler, Utterance, collate, load_audio, make_loader, resolve_corpus,
-                      set_epoch)
+from s3r.data import (
+    DataError,
+    TokenBatchSampler,
+    Utterance,
+    collate,
+    load_audio,
+    make_loader,
+    resolve_corpus,
+    set_epoch,
+)
 from s3r.text import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -176,7 +184,7 @@ def test_load_audio_stereo_rate_and_normalize(write_audio):
     assert wav.shape == (math.ceil(len(raw) * 16000 / 22050),)
     expected = AF.resample(torch.from_numpy(raw.mean(1)), 22050, 16000)
     assert torch.allclose(wav, expected, atol=1e-6)
-    norm = load_audio(str(path), normalize=True)
+    norm = load_audio(str(path), normalize_waveform=True)
     assert abs(norm.mean()) < 1e-4 and abs(norm.std(unbiased=False) - 1) < 1e-3
     assert torch.allclose(norm, torch.nn.functional.layer_norm(wav, wav.shape), atol=1e-5)  # fairseq's recipe
 
@@ -225,7 +233,39 @@ def test_batches_reproducible_and_resumable():
     assert list(TokenBatchSampler(lengths, 600_000, seed=8)) != list(TokenBatchSampler(lengths, 600_000, seed=7))
     ordered = list(TokenBatchSampler(lengths, 600_000, shuffle=False))
     flat = [lengths[i] for batch in ordered for i in batch]
-    assert flat == sorted(flat)  # unshuffled: plain length order
+    assert flat == sorted(flat, reverse=True)  # unshuffled: longest first, as fairseq orders
+
+
+def test_batch_by_size_multiple_of_8_counted_by_hand():
+    lengths = [10] * 25
+    # max_tokens 100 holds 10 of them: 10 + 10 + 5
+    assert [len(b) for b in data.batch_by_size(list(range(25)), lengths, 100)] == [10, 10, 5]
+    # multiple of 8: 0-9 fill the batch and 10 does not fit, so 10 are cut to 8: out 0-7; 8, 9 carry over and
+    # 10 joins them; 8-17 fill the batch and 18 does not fit: out 8-15; 16, 17 carry over, 16-24 are the
+    # last 9, out whole (fairseq does not cut the last batch)
+    batches = data.batch_by_size(list(range(25)), lengths, 100, required_batch_size_multiple=8)
+    assert batches == [list(range(0, 8)), list(range(8, 16)), list(range(16, 25))]
+    assert list(TokenBatchSampler(lengths, 100, shuffle=False)) == batches  # the sampler's default is 8
+    # a batch smaller than 8 goes out whole: [60] (60 + 30 would pad to 120), [30, 30, 30] (+20 pads to 120), [20]
+    assert data.batch_by_size([0, 1, 2, 3, 4], [60, 30, 30, 30, 20], 100, required_batch_size_multiple=8) == [
+        [0], [1, 2, 3], [4]]
+    # 20 of length 5, max_tokens 60 (12 fit): 0-11 fill, cut to 0-7; 8-11 carry, 8-19 fill and 20 is the end
+    assert [len(b) for b in data.batch_by_size(list(range(20)), [5] * 20, 60, None, 8)] == [8, 12]
+    with pytest.raises(data.S3RError, match="at least 1"):
+        TokenBatchSampler(lengths, 100, required_batch_size_multiple=0)
+
+
+def test_batches_count_the_cropped_size():
+    utts = [Utterance("long", "a.flac", 64000, 16000, "A"), Utterance("short", "b.flac", 800, 16000, "B")]
+    with pytest.raises(DataError, match="4.0 s"):
+        make_loader(utts, None, 32000)
+    # cropped to 16000 samples: 2 x 16000 fits 32000, so both share one batch; at 31999 they do not
+    loader = make_loader(utts, None, 32000, max_sample_size=16000, num_workers=0)
+    assert loader.batch_sampler.lengths.tolist() == [16000, 800] and list(loader.batch_sampler) == [[0, 1]]
+    loader = make_loader(utts, None, 31999, max_sample_size=16000, num_workers=0)
+    assert sorted(loader.batch_sampler) == [[0], [1]]
+    with pytest.raises(DataError, match=r"16000 samples after cropping\) is longer than max_tokens=8000"):
+        make_loader(utts, None, 8000, max_sample_size=16000)
 
 
 def test_too_long_utterance():
@@ -308,6 +348,18 @@ def damage(case: str, tiny_corpus) -> tuple[list[str], str]:
         lines[1] = lines[1].replace(b"\tpl\t", b"\tpl\xb9\t")  # a latin-1 byte in row 1 (line 2)
         tsv.write_bytes(b"\n".join(lines))
         return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv:2: not UTF-8"
+    if case in ("short_cv_row", "text_as_audio"):
+        root = tiny_corpus("commonvoice", num=8, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+        lang = root / "cv-corpus-17.0-2024-03-15" / "pl"
+        if case == "text_as_audio":
+            clip = sorted((lang / "clips").glob("*.mp3"))[0]
+            clip.write_text("this is a text file, not audio\n")
+            return ["--data-root", str(root), "--data", "pl-validated"], f"{clip.name}: cannot decode audio"
+        tsv = lang / "dev.tsv"
+        lines = tsv.read_text(encoding="utf-8").split("\n")
+        lines[1] = lines[1].split("\t")[0]  # a row cut after its first column
+        tsv.write_text("\n".join(lines), encoding="utf-8")
+        return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv:2: 1 columns, header has"
     if case == "missing_manifest_audio":
         root = tiny_corpus("manifest", num=4, fresh=True)
         next((root / "audio").rglob("*.flac")).unlink()
@@ -339,7 +391,7 @@ def damage(case: str, tiny_corpus) -> tuple[list[str], str]:
 
 
 BAD_CASES = ["missing_audio", "no_transcript", "empty", "corrupt", "truncated", "non_utf8", "missing_clip",
-             "non_utf8_tsv", "truncated_mp3", "missing_manifest_audio"]
+             "non_utf8_tsv", "truncated_mp3", "missing_manifest_audio", "short_cv_row", "text_as_audio"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -352,6 +404,62 @@ def test_bad_input(case, tiny_corpus, capfd):
     summary = json.loads(capfd.readouterr().out)
     assert len(summary["skipped"]) == 1 and message.split(":")[0] in summary["skipped"][0]["path"]
     assert summary["skipped"][0]["reason"] and isinstance(summary["utterances"], int)
+
+
+def unreadable(case: str, tiny_corpus, tmp_path) -> tuple[list[str], str]:
+    """A whole file or folder that cannot be read as what it should be: (CLI args, text the error must contain)."""
+    if case in ("cv_tsv_as_manifest", "cv_no_path_column", "cv_split_missing"):
+        root = tiny_corpus("commonvoice", num=4, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+        lang = root / "cv-corpus-17.0-2024-03-15" / "pl"
+        if case == "cv_tsv_as_manifest":
+            return ["--data", str(lang / "train.tsv")], "train.tsv:1: not a fairseq manifest"
+        if case == "cv_split_missing":
+            (lang / "dev.tsv").unlink()
+            return ["--data-root", str(root), "--data", "pl-dev"], "dev.tsv not found"
+        tsv = lang / "train.tsv"
+        tsv.write_text(tsv.read_text(encoding="utf-8").replace("\tpath\t", "\tfile\t", 1), encoding="utf-8")
+        return ["--data-root", str(root), "--data", "pl-train"], "train.tsv: no path column (header: client_id"
+    if case.startswith("manifest"):
+        root = tiny_corpus("manifest", num=4, fresh=True)
+        tsv = root / "train.tsv"
+        if case == "manifest_empty":
+            tsv.write_text("")
+            return ["--data", str(tsv)], "train.tsv: not a fairseq manifest: line 1 must be the audio root"
+        if case == "manifest_missing_root":
+            tsv.write_text("/no/such/audio\n" + "".join(tsv.read_text().splitlines(True)[1:]))
+            return ["--data", str(tsv)], "train.tsv:1: audio root folder /no/such/audio does not exist"
+        if case == "manifest_dict_not_utf8":
+            (root / "dict.ltr.txt").write_bytes(b"| 5\n\xe9 2\n")
+            return ["--data", str(tsv)], "dict.ltr.txt:2: not UTF-8 text (byte 0xe9)"
+    if case == "no_data_root":
+        return ["--data-root", str(tmp_path / "nowhere"), "--data", "dev-clean"], "nowhere: no such folder"
+    if case == "cv_data_root_is_a_file":
+        (tmp_path / "file").write_text("x")
+        return ["--data-root", str(tmp_path / "file"), "--data", "pl-dev"], "file: not a folder"
+    if case == "no_transcripts":
+        root = tiny_corpus("librispeech", num=4, fresh=True)
+        for trans in (root / "LibriSpeech" / "dev-clean").rglob("*.txt"):
+            trans.unlink()
+        return ["--data-root", str(root), "--data", "dev-clean"], "dev-clean: no *.trans.txt transcripts found"
+    if case == "librilight_fold_missing":
+        root = tiny_corpus("librilight", num=14, fresh=True)
+        shutil.rmtree(root / "librispeech_finetuning" / "9h")
+        return ["--data-root", str(root), "--data", "train-10h"], "9h: folder missing"
+    raise ValueError(case)
+
+
+UNREADABLE = ["cv_tsv_as_manifest", "cv_no_path_column", "cv_split_missing", "manifest_empty",
+              "manifest_missing_root", "manifest_dict_not_utf8", "no_data_root", "cv_data_root_is_a_file",
+              "no_transcripts", "librilight_fold_missing"]
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_unreadable_file_or_folder_is_one_line(case, tiny_corpus, tmp_path, capfd):
+    args, message = unreadable(case, tiny_corpus, tmp_path)
+    for extra in ([], ["--skip-bad"]):  # a whole file or folder is not skipped: nothing would be left to read
+        assert data.main(args + extra) == 2
+        err = capfd.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_truncated_audio_while_training(tiny_corpus):
@@ -402,3 +510,110 @@ def test_cli_summary(tiny_corpus, capsys):
     assert summary["shortest"]["seconds"] <= summary["longest"]["seconds"]
     assert data.main(["--data-root", str(root), "--data", "train-10m"]) == 0
     assert "utterances: 4" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- CommonVoice clip lists (Rivière et al. 2020)
+def cv_table(tsv: Path) -> dict[str, dict[str, str]]:
+    """{clip stem: row} of a release TSV, read here independently of s3r.data."""
+    header, *rows = tsv.read_text(encoding="utf-8").splitlines()
+    table = [dict(zip(header.split("\t"), r.split("\t"), strict=True)) for r in rows]
+    return {Path(r["path"]).stem: r for r in table}
+
+
+@pytest.fixture
+def cv_lists(tiny_corpus):
+    """A pl release with a published-style 1 h train list above it and a dev-1h.txt in the language folder."""
+    root = tiny_corpus("commonvoice", num=8, voice="pl", lang="pl", texts=PL_TEXTS, fresh=True)
+    lang = root / "cv-corpus-17.0-2024-03-15" / "pl"
+    lists = root / "common_voices_splits" / "pl"
+    lists.mkdir(parents=True)
+    # a clip name, a file name and a path: the list formats seen in the wild
+    (lists / "trainSeqs_1.0_uniform_new_version.txt").write_text(
+        "common_voice_pl_3000005\nclips/common_voice_pl_3000001.mp3\n\ncommon_voice_pl_3000002.mp3\n")
+    (lang / "dev-1h.txt").write_text("common_voice_pl_3000007\n")
+    return root, lang
+
+
+def test_commonvoice_clip_list(cv_lists):
+    root, lang = cv_lists
+    corpus = resolve_corpus("pl-train-1h", str(root))
+    assert [u.id for u in corpus.utterances] == ["common_voice_pl_3000005", "common_voice_pl_3000001",
+                                                 "common_voice_pl_3000002"]  # the list's order
+    published = root / "common_voices_splits" / "pl" / "trainSeqs_1.0_uniform_new_version.txt"
+    assert (corpus.kind, corpus.language, corpus.units, corpus.root) == ("commonvoice", "pl", "char", str(published))
+    rows = cv_table(lang / "validated.tsv")
+    assert [u.text for u in corpus.utterances] == [
+        " ".join(rows[u.id]["sentence"].lower().replace(".", " ").replace("!", " ").replace('"', " ").replace(",", " ")
+                 .split()) for u in corpus.utterances]
+    assert all(u.path == str(lang / "clips" / f"{u.id}.mp3") and u.sample_rate == 48000 for u in corpus.utterances)
+    dev = resolve_corpus("pl-dev-1h", str(root / "cv-corpus-17.0-2024-03-15"))  # a list beside the TSVs
+    assert [u.id for u in dev.utterances] == ["common_voice_pl_3000007"]
+    with pytest.raises(DataError, match=r"no clip list for pl-train-5h: looked for train-5h\.txt or "
+                                        r"trainSeqs_5\.0_uniform_new_version\.txt"):
+        resolve_corpus("pl-train-5h", str(root))
+
+
+def test_commonvoice_clip_list_bad_lines(cv_lists, capfd):
+    root, lang = cv_lists
+    (lang / "test-1h.txt").write_text("common_voice_pl_3000003\ncommon_voice_pl_9999999\ncommon_voice_pl_3000003\n")
+    args = ["--data-root", str(root), "--data", "pl-test-1h"]
+    assert data.main(args) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "test-1h.txt:2: clip common_voice_pl_9999999 is in no TSV of" in err, err
+    assert data.main(args + ["--skip-bad", "--json"]) == 0
+    summary = json.loads(capfd.readouterr().out)
+    assert summary["utterances"] == 1 and [s["path"].rsplit("/", 1)[-1] for s in summary["skipped"]] == [
+        "test-1h.txt:2", "test-1h.txt:3"]
+    assert summary["skipped"][1]["reason"] == "clip common_voice_pl_3000003 is listed twice"
+    (lang / "test-1h.txt").write_text("\n")
+    assert data.main(args) == 2 and "test-1h.txt: no clip names in it" in capfd.readouterr().err
+
+
+def drop_phonemes_column(lang: Path) -> dict[str, str]:
+    """Remove the synthetic `phonemes` column (what espeak-ng said while speaking); returns {clip stem: phones}."""
+    said = {stem: row["phonemes"] for stem, row in cv_table(lang / "validated.tsv").items()}
+    for tsv in lang.glob("*.tsv"):
+        lines = tsv.read_text(encoding="utf-8").splitlines()
+        tsv.write_text("".join(line.rsplit("\t", 1)[0] + "\n" for line in lines), encoding="utf-8")
+    return said
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_commonvoice_phones_from_espeak_cached(cv_lists, monkeypatch):
+    root, lang = cv_lists
+    said = drop_phonemes_column(lang)
+    corpus = resolve_corpus("pl-train-1h", str(root), units="phone")
+    assert corpus.units == "phone" and corpus.vocab is None
+    # the synthesizer's espeak-ng run spoke the raw sentence; phonemizing it again gives the same phones
+    assert [u.text for u in corpus.utterances] == [said[u.id] for u in corpus.utterances]
+    assert all(" | " in u.text for u in corpus.utterances)
+    official = resolve_corpus("pl-dev", str(root), units="phone")  # a release TSV split: phonemized the same way
+    assert [u.text for u in official.utterances] == [said[u.id] for u in official.utterances]
+
+    def no_espeak(*args, **kw):
+        raise AssertionError("espeak-ng run although its phones are cached")
+
+    monkeypatch.setattr(data.subprocess, "run", no_espeak)
+    assert resolve_corpus("pl-train-1h", str(root), units="phone").utterances == corpus.utterances
+    assert [u.text for u in resolve_corpus("pl-dev-1h", str(root), units="phone").utterances] == [
+        said["common_voice_pl_3000007"]]  # same sentences as train (3 sentences, 8 clips): cached too
+
+
+def test_commonvoice_phones_need_espeak(cv_lists, monkeypatch, capfd):
+    root, lang = cv_lists
+    drop_phonemes_column(lang)
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    assert data.main(["--data-root", str(root), "--data", "pl-train-1h", "--units", "phone"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "need espeak-ng to phonemize the sentences" in err, err
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_espeak_voice_from_commonvoice_language():
+    # Rivière et al.'s languages: es fr it ky nl ru sv-SE tr tt zh-TW, phonemized with these voices
+    voices = {lang: data.espeak_voice(lang) for lang in ("es", "fr", "it", "ky", "nl", "ru", "sv-SE", "tr", "tt",
+                                                          "zh-TW", "zh_TW")}
+    assert voices == {"es": "es", "fr": "fr-fr", "it": "it", "ky": "ky", "nl": "nl", "ru": "ru", "sv-SE": "sv",
+                      "tr": "tr", "tt": "tt", "zh-TW": "cmn", "zh_TW": "cmn"}
+    with pytest.raises(DataError, match="espeak-ng has no voice for the CommonVoice language 'xx-YY'"):
+        data.espeak_voice("xx-YY")

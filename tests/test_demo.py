@@ -1,24 +1,16 @@
-"""The committed demo (s3r/assets/demo) and the miniature's helpers (tools/miniature.py)."""
-import importlib.util
+"""The committed demo (s3r/assets/demo) and the miniature's helpers (python -m tools.miniature)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+import tools.miniature as mini
+import train
 from s3r import load_pretrained
 from s3r.data import resolve_corpus
+from s3r.recipe import DEMO_BACKBONE
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "s3r" / "assets" / "demo"
-
-
-def _miniature():
-    sys.path.insert(0, str(REPO / "tools"))
-    spec = importlib.util.spec_from_file_location("miniature", REPO / "tools" / "miniature.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+DEMO = DEMO_BACKBONE.parent
 
 
 def test_demo_assets_are_small_and_complete():
@@ -36,14 +28,13 @@ def test_demo_assets_are_small_and_complete():
 def test_demo_learns(tmp_path):
     """The README's main job on the committed demo, cut to 30 updates in one process: the phone error rate on
     demo-test must fall to well under half of the fresh head's (measured: 212% -> 37%)."""
-    import train
     assert train.main(["--data", "demo", "--prune-rate", "0.9", "--max-updates", "30", "--validate-interval", "30",
                        "--save-dir", str(tmp_path), "--num-workers", "0"]) == 0
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    valid = [d for d in lines if "uer" in d]  # one line per validation
+    valid = [d for d in lines if "per" in d]  # one line per validation
     before, after = valid[0], valid[-1]
     assert (before["update"], after["update"]) == (0, 30)
-    assert after["uer"] < 0.5 and after["uer"] < 0.5 * before["uer"]
+    assert after["per"] < 0.5 and after["per"] < 0.5 * before["per"]
 
 
 def _cv_folder(root: Path, rows: dict[str, list[str]]) -> Path:
@@ -56,7 +47,6 @@ def _cv_folder(root: Path, rows: dict[str, list[str]]) -> Path:
 
 
 def test_close_phone_set_moves_unseen_phones_to_train(tmp_path):
-    mini = _miniature()
     folder = _cv_folder(tmp_path, {"train": ["a b | c"], "dev": ["a | b", "a ʃ"], "test": ["ʃ | c", "z"]})
     assert mini.close_phone_set(folder) == 2  # "a ʃ" brings ʃ into train, so "ʃ | c" may stay; "z" must move
     read = lambda s: (folder / f"{s}.tsv").read_text(encoding="utf-8").splitlines()[1:]  # noqa: E731
@@ -67,6 +57,5 @@ def test_close_phone_set_moves_unseen_phones_to_train(tmp_path):
 
 
 def test_per_cell_format():
-    mini = _miniature()
     assert mini.per_cell([0.10, 0.14]) == "12.0 ±2.0"
     assert mini.per_cell([0.081]) == "8.1 (1)"

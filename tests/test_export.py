@@ -8,8 +8,6 @@ from s3r import Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
 from s3r.checkpoint import s3r_checkpoint, save_atomic
 from s3r.export import export_hf, main
 
-from test_masks import TINY, VOCAB, train_route
-
 transformers = pytest.importorskip("transformers")
 
 VARIANTS = {  # our config overrides -> the transformers class that must reproduce it
@@ -28,17 +26,18 @@ def hf_logits(directory, wav):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_hf_export_same_logits(variant, tmp_path):
+def test_hf_export_same_logits(variant, tmp_path, tiny_arch, tiny_vocab, train_route):
     overrides, cls = VARIANTS[variant]
     torch.manual_seed(0)
-    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**{**TINY, **overrides}))), tmp_path / "pre.pt")
+    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**{**tiny_arch, **overrides}))), tmp_path / "pre.pt")
     # route the positional conv too, so folding a mask into weight norm (g, v) is exercised
     model = train_route(tmp_path / "pre.pt", seed=3, prune_rate=0.6, steps=2, route_pos_conv=True)
     save_atomic(s3r_checkpoint(model, pretrained=str(tmp_path / "pre.pt")), tmp_path / "routed.pt")
     wav = torch.randn(2, 1600)
     with torch.no_grad():
         ours = model(wav)[0]
-    assert main(["--hf", str(tmp_path / "hf"), "--dense", str(tmp_path / "dense.pt"), str(tmp_path / "routed.pt")]) is None
+    assert main(["--hf", str(tmp_path / "hf"), "--dense", str(tmp_path / "dense.pt"), str(tmp_path / "routed.pt")]) \
+        is None
     hf, theirs = hf_logits(tmp_path / "hf", wav)
     assert type(hf).__name__ == cls
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
@@ -47,16 +46,16 @@ def test_hf_export_same_logits(variant, tmp_path):
     again = load_pretrained(tmp_path / "hf")  # and s3r reads its own export back
     with torch.no_grad():
         torch.testing.assert_close(again(wav)[0], ours, atol=1e-5, rtol=1e-5)
-    assert again.vocab.symbols[4:] == VOCAB.symbols[4:]
+    assert again.vocab.symbols[4:] == tiny_vocab.symbols[4:]
     dense = load_pretrained(tmp_path / "dense.pt")
-    assert dense.route_config is None and dense.vocab == VOCAB
+    assert dense.route_config is None and dense.vocab == tiny_vocab
     with torch.no_grad():
         torch.testing.assert_close(dense(wav)[0], ours, atol=1e-5, rtol=1e-5)
 
 
-def test_hf_directory_has_no_unused_or_missing_keys_and_a_processor(tmp_path):
+def test_hf_directory_has_no_unused_or_missing_keys_and_a_processor(tmp_path, tiny_arch, train_route):
     torch.manual_seed(0)
-    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**TINY))), tmp_path / "pre.pt")
+    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**tiny_arch))), tmp_path / "pre.pt")
     model = train_route(tmp_path / "pre.pt", seed=4, prune_rate=0.8, steps=1)
     export_hf(model, tmp_path / "hf")
     _, info = transformers.Wav2Vec2ForCTC.from_pretrained(tmp_path / "hf", output_loading_info=True)
@@ -68,10 +67,20 @@ def test_hf_directory_has_no_unused_or_missing_keys_and_a_processor(tmp_path):
     assert processor.batch_decode(ids)[0] == "ab a"
 
 
+def test_dense_export_from_pretrained_and_route(route_files, tmp_path):
+    """`--route ROUTE` on the shared weights exports the same model as the routed checkpoint itself."""
+    assert main(["--dense", str(tmp_path / "dense.pt"), str(route_files / "pretrained.pt"), "--route",
+                 str(route_files / "a.route")]) is None
+    wav = torch.randn(2, 1600)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained(tmp_path / "dense.pt")(wav)[0],
+                                   load_pretrained(route_files / "a.pt")(wav)[0], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.slow  # a fresh interpreter imports torch: seconds on a shared machine
-def test_export_errors_are_one_line(tmp_path, run_cli):
+def test_export_errors_are_one_line(tmp_path, run_cli, tiny_arch):
     torch.manual_seed(0)
-    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**TINY))), tmp_path / "headless.pt")
+    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**tiny_arch))), tmp_path / "headless.pt")
     r = run_cli("-m", "s3r.export", "--hf", str(tmp_path / "hf"), str(tmp_path / "headless.pt"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert "no CTC head" in r.stderr

@@ -1,13 +1,13 @@
-"""s3r/model.py: S3-Router's score-masked layers and the routed model (peer parity lives in test_checkpoint.py)."""
+"""s3r/model.py, the reference: S3-Router's score-masked layers, the routed model, SpecAugment and the CTC head
+(peer parity lives in test_checkpoint.py, fast == reference in test_fast.py)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import s3r.model as model_module
 from s3r import MaskedConv1d, MaskedLinear, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, topk_mask
-from s3r.model import Routable, WeightNormConv1d
+from s3r.model import WeightNormConv1d, compute_mask_indices, kept_count
 
 torch.set_num_threads(1)
 
@@ -30,14 +30,33 @@ def wav():
     return torch.randn(2, 2000, generator=g), torch.tensor([2000, 1400])
 
 
+def valid_loss(out, lengths):
+    """A loss over the valid frames only (padded frames hold fairseq's certain-blank logits, -inf but the blank)."""
+    valid = (torch.arange(out.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
+    return torch.where(valid, out, 0.0).pow(2).mean()
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The mask: exactly round(prune_rate * numel) entries with the largest |scores|
+# The mask: exactly upstream's kept count, the entries with the largest |scores|
 
 RATES = [0.05, 0.3, 0.5, 0.7, 0.9, 0.94, 0.999, 1.0]
 
 
+@pytest.mark.parametrize("numel, rate, kept, rounded", [
+    (5, 0.5, 3, 2),  # upstream keeps 5 - int(2.5) = 3; round(2.5) = 2
+    (1664, 0.6, 999, 998),  # 1664 - int(665.6)
+    (3072 * 768, 0.9, 2123367, 2123366),  # wav2vec2-base fc1 at the default rate: 2359296 - int(235929.6)
+    (100, 0.001, 1, 0),  # 100 - int(99.9): upstream keeps one
+    (200, 0.9, 181, 180),  # 1 - 0.9 is 0.09999999999999998 in floating point
+    (10, 0.3, 3, 3), (7, 1.0, 7, 7)])
+def test_kept_count_is_upstreams_formula(numel, rate, kept, rounded):
+    assert kept_count(numel, rate) == kept
+    assert round(rate * numel) == rounded  # where the two formulas differ, they really do
+
+
 def _layers():
-    return [MaskedLinear(13, 7), MaskedLinear(33, 64), MaskedLinear(1, 1), MaskedConv1d(5, 3, 7), MaskedConv1d(8, 8, 3, groups=4)]
+    return [MaskedLinear(13, 7), MaskedLinear(33, 64), MaskedLinear(1, 1), MaskedConv1d(5, 3, 7),
+            MaskedConv1d(8, 8, 3, groups=4)]
 
 
 @pytest.mark.parametrize("rate", RATES)
@@ -48,7 +67,8 @@ def test_kept_count_is_exact(rate, init):
         layer.route(rate, init)
         mask = layer.mask()
         assert mask.dtype == torch.bool and mask.shape == layer.weight.shape
-        assert int(mask.sum()) == round(rate * layer.weight.numel()), (type(layer).__name__, tuple(layer.weight.shape))
+        n = layer.weight.numel()
+        assert int(mask.sum()) == n - int((1 - rate) * n), (type(layer).__name__, tuple(layer.weight.shape))
         # the kept entries are the largest |scores|: nothing dropped is larger than anything kept
         s = layer.scores.detach().abs()
         if 0 < int(mask.sum()) < mask.numel():
@@ -64,17 +84,18 @@ def test_kept_count_with_heavy_ties(rate):
         layer.weight.copy_(torch.randint(-1, 2, layer.weight.shape).float())  # -1, 0, 1
     for init in ("weight_magnitude", "weight_magnitude_with_scale", "weight_rank"):
         layer.route(rate, init)
-        assert int(layer.mask().sum()) == round(rate * layer.weight.numel()), init
+        assert int(layer.mask().sum()) == kept_count(layer.weight.numel(), rate), init
     with torch.no_grad():  # all scores equal
         layer.scores.fill_(0.25)
-    assert int(layer.mask().sum()) == round(rate * layer.weight.numel())
+    n = layer.weight.numel()
+    assert torch.equal(layer.mask().flatten(), torch.arange(n) < kept_count(n, rate))  # ties: the first by position
 
 
 def test_weight_magnitude_scores_are_binary_topk():
     torch.manual_seed(2)
     layer = MaskedLinear(40, 30)
     layer.route(0.6, "weight_magnitude")
-    k = round(0.6 * layer.weight.numel())
+    k = kept_count(layer.weight.numel(), 0.6)
     assert torch.equal(layer.scores, topk_mask(layer.weight.abs(), k).float())
     assert torch.equal(layer.mask(), topk_mask(layer.weight.abs(), k))
 
@@ -82,18 +103,27 @@ def test_weight_magnitude_scores_are_binary_topk():
 def test_prune_rate_change_recomputes_mask():
     layer = MaskedLinear(20, 10)
     layer.route(0.9)
-    assert int(layer.mask().sum()) == 180
+    assert int(layer.mask().sum()) == 181  # 200 - int(0.09999999999999998 * 200), as upstream computes it
     layer.prune_rate = 0.5
     assert int(layer.mask().sum()) == 100
 
 
-@pytest.mark.parametrize("density", [0.0, 0.37, 1.0])
-def test_fix_mask_is_what_a_fresh_selection_gives(density):
-    layer = MaskedConv1d(8, 6, 3)
+def test_topk_mask_breaks_ties_by_position():
+    values = torch.tensor([[1.0, 3.0, 3.0], [2.0, 3.0, 1.0]])
+    assert topk_mask(values, 2).tolist() == [[False, True, True], [False, False, False]]
+    assert topk_mask(values, 4).tolist() == [[False, True, True], [True, True, False]]
+    assert topk_mask(values, 5).tolist() == [[True, True, True], [True, True, False]]  # the first of the two 1s
+
+
+@pytest.mark.parametrize("density", [0.0, 0.37, 0.5, 0.71, 1.0])
+@pytest.mark.parametrize("shape", [(8, 6, 3), (7, 5, 3), (31, 13, 1)])
+def test_fix_mask_is_what_a_fresh_selection_gives(density, shape):
+    layer = MaskedConv1d(shape[1], shape[0], shape[2])
     mask = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) < density
     layer.fix_mask(mask)
     assert torch.equal(layer.mask(), mask) and not layer.scores.requires_grad
-    layer._mask_key = None  # forget the installed mask: the top-k of the 0/1 scores must select it again
+    assert kept_count(mask.numel(), layer.prune_rate) == int(mask.sum())
+    layer._mask_cache.clear()  # forget the installed mask: the top-k of the 0/1 scores must select it again
     assert torch.equal(layer.mask(), mask)
     assert torch.equal(layer.routed_weight(), layer.weight * mask)
 
@@ -108,7 +138,7 @@ def test_weight_rank_first_mask_is_magnitude_topk_at_kaiming_scale(layer, rate):
     torch.manual_seed(3)
     layer.route(rate, "weight_rank")
     w, s = layer.weight.detach(), layer.scores.detach()
-    assert torch.equal(layer.mask(), topk_mask(w.abs(), round(rate * w.numel())))
+    assert torch.equal(layer.mask(), topk_mask(w.abs(), kept_count(w.numel(), rate)))
     # ranks follow |W| everywhere, not only at the threshold
     assert torch.equal(s.abs().flatten().argsort(), w.abs().flatten().argsort())
     # scores keep kaiming_uniform(a=sqrt(5)) scale: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -125,7 +155,7 @@ def test_weight_magnitude_with_scale(scale):
     layer = MaskedLinear(16, 9)
     layer.route(0.5, "weight_magnitude_with_scale", scale)
     assert torch.equal(layer.scores, layer.weight.detach() / scale)
-    assert torch.equal(layer.mask(), topk_mask(layer.weight.abs(), round(0.5 * layer.weight.numel())))
+    assert torch.equal(layer.mask(), topk_mask(layer.weight.abs(), kept_count(layer.weight.numel(), 0.5)))
 
 
 def test_kaiming_scores_are_random_not_magnitude():
@@ -141,6 +171,25 @@ def test_unknown_init_score_is_refused():
         RouteConfig(init_score="magnitude")
     with pytest.raises(ValueError, match="prune_rate"):
         RouteConfig(prune_rate=0.0)
+
+
+def test_route_config_defaults_are_upstream_readme_command():
+    cfg = RouteConfig()
+    assert (cfg.prune_rate, cfg.init_score, cfg.fix_attn, cfg.trainable_proj) == (0.9, "weight_rank", True, True)
+
+
+def test_weight_magnitude_mask_cannot_change():
+    torch.manual_seed(5)
+    layer = MaskedLinear(12, 9)
+    layer.route(0.5, "weight_magnitude")
+    first = layer.mask().clone()
+    opt = torch.optim.Adam([layer.scores], lr=0.5)
+    for _ in range(5):  # large steps: the kept scores move, but no pruned one (at exactly 0) ever gets a gradient
+        layer(torch.randn(4, 12)).sin().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(layer.mask(), first)
+    assert torch.all(layer.scores[~first] == 0) and torch.any(layer.scores[first] != 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,10 +241,10 @@ def test_co_train_weight_gradient_is_masked():
 
 
 def test_model_step_trains_scores_and_head_only(wav):
-    model = tiny_model().route(RouteConfig(prune_rate=0.8))
+    model = tiny_model().route(RouteConfig(prune_rate=0.8, fix_attn=False))
     model.train()
-    out, _ = model(*wav)
-    out.pow(2).mean().backward()
+    out, out_lengths = model(*wav)
+    valid_loss(out, out_lengths).backward()
     for name, p in model.named_parameters():
         trains = name.endswith(".scores") or name.startswith("lm_head.")
         assert p.requires_grad == trains, name
@@ -219,8 +268,14 @@ def test_prune_rate_one_equals_dense_exactly(wav):
     assert torch.equal(out_grad.detach(), ref)
 
 
-def test_default_route_masks_attention_and_ffn_only():
-    model = tiny_model().route(RouteConfig(prune_rate=0.9))
+def test_default_route_masks_the_ffn_only():
+    model = tiny_model().route(RouteConfig())
+    assert set(model.masks()) == {f"encoder.layers.{i}.feed_forward.{d}.weight" for i in range(2)
+                                  for d in ("intermediate_dense", "output_dense")}
+
+
+def test_route_without_fix_attn_masks_attention_and_ffn_only():
+    model = tiny_model().route(RouteConfig(prune_rate=0.9, fix_attn=False))
     names = set(model.masks())
     expected = {f"encoder.layers.{i}.{p}.weight" for i in range(2) for p in
                 ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.out_proj",
@@ -236,24 +291,24 @@ def test_fix_attn_routes_only_ffn_and_fix_fc_only_attention():
         attn = model.encoder.layers[i].attention
         for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
             assert proj.scores is None and not proj.weight.requires_grad
-    model = tiny_model().route(RouteConfig(prune_rate=0.9, fix_fc=True))
+    model = tiny_model().route(RouteConfig(prune_rate=0.9, fix_attn=False, fix_fc=True))
     assert all(".attention." in n for n in model.masks())
 
 
 def test_optional_routes():
-    model = tiny_model().route(RouteConfig(prune_rate=0.5, route_feature_extractor=True, route_pos_conv=True,
-                                           route_feature_projection=True))
+    model = tiny_model().route(RouteConfig(prune_rate=0.5, fix_attn=False, route_feature_extractor=True,
+                                           route_pos_conv=True, route_feature_projection=True))
     names = set(model.masks())
     assert {"feature_extractor.conv_layers.0.conv.weight", "encoder.pos_conv_embed.conv.weight",
             "feature_projection.projection.weight"} <= names
     pos = model.encoder.pos_conv_embed.conv
-    assert int(pos.mask().sum()) == round(0.5 * pos.weight_v.numel())
+    assert int(pos.mask().sum()) == kept_count(pos.weight_v.numel(), 0.5)
     d2v = tiny_model(feat_extract_norm="layer", conv_pos_kernel=5, conv_pos_depth=3)
     d2v.route(RouteConfig(prune_rate=0.5, route_pos_conv=True))
     assert {f"encoder.pos_conv_embed.layers.{i}.conv.weight" for i in range(3)} <= set(d2v.masks())
 
 
-def _trainable(cfg: RouteConfig, **model_kw) -> set[str]:
+def _trainable(cfg: RouteConfig, **model_kw) -> set[str]:  # every cfg below routes attention too (fix_attn=False)
     model = tiny_model(**model_kw).route(cfg)
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -266,22 +321,23 @@ def test_trainable_parameter_sets_follow_flags():
                "feed_forward.intermediate_dense", "feed_forward.output_dense")}
     head = {"lm_head.weight", "lm_head.bias"}
     extractor = {n for n in params if n.startswith("feature_extractor.")}
-    assert _trainable(RouteConfig()) == scores | head
-    assert _trainable(RouteConfig(trainable_proj=False)) == scores
-    assert _trainable(RouteConfig(), mask_time_prob=0.5) == scores | head | {"masked_spec_embed"}
+    assert _trainable(RouteConfig(fix_attn=False)) == scores | head
+    assert _trainable(RouteConfig(fix_attn=False, trainable_proj=False)) == scores
+    assert _trainable(RouteConfig(fix_attn=False), mask_time_prob=0.5) == scores | head | {"masked_spec_embed"}
+    assert _trainable(RouteConfig(fix_attn=False), mask_time_prob=0.5, apply_spec_augment=False) == scores | head
     biases = {n for n in params if n.endswith(".bias") and not n.startswith("feature_extractor.")}
-    assert _trainable(RouteConfig(trainable_bias=True)) == scores | head | biases
+    assert _trainable(RouteConfig(fix_attn=False, trainable_bias=True)) == scores | head | biases
     norms = {n for n in params if "layer_norm" in n and not n.startswith("feature_extractor.")}
-    assert _trainable(RouteConfig(trainable_layer_norm=True)) == scores | head | norms
+    assert _trainable(RouteConfig(fix_attn=False, trainable_layer_norm=True)) == scores | head | norms
     pos = {n for n in params if n.startswith("encoder.pos_conv_embed.")}
     assert pos == {"encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv_embed.conv.weight_v",
                    "encoder.pos_conv_embed.conv.bias"}
-    assert _trainable(RouteConfig(trainable_pos=True)) == scores | head | pos
+    assert _trainable(RouteConfig(fix_attn=False, trainable_pos=True)) == scores | head | pos
     proj = {"feature_projection.projection.weight", "feature_projection.projection.bias"}
-    assert _trainable(RouteConfig(trainable_feature_projection=True)) == scores | head | proj
+    assert _trainable(RouteConfig(fix_attn=False, trainable_feature_projection=True)) == scores | head | proj
     everything = (params | scores) - extractor - {"masked_spec_embed"}
-    assert _trainable(RouteConfig(co_train=True)) == everything
-    assert _trainable(RouteConfig(co_train=True, trainable_proj=False)) == everything - head
+    assert _trainable(RouteConfig(fix_attn=False, co_train=True)) == everything
+    assert _trainable(RouteConfig(fix_attn=False, co_train=True, trainable_proj=False)) == everything - head
 
 
 def test_set_vocab_size_keeps_head_trainability():
@@ -292,8 +348,25 @@ def test_set_vocab_size_keeps_head_trainability():
     assert model.lm_head is None
 
 
+@pytest.mark.parametrize("how", ["constructor", "set_vocab_size"])
+def test_fresh_ctc_head_is_xavier_uniform_with_zero_bias(how):
+    """fairseq's Linear() in wav2vec2_asr.py: xavier_uniform_ weight, bias 0 (torch's default would be kaiming)."""
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(hidden_size=256, num_hidden_layers=0, num_attention_heads=4, conv_dim=(8,),
+                            conv_kernel=(10,), conv_stride=(5,), conv_pos_kernel=4, conv_pos_groups=4,
+                            vocab_size=1000 if how == "constructor" else 0)
+    model = Wav2Vec2ForCTC(config)
+    if how == "set_vocab_size":
+        model.set_vocab_size(1000)
+    w, b = model.lm_head.weight.detach(), model.lm_head.bias.detach()
+    bound = math.sqrt(6 / (256 + 1000))
+    assert torch.all(b == 0) and w.abs().max() <= bound
+    assert abs(w.std().item() - bound / math.sqrt(3)) < 0.02 * bound  # uniform(-a, a): std a / sqrt(3)
+
+
 def test_fold_masks_gives_the_same_dense_model(wav):
-    model = tiny_model().route(RouteConfig(prune_rate=0.6, route_pos_conv=True, route_feature_projection=True))
+    model = tiny_model().route(RouteConfig(prune_rate=0.6, fix_attn=False, route_pos_conv=True,
+                                           route_feature_projection=True))
     with torch.no_grad():
         ref, _ = model(*wav)
         masks = model.masks()
@@ -306,89 +379,6 @@ def test_fold_masks_gives_the_same_dense_model(wav):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Mask cache and threshold selection
-
-
-class _CountSelections:
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = model_module._kth_largest
-
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(model_module, "_kth_largest", counting)
-
-
-@pytest.mark.parametrize("opt", ["foreach", "for-loop", "fused"])
-def test_mask_cache_recomputes_after_optimizer_step_only(monkeypatch, wav, opt):
-    model = tiny_model().route(RouteConfig(prune_rate=0.7))
-    routed = [m for m in model.modules() if isinstance(m, Routable) and m.scores is not None]
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = {"foreach": dict(foreach=True), "for-loop": dict(foreach=False), "fused": dict(fused=True)}[opt]
-    optimizer = torch.optim.Adam(params, lr=0.05, **kw)
-    counter = _CountSelections(monkeypatch)
-    model.train()
-    n = len(routed)
-    for step in range(3):
-        before = counter.calls
-        for _ in range(2):  # gradient accumulation: two forwards and backwards, one selection per layer
-            out, _ = model(*wav)
-            out.pow(2).mean().backward()
-        assert counter.calls - before == n, "one selection per layer after each optimizer step"
-        masks = [m.mask() for m in routed]
-        assert all(m.mask() is mask for m, mask in zip(routed, masks)), "no recomputation without a step"
-        for m in routed:  # the cached mask is the fresh top-k of the current (just stepped) scores
-            assert torch.equal(m.mask(), topk_mask(m.scores.abs(), round(0.7 * m.scores.numel())))
-        with torch.no_grad():
-            model.eval()
-            model(*wav)
-            model.train()
-        assert counter.calls - before == n
-        optimizer.step()
-        optimizer.zero_grad()
-
-
-def test_mask_cache_follows_load_state_dict():
-    layer = MaskedLinear(20, 10)
-    layer.route(0.5)
-    first = layer.mask()
-    layer.load_state_dict({**layer.state_dict(), "scores": -torch.arange(200.0).view(10, 20)})
-    assert not torch.equal(layer.mask(), first)
-    assert torch.equal(layer.mask().flatten()[100:], torch.ones(100, dtype=torch.bool))
-
-
-def test_kth_largest_with_and_without_hint():
-    g = torch.Generator().manual_seed(8)
-    a = torch.rand(10_000, generator=g)
-    for k in (1, 17, 5000, 9999, 10_000):
-        exact = a.kthvalue(a.numel() - k + 1).values.item()
-        assert model_module._kth_largest(a, k, None, 0.0) == exact
-        for hint, band in ((exact, 1e-3), (exact + 0.01, 0.02), (exact - 0.01, 0.005), (0.5, 1e-9), (2.0, 0.1), (-1.0, 0.5)):
-            assert model_module._kth_largest(a, k, hint, band) == exact, (k, hint, band)
-
-
-@pytest.mark.parametrize("lr", [1e-4, 3e-3, 0.5])
-def test_hinted_selection_matches_fresh_kthvalue_over_adam_steps(lr):
-    torch.manual_seed(9)
-    layer = MaskedLinear(96, 80)
-    layer.route(0.9, "weight_rank")
-    opt = torch.optim.Adam([layer.scores], lr=lr)
-    k = round(0.9 * layer.scores.numel())
-    x = torch.randn(16, 96)
-    for step in range(8):
-        mask = layer.mask()
-        fresh = layer.scores.detach().abs().flatten().kthvalue(layer.scores.numel() - k + 1).values
-        assert torch.equal(mask, topk_mask(layer.scores.abs(), k)), step
-        assert torch.equal(mask, layer.scores.detach().abs() >= fresh)  # no ties among random fp32 scores
-        layer(x).sin().sum().backward()
-        opt.step()
-        opt.zero_grad()
-    assert layer._threshold is not None and layer._band > 0  # the hint was in play
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Precision
 
 
@@ -396,16 +386,15 @@ def test_scores_stay_fp32_under_bf16_autocast(wav):
     model = tiny_model().route(RouteConfig(prune_rate=0.8, init_score="weight_rank"))
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = model(*wav)
-        loss = out.float().pow(2).mean()
+        out, out_lengths = model(*wav)
+        loss = valid_loss(out.float(), out_lengths)
     loss.backward()
     torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
     for name, p in model.named_parameters():
         if name.endswith(".scores"):
             assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
-    for m in model.modules():
-        if isinstance(m, Routable) and m.scores is not None:
-            assert int(m.mask().sum()) == round(0.8 * m.scores.numel())
+    for m in model.routed().values():
+        assert int(m.mask().sum()) == kept_count(m.scores.numel(), 0.8)
 
 
 def test_route_on_half_precision_weights_keeps_fp32_scores():
@@ -438,79 +427,132 @@ def test_weight_norm_conv_keys():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fast paths (bench/speed.py): the same numbers as the plain PyTorch operations they replace
-
-
-@pytest.mark.parametrize("shape", [(2, 32, 37, 16, 4, 8, True), (3, 24, 50, 7, 3, 3, False), (1, 16, 5, 8, 2, 4, True)])
-def test_grouped_conv_gradients_match_conv1d(shape):
-    B, C, T, K, G, P, bias = shape
-    torch.manual_seed(0)
-    x = torch.randn(B, C, T, requires_grad=True)
-    w = torch.randn(C, C // G, K, requires_grad=True)
-    b = torch.randn(C, requires_grad=True) if bias else None
-    inputs = [x, w] + ([b] if bias else [])
-    ref = F.conv1d(x, w, b, padding=P, groups=G)
-    out = model_module.GroupedConv1d.apply(x, w, b, P, G)
-    assert torch.equal(out, ref)
-    g = torch.randn_like(ref)
-    for mine, theirs in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kernel, stride, c_in, bias", [(10, 5, 1, False), (3, 2, 6, True), (2, 2, 5, False), (4, 3, 3, True)])
-def test_strided_conv_matches_conv1d(kernel, stride, c_in, bias):
-    torch.manual_seed(0)
-    x = torch.randn(2, 41, c_in, requires_grad=True)  # (B, S, C_in), channels last
-    w = torch.randn(7, c_in, kernel, requires_grad=True)
-    b = torch.randn(7) if bias else None
-    out = model_module.strided_conv(x, w, b, stride)
-    ref = F.conv1d(x.transpose(1, 2), w, b, stride=stride).transpose(1, 2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(ref)
-    for mine, theirs in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("norm", ["group", "layer"])
-def test_extractor_skips_padding_and_runs_frozen_in_place(wav, norm):
-    model = tiny_model(feat_extract_norm=norm, conv_bias=norm == "layer")
-    x, lengths = wav
-    fe = model.feature_extractor
-    with torch.no_grad():
-        padded = fe(x, lengths)
-        full = fe(x)  # every frame computed, as transformers does
-    n = model.output_lengths(lengths)
-    for b in range(len(n)):
-        torch.testing.assert_close(padded[b, : n[b]], full[b, : n[b]], rtol=1e-5, atol=1e-6)
-        assert not padded[b, n[b]:].any()
-    with_grad = fe(x, lengths)  # the autograd path (out of place) gives the same numbers
-    torch.testing.assert_close(with_grad.detach(), padded, rtol=1e-6, atol=1e-7)
-
-
-def test_frozen_positional_conv_weight_is_cached_and_follows_updates():
-    conv = WeightNormConv1d(8, 4, 2).requires_grad_(False)
-    first = conv.dense_weight()
-    assert conv.dense_weight() is first
-    with torch.no_grad():
-        conv.weight_g.mul_(2)
-    torch.testing.assert_close(conv.dense_weight(), 2 * first)
+# torch.compile
 
 
 @pytest.mark.slow
 def test_torch_compile_trains_routed_model_without_recompiling(wav, monkeypatch):
     import torch._dynamo
     torch._dynamo.reset()
-    model = tiny_model().route(RouteConfig(prune_rate=0.7)).train()
+    model = tiny_model().route(RouteConfig(prune_rate=0.7, fix_attn=False)).train()
     compiled = torch.compile(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):  # masks change every step: they must not be guards of the compiled graphs
         if step == 1:
             monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-        out, _ = compiled(*wav)
-        out.pow(2).mean().backward()
+        out, out_lengths = compiled(*wav)
+        valid_loss(out, out_lengths).backward()
         optimizer.step()
         optimizer.zero_grad()
+        model.refresh_masks()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(*wav)[0], model(*wav)[0], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SpecAugment: fairseq's compute_mask_indices (require_same_masks=True)
+
+
+@pytest.mark.parametrize("rows, lengths, prob, span, min_masks, fairseq", [
+    (6, None, 0.65, 10, 2, 0.458),  # fairseq's masked fraction of valid frames over 300 draws (issue 13's table)
+    (6, [560, 568, 576, 584, 592, 600], 0.65, 10, 2, 0.451),
+    (12, None, 0.65, 10, 2, 0.429),
+    (30, None, 0.65, 10, 2, 0.368),
+])
+def test_time_masks_cover_what_fairseqs_do(rows, lengths, prob, span, min_masks, fairseq):
+    torch.manual_seed(0)
+    T = {6: 600, 12: 300, 30: 120}[rows]
+    lengths = None if lengths is None else torch.tensor(lengths)
+    masked = valid = 0
+    for _ in range(300):
+        mask = compute_mask_indices((rows, T), lengths, prob, span, min_masks)
+        assert mask.shape == (rows, T) and mask.dtype == torch.bool
+        counts = mask.sum(1)
+        assert torch.all(counts == counts[0]), "every row ends with the same number of masked frames"
+        if lengths is not None:
+            assert not (mask & (torch.arange(T)[None, :] >= lengths[:, None])).any(), "padded frames masked"
+        masked += int(counts.sum())
+        valid += rows * T if lengths is None else int(lengths.sum())
+    assert abs(masked / valid - fairseq) < 0.01
+
+
+def test_channel_masks_cover_what_fairseqs_do():
+    torch.manual_seed(1)
+    fractions = []
+    for _ in range(300):
+        mask = compute_mask_indices((8, 768), None, 0.25, 64, min_masks=0)
+        assert torch.all(mask.sum(1) == mask.sum(1)[0])
+        fractions.append(mask.float().mean().item())
+    assert abs(sum(fractions) / len(fractions) - 0.178) < 0.01
+
+
+def test_short_rows_and_min_masks():
+    torch.manual_seed(2)
+    mask = compute_mask_indices((3, 50), torch.tensor([50, 12, 5]), 0.05, 10, min_masks=2)
+    assert not mask[1, 12:].any() and not mask[2, 5:].any()
+    assert torch.all(mask.sum(1) == mask.sum(1)[0]) and mask[2].sum() > 0  # 2 spans even where 0.05 gives none
+
+
+def _augmenting(**overrides) -> Wav2Vec2ForCTC:
+    return tiny_model(mask_time_prob=0.65, mask_time_length=3, mask_feature_prob=0.25, mask_feature_length=4,
+                      **overrides).train()
+
+
+def test_spec_augment_uses_the_mask_embedding_and_zeroes_channels():
+    model = _augmenting()
+    torch.manual_seed(3)
+    x = torch.randn(2, 40, 32) + 5  # no entry is 0 by chance
+    out = model.spec_augment(x, torch.tensor([40, 30]))
+    channels = (out == 0).all(1)  # (B, C) channels zeroed on every frame (then also in the embedding)
+    time = ((out == model.masked_spec_embed) | channels.unsqueeze(1)).all(-1)  # (B, T) frames -> the embedding
+    assert torch.all(time.sum(1) == time.sum(1)[0]) and time.sum() > 0 and not time[1, 30:].any()
+    assert torch.all(channels.sum(1) == channels.sum(1)[0]) and channels.sum() > 0
+    kept = ~time.unsqueeze(-1) & ~channels.unsqueeze(1)
+    assert torch.equal(out[kept], x[kept])
+
+
+@pytest.mark.parametrize("apply", [True, False])
+def test_apply_spec_augment_false_never_masks(wav, apply):
+    model = _augmenting(apply_spec_augment=apply)
+    with torch.no_grad():
+        train, _ = model(*wav)
+        model.eval()
+        plain, _ = model(*wav)
+    assert torch.equal(train, plain) != apply  # dropout and layerdrop are 0: only SpecAugment can differ
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The CTC head's blank: fairseq Wav2VecCtc.get_logits (read by the CTC loss and by decoding alike)
+
+
+@pytest.mark.parametrize("mode, first", [("add", 1.5), ("set", 0.5)])
+def test_blank_weight_and_padded_frames_on_hand_made_logits(mode, first):
+    model = tiny_model(blank_weight=0.5, blank_mode=mode)
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [[7.0, 8.0, 9.0], [1.0, 1.0, 1.0]]])
+    out = model.ctc_logits(logits, torch.tensor([[False, True], [False, False]]))
+    inf = float("inf")
+    add = mode == "add"
+    assert out.tolist() == [[[first, 2.0, 3.0], [0.0, -inf, -inf]],
+                            [[7.5 if add else 0.5, 8.0, 9.0], [1.5 if add else 0.5, 1.0, 1.0]]]
+    plain = tiny_model().ctc_logits(logits, None)
+    assert torch.equal(plain, logits)  # blank_weight 0 and no padding: untouched
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_blank_weight_applies_in_training_and_inference(wav, training):
+    shifted, plain = tiny_model(blank_weight=-2.0).train(training), tiny_model().train(training)
+    with torch.no_grad():
+        (a, lengths), (b, _) = shifted(*wav), plain(*wav)
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(a[row, :n, 0], b[row, :n, 0] - 2.0)
+        assert torch.equal(a[row, :n, 1:], b[row, :n, 1:])
+        assert torch.all(a[row, n:, 0] == 0) and torch.all(a[row, n:, 1:] == float("-inf"))
+
+
+def test_bad_blank_mode_and_waveform_shape_are_refused(wav):
+    with pytest.raises(ValueError, match="blank_mode"):
+        tiny_config(blank_mode="mul")
+    with pytest.raises(ValueError, match="waveform"):
+        tiny_model()(wav[0][0])

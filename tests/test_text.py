@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from s3r import S3RError
+from s3r.errors import S3RError
 from s3r.text import SPECIALS, OutOfVocabularyError, Vocabulary, normalize_text
 
 # facebook/wav2vec2-base-960h vocab.json: fairseq's LibriSpeech letters with HF names for the specials.
@@ -46,6 +46,11 @@ def test_fairseq_dict_bad_line_names_file_and_line(tmp_path):
     path.write_text("| 5\nE\n")
     with pytest.raises(S3RError, match=r"dict\.ltr\.txt:2"):
         Vocabulary.from_fairseq_dict(str(path))
+    path.write_bytes(b"| 5\nE 3\n\xff 1\n")
+    with pytest.raises(S3RError, match=r"dict\.ltr\.txt:3: not UTF-8 text \(byte 0xff\)"):
+        Vocabulary.from_fairseq_dict(str(path))
+    with pytest.raises(S3RError, match="missing.txt: cannot read"):
+        Vocabulary.from_fairseq_dict(str(tmp_path / "missing.txt"))
 
 
 def test_hf_vocab_matches_fairseq_librispeech(tmp_path):
@@ -57,6 +62,12 @@ def test_hf_vocab_matches_fairseq_librispeech(tmp_path):
     assert hf.encode("HELLO WORLD") == fs.encode("HELLO WORLD")
     path.write_text(json.dumps({"<pad>": 0, "a": 2}))
     with pytest.raises(S3RError, match="indices"):
+        Vocabulary.from_hf_vocab(str(path))
+    path.write_text('{"<pad>": 0,')  # cut short
+    with pytest.raises(S3RError, match=r"vocab\.json: not JSON"):
+        Vocabulary.from_hf_vocab(str(path))
+    path.write_text('["<pad>", "a"]')  # JSON, but not {symbol: index}
+    with pytest.raises(S3RError, match=r"vocab\.json: expected a vocab\.json object"):
         Vocabulary.from_hf_vocab(str(path))
 
 

@@ -1,10 +1,12 @@
-"""train.py: flags, the tri-stage schedule, exact resume, atomic checkpoints, signals, bad data, 2-process torchrun.
+"""train.py and s3r.recipe: flags, presets, the model for a run, the tri-stage schedule, exact resume, best at save
+points, atomic checkpoints, signals, bad data, 2-process torchrun.
 
 The model is a 2-layer, 32-wide wav2vec 2.0 with random weights saved in the fairseq pretraining format (by
 tests/fairseq_fixtures.py); the corpus is a Libri-light layout (train-1h) plus a LibriSpeech dev-other split of tone
 "speech" written by tools/synth_corpus.py. Training runs in-process where it can (no interpreter start-up), in a
 subprocess where the test needs a signal, a kill or torchrun.
 """
+import ast
 import json
 import math
 import os
@@ -16,16 +18,27 @@ import time
 import types
 from pathlib import Path
 
+import fairseq_fixtures as ff
 import pytest
 import torch
-
-import fairseq_fixtures as ff
 from conftest import REPO, synth
-from s3r import Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
-from s3r.checkpoint import torch_load
 
-sys.path.insert(0, str(REPO))
-import train  # noqa: E402
+import train
+from s3r import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
+from s3r.checkpoint import torch_load
+from s3r.data import resolve_corpus
+from s3r.recipe import (
+    MODEL_FLAGS,
+    PRESETS,
+    TrainConfig,
+    best_metric,
+    build_model,
+    config_from_values,
+    config_values,
+    parse_config,
+    tri_stage_lr,
+)
+from s3r.text import Vocabulary
 
 TINY = dict(conv_dim=(16,) * 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
             conv_pos_kernel=16, conv_pos_groups=4)
@@ -42,7 +55,8 @@ def write_fairseq_checkpoint(path: Path, vocab_size: int = 0, seed: int = 0) -> 
         num_attention_heads=c.num_attention_heads, do_stable_layer_norm=False, conv_dim=c.conv_dim,
         conv_kernel=c.conv_kernel, conv_stride=c.conv_stride, conv_bias=False, feat_extract_norm="group",
         num_conv_pos_embeddings=c.conv_pos_kernel, num_conv_pos_embedding_groups=c.conv_pos_groups))
-    ckpt = ff.fairseq_ctc_checkpoint("base", hf_like) if vocab_size else ff.fairseq_pretraining_checkpoint("base", hf_like)
+    write = ff.fairseq_ctc_checkpoint if vocab_size else ff.fairseq_pretraining_checkpoint
+    ckpt = write("base", hf_like)
     torch.save(ckpt, path)
     return path
 
@@ -65,7 +79,8 @@ def corpus_root(tmp_path_factory) -> Path:
 def args(init, root, save_dir, *extra) -> list[str]:
     """Small batches (5 s of audio, 2 per update), no DataLoader workers, every line logged."""
     return ["--init", str(init), "--data", "train-1h", "--data-root", str(root), "--save-dir", str(save_dir),
-            "--max-tokens", "80000", "--update-freq", "2", "--num-workers", "0", "--log-interval", "1", *map(str, extra)]
+            "--max-tokens", "80000", "--update-freq", "2", "--num-workers", "0", "--log-interval", "1",
+            *map(str, extra)]
 
 
 def log_lines(save_dir) -> list[dict]:
@@ -92,33 +107,150 @@ def test_help_lists_every_flag_with_its_upstream_name(capsys):
         train.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--init", "--data", "--data-root", "--valid", "--save-dir", "--prune-rate", "--init-score", "--fix-attn",
-                 "--trainable-proj", "--no-trainable-proj", "--finetune-weights", "--max-updates", "--max-tokens",
-                 "--update-freq", "--lr", "--seed", "--validate-interval", "--save-interval", "--num-workers",
+    for flag in ("--init", "--data", "--data-root", "--valid", "--save-dir", "--prune-rate", "--init-score",
+                 "--fix-attn", "--trainable-proj", "--no-trainable-proj", "--finetune-weights", "--max-updates",
+                 "--max-tokens", "--update-freq", "--lr", "--seed", "--validate-interval", "--save-interval",
+                 "--num-workers",
                  "--skip-bad", "--compile", "--amp", "--checkpoint-activations", "--trust-checkpoint", "--log-interval",
                  "--preset", "--mask-prob", "--mask-channel-prob", "--layerdrop", "--phase-ratio", "--final-lr-scale",
-                 "--freeze-finetune-updates", "--max-sample-size", "--normalize", "--units", "--vocab"):
+                 "--freeze-finetune-updates", "--max-sample-size", "--normalize", "--units", "--vocab", "--dropout",
+                 "--trainable-post-extract-proj", "--score-scale", "--required-batch-size-multiple",
+                 "--best-checkpoint-metric"):
         assert flag in out, flag
     assert "model.prune_rate" in out and "lr_scheduler.phase_ratio" in out  # help text names the fairseq option
-    assert set(train.field_help()) == {f.name for f in train.fields(train.TrainConfig)}
+    assert all(f.metadata["help"] for f in train_fields())
+
+
+def train_fields():
+    from dataclasses import fields
+    return [f for f in fields(TrainConfig) if f.name not in ("route", "encoder")]
+
+
+def test_one_table_maps_flags_to_the_model_configs():
+    """Route options are RouteConfig's (names and defaults), never redefined; encoder flags set Wav2Vec2Config
+    fields; the flat form (CLI names, as checkpoints store it) round-trips."""
+    from dataclasses import fields
+    own = {f.name for f in train_fields()}
+    route_fields = {f.name: f.default for f in fields(RouteConfig)}
+    model_fields = {f.name for f in fields(Wav2Vec2Config)}
+    for name, flag in MODEL_FLAGS.items():
+        assert name not in own and flag.field in (route_fields if flag.config is RouteConfig else model_fields), name
+    assert not own & set(route_fields)  # TrainConfig does not redefine a RouteConfig option
+    values = config_values(TrainConfig())
+    assert {n: values[n] for n, f in MODEL_FLAGS.items() if f.config is RouteConfig} == \
+        {n: route_fields[f.field] for n, f in MODEL_FLAGS.items() if f.config is RouteConfig}
+    # base_1h.yaml with the README command line, written out by hand (fairseq names)
+    assert {n: values[n] for n, f in MODEL_FLAGS.items() if f.config is Wav2Vec2Config} == dict(
+        dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, dropout_input=0.0, final_dropout=0.0,
+        layerdrop=0.1, mask_prob=0.65, mask_length=10, mask_channel_prob=0.25, mask_channel_length=64,
+        checkpoint_activations=False)
+    assert (values["prune_rate"], values["init_score"], values["fix_attn"], values["trainable_proj"]) == \
+        (0.9, "weight_rank", True, True)
+    cfg = config_from_values({**values, "mask_prob": 0.5, "trainable_post_extract_proj": True, "lr": 1e-3})
+    assert cfg.encoder["mask_time_prob"] == 0.5 and cfg.route.trainable_feature_projection and cfg.lr == 1e-3
+    assert config_values(cfg) == {**values, "mask_prob": 0.5, "trainable_post_extract_proj": True, "lr": 1e-3}
 
 
 def test_preset_fills_recipe_and_explicit_flags_win(tmp_path):
-    cfg, ckpt = train.parse_config(["--save-dir", str(tmp_path), "--preset", "10h", "--layerdrop", "0.2"])
-    assert ckpt is None and (cfg.max_updates, cfg.mask_channel_prob, cfg.prune_rate, cfg.layerdrop) == (20000, 0.5, 0.7, 0.2)
-    cfg, _ = train.parse_config(["--save-dir", str(tmp_path), "--preset", "xlsr"])
-    assert (cfg.normalize, cfg.mask_prob, cfg.dropout, cfg.prune_rate, cfg.best_metric) == ("true", 0.75, 0.0, 0.94, "uer")
-    cfg, _ = train.parse_config(["--save-dir", str(tmp_path), "--no-fix-attn", "--phase-ratio", "0.2", "0.3", "0.5"])
-    assert cfg.fix_attn is False and cfg.phase_ratio == (0.2, 0.3, 0.5) and cfg.trainable_proj is True
+    cfg, ckpt = parse_config(["--save-dir", str(tmp_path), "--preset", "10h", "--layerdrop", "0.2"])
+    assert ckpt is None
+    assert (cfg.max_updates, cfg.encoder["mask_feature_prob"], cfg.route.prune_rate) == (20000, 0.5, 0.7)
+    assert cfg.encoder["layerdrop"] == 0.2
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--preset", "xlsr"])
+    assert (cfg.normalize, cfg.encoder["mask_time_prob"], cfg.encoder["hidden_dropout"], cfg.route.prune_rate,
+            cfg.best_metric) == ("true", 0.75, 0.0, 0.94, "uer")
+    assert (cfg.save_interval, cfg.validate_interval) == (10000, 1000)  # xlsr/config/finetune.yaml
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--no-fix-attn", "--phase-ratio", "0.2", "0.3", "0.5"])
+    assert cfg.route.fix_attn is False and cfg.phase_ratio == (0.2, 0.3, 0.5) and cfg.route.trainable_proj is True
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--data", "demo"])  # --data demo implies the demo preset
+    assert (cfg.max_updates, cfg.lr, cfg.encoder["mask_time_prob"]) == (PRESETS["demo"]["max_updates"], 1e-2, 0.3)
+
+
+def test_saved_config_sits_between_defaults_and_preset(tmp_path):
+    saved = {**config_values(TrainConfig()), "lr": 1e-3, "mask_prob": 0.3, "seed": 7, "adam_betas": [0.9, 0.9]}
+    torch.save({"train_state": {"config": saved}}, tmp_path / "checkpoint_last.pt")
+    cfg, ckpt = parse_config(["--save-dir", str(tmp_path), "--preset", "xlsr", "--lr", "2e-3"])
+    assert ckpt is not None
+    assert (cfg.lr, cfg.encoder["mask_time_prob"], cfg.seed, cfg.adam_betas) == (2e-3, 0.75, 7, (0.9, 0.9))
+
+
+@pytest.mark.parametrize("units, name, expected", [("letter", "auto", "wer"), ("char", "auto", "uer"),
+                                                   ("phone", "auto", "uer"), ("phone", "per", "per"),
+                                                   ("letter", "cer", "cer")])
+def test_best_metric_is_upstreams(units, name, expected):
+    assert best_metric(name, units) == expected
+
+
+def test_best_metric_per_needs_phones():
+    with pytest.raises(train.S3RError, match="phone"):
+        best_metric("per", "letter")
 
 
 def test_tri_stage_schedule_follows_fairseq():
-    cfg = train.TrainConfig(max_updates=1000, lr=1e-3, init_lr_scale=0.01, final_lr_scale=0.05)
-    lr = lambda u: train.tri_stage_lr(u, cfg)  # noqa: E731
+    cfg = TrainConfig(max_updates=1000, lr=1e-3, init_lr_scale=0.01, final_lr_scale=0.05)
+    lr = lambda u: tri_stage_lr(u, cfg)  # noqa: E731  short alias for the asserts
     assert lr(0) == pytest.approx(1e-5) and lr(50) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
     assert lr(100) == lr(499) == 1e-3  # hold: 0.4 of the updates
     assert lr(750) == pytest.approx(1e-3 * math.exp(math.log(0.05) / 2))  # halfway through the exponential decay
     assert lr(1000) == pytest.approx(5e-5) and lr(1200) == pytest.approx(5e-5)
+
+
+STDLIB = set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_scripts_import_only_the_library(script):
+    tree = ast.parse((REPO / script).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert all(n.level == 0 for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
+    assert {m.split(".")[0] for m in imported} <= STDLIB | {"s3r", "torch"}, imported
+
+
+@pytest.mark.parametrize("tool", sorted(p.name for p in (REPO / "tools").glob("*.py")))
+def test_tools_import_no_script_and_edit_no_path(tool):
+    source = (REPO / "tools" / tool).read_text()
+    tree = ast.parse(source)
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m.split(".")[0] for m in imported} & {"train", "eval"}
+    assert "sys.path" not in source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model for a run: one library call
+
+
+def test_build_model_applies_the_recipe(tiny_init, corpus_root):
+    cfg, _ = parse_config(["--init", str(tiny_init), "--data", "train-1h", "--save-dir", "/nonexistent",
+                           "--dropout", "0.2", "--mask-prob", "0.5", "--prune-rate", "0.5", "--no-fix-attn"])
+    corpus = resolve_corpus("train-1h", str(corpus_root))
+    model, vocab, pretrained = build_model(cfg, corpus)
+    c = model.config
+    assert (c.hidden_dropout, c.mask_time_prob, c.mask_feature_prob, c.layerdrop) == (0.2, 0.5, 0.25, 0.1)
+    assert vocab.symbols == Vocabulary.librispeech().symbols and c.vocab_size == len(vocab)  # corpus's letters
+    assert model.route_config == cfg.route and pretrained == str(tiny_init)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("q_proj.scores") for n in trainable) and "lm_head.weight" in trainable
+    assert not any(n.endswith(".weight") and not n.startswith("lm_head") for n in trainable)  # weights frozen
+    state = load_pretrained(tiny_init).state_dict()
+    key = "encoder.layers.0.feed_forward.intermediate_dense.weight"
+    assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_build_model_keeps_a_head_for_the_same_vocabulary(tmp_path, corpus_root):
+    letters = Vocabulary.librispeech()
+    init = write_fairseq_checkpoint(tmp_path / "ctc.pt", vocab_size=len(letters), seed=4)
+    letters.save_fairseq_dict(str(tmp_path / "dict.ltr.txt"))
+    cfg = TrainConfig(init=str(init), finetune_weights=True)
+    model, vocab, pretrained = build_model(cfg, resolve_corpus("train-1h", str(corpus_root)))
+    head = load_pretrained(init).state_dict()["lm_head.weight"]
+    assert pretrained is None and torch.equal(model.state_dict()["lm_head.weight"], head)  # the finetuned head stays
+    assert model.route_config is None and model.lm_head.weight.requires_grad
+    build = TrainConfig(init=str(init), finetune_weights=True, vocab="build")  # other symbols: a fresh head
+    model, vocab, _ = build_model(build, resolve_corpus("train-1h", str(corpus_root)))
+    assert vocab.symbols != letters.symbols and model.lm_head.weight.shape[0] == len(vocab)
+    assert float(model.lm_head.bias.detach().abs().max()) == 0.0  # fairseq's fresh head: zero bias (xavier weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,7 +286,7 @@ def test_mask_checkpoint_reloads_with_its_masks(tiny_init, corpus_root, tmp_path
     for name, mask in model.masks().items():
         scores = ckpt["model"][name.removesuffix("weight") + "scores"]
         assert int(mask.sum()) == round(0.5 * mask.numel())
-        assert bool((scores.abs()[mask].min() >= scores.abs()[~mask].max()))  # the kept ones have the largest |scores|
+        assert bool(scores.abs()[mask].min() >= scores.abs()[~mask].max())  # the kept ones have the largest |scores|
     best = [line for line in log_lines(tmp_path) if "valid" in line]
     assert best and "wer" in best[-1] and (tmp_path / "checkpoint_best.pt").is_file()
 
@@ -209,13 +341,48 @@ def test_bad_audio_is_a_one_line_error_or_skipped(tiny_init, corpus_root, tmp_pa
     assert victim.name in capsys.readouterr().err  # named when skipped, not dropped silently
 
 
-def test_missing_files_are_one_line_errors(tiny_init, corpus_root, tmp_path, capsys):
-    assert train.main(args(tmp_path / "nope.pt", corpus_root, tmp_path / "r")) == 2
-    assert train.main(args(tiny_init, tmp_path / "empty", tmp_path / "r")) == 2
-    assert train.main(args(tiny_init, corpus_root, tmp_path / "r", "--valid", "test-other")) == 2
+@pytest.mark.parametrize("case, named", [("init", "nope.pt"), ("root", "librispeech_finetuning"),
+                                         ("valid", "test-other")])
+def test_missing_files_are_one_line_errors(tiny_init, corpus_root, tmp_path, capsys, case, named):
+    init, root, extra = tiny_init, corpus_root, []
+    if case == "init":
+        init = tmp_path / "nope.pt"
+    elif case == "root":
+        root = tmp_path / "empty"
+    else:
+        extra = ["--valid", "test-other"]
+    assert train.main(args(init, root, tmp_path / "r", *extra)) == 2
     errs = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert [line.split(":")[0] for line in errs] == ["error"] * 3, errs
-    assert "nope.pt" in errs[0] and "librispeech_finetuning" in errs[1] and "test-other" in errs[2]
+    assert len(errs) == 1 and errs[0].startswith("error:") and named in errs[0], errs
+
+
+def test_best_is_chosen_at_save_points_only(tiny_init, corpus_root, tmp_path):
+    """fairseq validates every validate_interval updates but considers checkpoint_best only when it saves."""
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 5, "--validate-interval", 1,
+                           "--save-interval", 2, "--lr", 1e-2, "--best-metric", "cer")) == 0
+    valid = [line for line in log_lines(tmp_path) if "valid" in line]
+    assert [v["update"] for v in valid] == [1, 2, 3, 4, 5]
+    at_saves = [v for v in valid if v["update"] in (2, 4, 5)]  # 5: the last update saves too
+    best = None
+    for v in valid:  # the logged best moves only at save points, to the best cer seen at one
+        if v in at_saves and (best is None or v["cer"] < best):
+            best = v["cer"]
+        assert v["best"] == best, (v, best)
+    ckpt = torch_load(tmp_path / "checkpoint_best.pt")["train_state"]
+    assert ckpt["update"] in (2, 4, 5) and ckpt["best"] == best == min(v["cer"] for v in at_saves)
+
+
+def test_batch_size_multiple_reaches_the_loader(tiny_init, corpus_root, tmp_path, monkeypatch):
+    seen = []
+
+    def make_loader(*a, **kw):
+        seen.append(kw["required_batch_size_multiple"])
+        return real(*a, **kw)
+    real = train.make_loader
+    monkeypatch.setattr(train, "make_loader", make_loader)
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 1,
+                           "--required-batch-size-multiple", 3)) == 0
+    assert seen == [3, 3]  # training and validation, as fairseq's batch_by_size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +422,6 @@ def test_sigterm_saves_and_exits_cleanly(tiny_init, corpus_root, tmp_path):
 
 KILL_DURING_SAVE = """
 import os, sys, time, torch
-sys.path.insert(0, os.getcwd())
 import train
 real_save, calls = torch.save, []
 def save(obj, f, *a, **kw):
@@ -326,4 +492,5 @@ def test_torchrun_error_on_one_rank_stops_both(tiny_init, corpus_root, tmp_path)
     t0 = time.time()
     res = torchrun(*args(tiny_init, root, tmp_path / "run", "--max-updates", 50, "--valid", ""), timeout=180)
     assert res.returncode != 0 and time.time() - t0 < 150
-    assert any(line.startswith("error:") and victim.name in line for line in res.stderr.splitlines()), res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert any(victim.name in line for line in errors), res.stderr[-3000:]

@@ -1,7 +1,7 @@
 """The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech (issue 6).
 
-    python tools/miniature.py                 # everything: corpus -> backbone -> grid -> bundle -> curve -> similarity -> report
-    python tools/miniature.py --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
+    python -m tools.miniature                 # all: corpus, backbone, grid, bundle, curve, similarity, report
+    python -m tools.miniature --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
 
 Every stage is resumable: the corpus is written one language at a time (a finished language has a DONE file),
 each experiment cell caches its result as JSON under runs/miniature/cells/, and a stage skips what is cached.
@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from tools import text_sources
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-import text_sources  # noqa: E402
 
 OUT = ROOT / "runs" / "miniature"
 RELEASE = "cv-corpus-mini"
@@ -46,7 +45,7 @@ def corpus_root(out: Path) -> Path:
 
 def make_corpus(out: Path, langs: list[str], workers: int = 2):
     """One CommonVoice-layout folder per language under out/corpus/cv-corpus-mini/<lang>, written atomically."""
-    from synth_corpus import synth_corpus
+    from tools.synth_corpus import synth_corpus
     release = corpus_root(out) / RELEASE
     for i, lang in enumerate(langs):
         final = release / lang
@@ -117,7 +116,8 @@ def make_demo(out: Path, dest: Path = ROOT / "s3r" / "assets" / "demo"):
     The manifest root line is "." (the manifest's own folder), so the committed corpus works from any checkout.
     """
     import soundfile as sf
-    from synth_corpus import synth_corpus
+
+    from tools.synth_corpus import synth_corpus
     if (dest / "train.tsv").exists() and (dest / "test.tsv").exists():
         return
     tmp = out / ".tmp-demo"
@@ -174,7 +174,7 @@ def write_reference(out: Path, langs: list[str]) -> Path:
     inv = phone_inventories(out, langs)
     matrix = [[len(set(inv[a]) & set(inv[b])) / math.sqrt(len(inv[a]) * len(inv[b])) for b in langs] for a in langs]
     path = out / "phoneme_similarity.json"
-    path.write_text(json.dumps({"names": langs, "matrix": matrix, "inventory_sizes": {l: len(inv[l]) for l in langs},
+    path.write_text(json.dumps({"names": langs, "matrix": matrix, "inventory_sizes": {lg: len(inv[lg]) for lg in langs},
                                 "definition": write_reference.__doc__.split("\n")[0]}, indent=1) + "\n")
     return path
 
@@ -204,7 +204,8 @@ METHODS = {
 }
 SIMILARITY_METHODS = ["s3r-0.9", "s3r-0.9-lr3e-3"]
 DEFAULT_METHODS = list(METHODS)
-GRID_LANGS = ["es", "ru", "nl", "it", "tr", "sv-SE", "fr", "tt", "ky", "zh-TW"]  # the first 6 are the minimum; zh-TW last: see make_corpus
+# the first 6 are the minimum; zh-TW last: see make_corpus
+GRID_LANGS = ["es", "ru", "nl", "it", "tr", "sv-SE", "fr", "tt", "ky", "zh-TW"]
 SEEDS = [1, 2]
 # The recipe, scaled to minutes of audio and a 2M-parameter model (upstream base_1h: 15k updates at 5e-5, ~600 s of
 # audio per update): 10 s of audio per update (200 updates: ~7 passes over 5 minutes of speech), a far higher peak lr
@@ -219,7 +220,7 @@ CURVE_LANG = "es"
 CURVE_RATES = [0.7, 0.6, 0.5, 0.4, 0.3, 0.2]  # kept fractions: 30% .. 80% sparsity
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -270,8 +271,9 @@ def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], th
     best = cell / "checkpoint_best.pt"
     ckpt = best if best.exists() else cell / "checkpoint_last.pt"
     test = evaluate(ckpt, f"{lang}-test", out, cell / "test.json", threads)
-    result = {"lang": lang, "method": method + tag, "seed": seed, "per": test["uer"], "test_utterances": test["utterances"],
-              "checkpoint": str(ckpt.relative_to(out)), "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1),
+    result = {"lang": lang, "method": method + tag, "seed": seed, "per": test["per"],
+              "test_utterances": test["utterances"], "checkpoint": str(ckpt.relative_to(out)),
+              "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1),
               "args": args, "recipe": RECIPE + args, "backbone_sha256": backbone}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     log(f"cell {lang} {name}: PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
@@ -299,12 +301,13 @@ def cell_result(out: Path, lang: str, name: str) -> dict | None:
 
 
 def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
-    """Application 2: every language's route in one bundle (python -m s3r.masks bundle) vs separate finetuned models."""
+    """Application 2: every language's route in one bundle (python -m s3r.routes bundle) vs separate finetuned
+    models."""
     from s3r import load_pretrained
     from s3r.checkpoint import s3r_checkpoint, save_atomic
-    from s3r.masks import _route_summary, load_route, storage
     from s3r.model import Wav2Vec2Config
-    have = [l for l in langs if cell_result(out, l, f"{method}-s{seed}") and cell_result(out, l, f"ft-s{seed}")]
+    from s3r.routes import load_route, route_summary, storage
+    have = [lg for lg in langs if cell_result(out, lg, f"{method}-s{seed}") and cell_result(out, lg, f"ft-s{seed}")]
     if len(have) < 2:
         log(f"bundle: needs {method} and ft cells of at least 2 languages (have {len(have)})")
         return None
@@ -315,7 +318,7 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
         route = folder / f"{lang}.route"
         if not route.exists():
             ckpt = out / cell_result(out, lang, f"{method}-s{seed}")["checkpoint"]
-            run_logged(python_cmd("-m", "s3r.masks", "export", ckpt, route), folder / "bundle.log", 2)
+            run_logged(python_cmd("-m", "s3r.routes", "export", ckpt, route), folder / "bundle.log", 2)
         routes[lang] = route
         dense = folder / f"{lang}.ft.pt"  # the finetuned model alone, as one would ship it (no optimizer state)
         if not dense.exists():
@@ -323,15 +326,15 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
             save_atomic(s3r_checkpoint(model), dense)
         dense_bytes += dense.stat().st_size
     bundle = folder / "all.bundle"
-    run_logged(python_cmd("-m", "s3r.masks", "bundle", bundle, "--pretrained", BACKBONE,
-                          *[f"{l}={r}" for l, r in routes.items()]), folder / "bundle.log", 2)
-    info = subprocess.run(python_cmd("-m", "s3r.masks", "info", bundle), capture_output=True, text=True, cwd=ROOT,
+    run_logged(python_cmd("-m", "s3r.routes", "bundle", bundle, "--pretrained", BACKBONE,
+                          *[f"{lg}={r}" for lg, r in routes.items()]), folder / "bundle.log", 2)
+    info = subprocess.run(python_cmd("-m", "s3r.routes", "info", bundle), capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     (folder / "info.txt").write_text(info)
     loaded = [load_route(r) for r in routes.values()]
-    arithmetic = storage(Wav2Vec2Config.from_dict(loaded[0]["config"]), [_route_summary(r) for r in loaded])
+    arithmetic = storage(Wav2Vec2Config.from_dict(loaded[0]["config"]), [route_summary(r) for r in loaded])
     res = {"languages": have, "method": method, "seed": seed, "bundle_bytes": bundle.stat().st_size,
-           "separate_finetuned_bytes": dense_bytes, "route_bytes": {l: r.stat().st_size for l, r in routes.items()},
+           "separate_finetuned_bytes": dense_bytes, "route_bytes": {lg: r.stat().st_size for lg, r in routes.items()},
            "backbone_bytes": BACKBONE.stat().st_size,
            "file_change_percent": 100.0 * (bundle.stat().st_size / dense_bytes - 1.0), "arithmetic": arithmetic}
     (out / "bundle.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -360,7 +363,8 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
         source.write_text(file_sha256(ft_ckpt))
         pruned = omp_dir / "pruned.pt"
         if not pruned.exists():
-            run_logged(python_cmd("-m", "s3r.masks", "omp", ft_ckpt, pruned, "--prune-rate", rate), omp_dir / "omp.log", 2)
+            run_logged(python_cmd("-m", "s3r.routes", "omp", ft_ckpt, pruned, "--prune-rate", rate),
+                       omp_dir / "omp.log", 2)
         evaluate(pruned, f"{lang}-test", out, omp_dir / "test.json", 2)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(jobs) as pool:  # `jobs` cells side by side, as in the grid
@@ -375,14 +379,14 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
 
 def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
     """Application 4: mask similarity of every language pair vs phoneme-inventory similarity (Pearson, Spearman)."""
-    have = [l for l in langs if cell_result(out, l, f"{method}-s{seed}")]
+    have = [lg for lg in langs if cell_result(out, lg, f"{method}-s{seed}")]
     if len(have) < 3:
         log(f"similarity: needs {method} cells of at least 3 languages (have {len(have)})")
         return None
     ref = write_reference(out, have)
-    routes = [f"{l}={out / cell_result(out, l, f'{method}-s{seed}')['checkpoint']}" for l in have]
+    routes = [f"{lg}={out / cell_result(out, lg, f'{method}-s{seed}')['checkpoint']}" for lg in have]
     res_path = out / f"similarity-{method}.json"
-    run_logged(python_cmd("-m", "s3r.masks", "similarity", *routes, "--json", res_path, "--reference", ref,
+    run_logged(python_cmd("-m", "s3r.analysis", "similarity", *routes, "--json", res_path, "--reference", ref,
                           "--plot", ROOT / "bench" / "results" / f"miniature_similarity_{method}.png"),
                out / "similarity.log", 2)
     result = json.loads(res_path.read_text())
@@ -395,13 +399,15 @@ def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: i
 def seed_control(out: Path, langs: list[str], method: str) -> dict | None:
     """What a cross-language similarity means: the same language's masks from two seeds (every difference is
     noise of training) against two languages' masks from the same seed. Overall pruned-set cosine, averaged."""
-    from s3r.masks import compare, masks_of
-    both = [l for l in langs if all(cell_result(out, l, f"{method}-s{s}") for s in SEEDS[:2])]
+    from s3r.analysis import compare
+    from s3r.routes import masks_of
+    both = [lg for lg in langs if all(cell_result(out, lg, f"{method}-s{s}") for s in SEEDS[:2])]
     if len(both) < 2:
         return None
-    masks = {(l, s): masks_of(out / cell_result(out, l, f"{method}-s{s}")["checkpoint"]) for l in both for s in SEEDS[:2]}
+    masks = {(lg, s): masks_of(out / cell_result(out, lg, f"{method}-s{s}")["checkpoint"])
+             for lg in both for s in SEEDS[:2]}
     key = "pruned_cosine"
-    same = [compare(masks[l, SEEDS[0]], masks[l, SEEDS[1]])["overall"][key] for l in both]
+    same = [compare(masks[lg, SEEDS[0]], masks[lg, SEEDS[1]])["overall"][key] for lg in both]
     cross = [compare(masks[a, s], masks[b, s])["overall"][key] for s in SEEDS[:2] for i, a in enumerate(both)
              for b in both[i + 1:]]
     return {"measure": key, "languages": both, "same_language_two_seeds": sum(same) / len(same),
@@ -420,10 +426,11 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
         test = out / "cells" / lang / f"omp-{rate}-s{seed}" / "test.json"
         if test.exists():
             rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2),
-                         "per": json.loads(test.read_text())["uer"]})
+                         "per": json.loads(test.read_text())["per"]})
     for rate in rates:
         if r := cell_result(out, lang, f"prune-{rate}-s{seed}"):
-            rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2), "per": r["per"]})
+            rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2),
+                         "per": r["per"]})
     return {"lang": lang, "seed": seed, "rows": rows}
 
 
@@ -439,6 +446,7 @@ def per_cell(pers: list[float]) -> str:
 def report(out: Path, a):
     """bench/results/miniature.json + miniature.md (+ PNG plots): whatever has finished so far."""
     import statistics
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -449,18 +457,19 @@ def report(out: Path, a):
     table = {}
     for c in grid:
         table.setdefault(c["lang"], {}).setdefault(c["method"], []).append(c["per"])
-    langs = [l for l in a.langs if l in table]
-    methods = [m for m in METHODS if any(m in table[l] for l in langs)]
-    mean = {l: {m: statistics.mean(v) for m, v in table[l].items()} for l in langs}
+    langs = [lg for lg in a.langs if lg in table]
+    methods = [m for m in METHODS if any(m in table[lg] for lg in langs)]
+    mean = {lg: {m: statistics.mean(v) for m, v in table[lg].items()} for lg in langs}
     backbone_report = out / "backbone" / "report.json"
     bb = json.loads(backbone_report.read_text()) if backbone_report.exists() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
     curve = curve_rows(out)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
-    summary = {"command": "python tools/miniature.py", "commit": commit, "cells": cells, "per_mean": mean,
-               "seeds": {l: {m: len(v) for m, v in table[l].items()} for l in langs},
+    summary = {"command": "python -m tools.miniature", "commit": commit, "cells": cells, "per_mean": mean,
+               "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
                "bundle": bundle, "curve": curve,
                "similarity": [{k: v for k, v in sim.items() if k in ("method", "names", "reference", "seed_control")}
@@ -471,7 +480,8 @@ def report(out: Path, a):
     corpus_s = sum(json.loads(d.read_text())["seconds_to_make"]
                    for d in (corpus_root(out) / RELEASE).glob("*/DONE"))
     md = ["# The miniature: S3-Router on synthetic multilingual speech, CPU scale", "",
-          f"Regenerate: `python tools/miniature.py` (resumable; cells cached under runs/miniature/cells). Commit {commit}. "
+          f"Regenerate: `python -m tools.miniature` (resumable; cells cached under runs/miniature/cells). "
+          f"Commit {commit}. "
           f"Cost on the 2-core development machine: corpus {corpus_s / 60:.0f} min wall"
           + (f", backbone {bb.get('train_cpu_minutes')} min of training steps" if bb else "")
           + f", {cpu_min:.0f} CPU minutes of finetuning and evaluation cells (two side by side, one thread each).", "",
@@ -495,14 +505,16 @@ def report(out: Path, a):
     if langs:
         md += ["## Application 1: PER (%) per held-out language, mean over seeds", "",
                "| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-        for l in langs:
-            md.append(f"| {l} | " + " | ".join(per_cell(table[l][m]) if m in table[l] else "-" for m in methods) + " |")
-        full = [l for l in langs if all(m in mean[l] for m in methods)]
+        for lg in langs:
+            cells_md = (per_cell(table[lg][m]) if m in table[lg] else "-" for m in methods)
+            md.append(f"| {lg} | " + " | ".join(cells_md) + " |")
+        full = [lg for lg in langs if all(m in mean[lg] for m in methods)]
         if full:
-            md.append(f"| mean of {len(full)} | " + " | ".join(f"{100 * statistics.mean(mean[l][m] for l in full):.1f}"
+            md.append(f"| mean of {len(full)} | " + " | ".join(
+                f"{100 * statistics.mean(mean[lg][m] for lg in full):.1f}"
                                                           for m in methods) + " |")
             md.append(f"| runs that collapsed (PER > {100 * COLLAPSED:.0f}%) | " + " | ".join(
-                str(sum(p > COLLAPSED for l in full for p in table[l][m])) for m in methods) + " |")
+                str(sum(p > COLLAPSED for lg in full for p in table[lg][m])) for m in methods) + " |")
         md += ["", "Mean over seeds ± half their range; (1) = one seed finished so far. head: frozen encoder, CTC head "
                "only; ft: standard weight finetuning; s3r-R: S3-Router keeping fraction R of attention+FFN weights; "
                "-fa: --fix-attn (FFN only routed).", "",
@@ -510,7 +522,8 @@ def report(out: Path, a):
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(langs) * len(methods)), 4))
         w = 0.8 / len(methods)
         for k, m in enumerate(methods):
-            ax.bar([i + k * w for i in range(len(langs))], [100 * mean[l].get(m, float("nan")) for l in langs], w, label=m)
+            ax.bar([i + k * w for i in range(len(langs))], [100 * mean[lg].get(m, float("nan")) for lg in langs], w,
+                   label=m)
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(langs))], langs)
         ax.set(ylabel="PER (%)", title="held-out languages: PER by method (lower is better)")
         ax.legend(fontsize=7, ncol=2)
@@ -521,18 +534,21 @@ def report(out: Path, a):
         ar = bundle["arithmetic"]["fp32"]
         md += ["## Application 2: all routes in one bundle", "",
                f"{len(bundle['languages'])} languages ({', '.join(bundle['languages'])}), {bundle['method']} routes: "
-               f"bundle file {bundle['bundle_bytes']:,} B vs {bundle['separate_finetuned_bytes']:,} B for the separately "
+               f"bundle file {bundle['bundle_bytes']:,} B vs {bundle['separate_finetuned_bytes']:,} B for the "
+               f"separately "
                f"finetuned models ({bundle['file_change_percent']:+.1f}%). Arithmetic (fp32): "
-               f"{ar['shared_plus_routes_bytes']:,} B vs {ar['dense_models_bytes']:,} B ({ar['change_percent']:+.1f}%).", ""]
+               f"{ar['shared_plus_routes_bytes']:,} B vs {ar['dense_models_bytes']:,} B "
+               f"({ar['change_percent']:+.1f}%).", ""]
     if curve:
-        md += [f"## Application 3: pruning curve ({curve['lang']})", "", "| method | sparsity | PER (%) |", "|---|---|---|"]
+        md += [f"## Application 3: pruning curve ({curve['lang']})", "", "| method | sparsity | PER (%) |",
+               "|---|---|---|"]
         md += [f"| {r['method']} | {100 * r['sparsity']:.0f}% | {100 * r['per']:.1f} |" for r in curve["rows"]]
         md += ["", "![pruning curve](miniature_pruning.png)", ""]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for m in ("OMP", "S3-Router pruning"):
             pts = [(r["sparsity"], 100 * r["per"]) for r in curve["rows"] if r["method"] == m]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=m)
+                ax.plot(*zip(*pts, strict=True), "o-", label=m)
         ax.axhline(100 * curve["rows"][0]["per"], ls="--", c="gray", label="finetuned, dense")
         ax.set(xlabel="sparsity", ylabel="PER (%)", title=f"pruning the finetuned model ({curve['lang']})")
         ax.legend()
@@ -549,14 +565,15 @@ def report(out: Path, a):
                "two seeds | two languages |", "|---|---|---|---|---|---|---|---|"]
         for sim in sims:
             r, c = sim["reference"], sim.get("seed_control") or {}
-            avg = lambda key: statistics.mean(p["overall"][key] for p in sim["pairs"])  # noqa: E731
+            avg = lambda key, sim=sim: statistics.mean(p["overall"][key] for p in sim["pairs"])  # noqa: E731  one-liner used 4 times below
             md += [f"| {sim['method']} | cosine, kept sets (upstream's measure) | {avg('cosine'):.4f} | "
                    f"{avg('cosine_random'):.4f} | {r['cosine']['pearson']:.2f} | {r['cosine']['spearman']:.2f} | | |",
                    f"| {sim['method']} | cosine, pruned sets | {avg('pruned_cosine'):.4f} | "
                    f"{avg('pruned_cosine_random'):.4f} | {r['pruned_cosine']['pearson']:.2f} | "
                    f"{r['pruned_cosine']['spearman']:.2f} | {c.get('same_language_two_seeds', float('nan')):.4f} | "
                    f"{c.get('two_languages_same_seed', float('nan')):.4f} |"]
-        md += [""] + [f"![similarity, {sim['method']}](miniature_similarity_{sim['method']}.png)" for sim in sims] + [""]
+        md += [""] + [f"![similarity, {sim['method']}](miniature_similarity_{sim['method']}.png)"
+                      for sim in sims] + [""]
     (results / "miniature.md").write_text("\n".join(md) + "\n")
     log(f"report: {len(cells)} cells -> {results / 'miniature.md'}")
 
@@ -577,7 +594,8 @@ def main(argv=None):
     if a.stage in ("demo", "all"):
         make_demo(out)
     if a.stage in ("backbone", "all") and not BACKBONE.exists():
-        run_logged(python_cmd("tools/pretrain_backbone.py", "--data-root", corpus_root(out), "--out", out / "backbone",
+        run_logged(python_cmd("-m", "tools.pretrain_backbone", "--data-root", corpus_root(out),
+                              "--out", out / "backbone",
                               "--save", BACKBONE), out / "backbone.log", 2)
     if a.stage in ("grid", "all"):
         run_grid(out, a.langs, a.methods, a.seeds, a.jobs)

@@ -3,9 +3,9 @@
 Tests, the demo and the benchmarks use it: the readers in s3r/data.py must count and read these folders
 exactly as they read the public downloads.
 
-    python tools/synth_corpus.py OUT --layout librispeech --split dev-clean --num 20
-    python tools/synth_corpus.py OUT --layout commonvoice --voice pl --lang pl --text zdania.txt --num 40
-    python tools/synth_corpus.py OUT --layout manifest --split train --num 50
+    python -m tools.synth_corpus OUT --layout librispeech --split dev-clean --num 20
+    python -m tools.synth_corpus OUT --layout commonvoice --voice pl --lang pl --text zdania.txt --num 40
+    python -m tools.synth_corpus OUT --layout manifest --split train --num 50
 
 Layouts (audio rate in brackets):
   librispeech  OUT/LibriSpeech/<split>/<spk>/<chapter>/<spk>-<chapter>-<NNNN>.flac + <spk>-<chapter>.trans.txt
@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +37,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from s3r.text import normalize_text  # noqa: E402
+from s3r.text import normalize_text
 
 ESPEAK_RATE = 22050  # espeak-ng writes 22.05 kHz 16-bit mono
 VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4"]  # clear-voiced espeak-ng variants
@@ -179,7 +177,7 @@ def synth_corpus(out, layout: str = "librispeech", num: int = 10, voice: str = "
 
     with ThreadPoolExecutor(workers) as pool:  # espeak-ng runs in child processes, so threads overlap them
         spoken = list(pool.map(run, jobs))
-    rows = [(text, spk, audio, phones) for (text, spk, _), (audio, phones) in zip(jobs, spoken)]
+    rows = [(text, spk, audio, phones) for (text, spk, _), (audio, phones) in zip(jobs, spoken, strict=True)]
     writer = {"librispeech": _write_librispeech, "librilight": _write_librilight,
               "commonvoice": _write_commonvoice, "manifest": _write_manifest}.get(layout)
     if writer is None:
@@ -259,7 +257,7 @@ def _write_manifest(out: Path, rows, split, workers, **_):
         phn.append(phones + "\n")
         audio_jobs.append((out / "audio" / rels[-1], audio))
     sizes = _write_audio(audio_jobs, 16000, workers)
-    tsv = "".join(f"{rel}\t{size}\n" for rel, size in zip(rels, sizes))
+    tsv = "".join(f"{rel}\t{size}\n" for rel, size in zip(rels, sizes, strict=True))
     (out / f"{split}.tsv").write_text(f"{(out / 'audio').resolve()}\n{tsv}", encoding="utf-8")
     for ext, lines in (("wrd", wrd), ("ltr", ltr), ("phn", phn)):
         (out / f"{split}.{ext}").write_text("".join(lines), encoding="utf-8")

@@ -2,7 +2,7 @@
 
     apt-get install -y fortunes fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-ru fortunes-br \
         fortunes-zh fortunes-cs wdutch wswedish wfrench wukrainian hunspell-tr hunspell-hu hunspell-el hunspell-kk
-    python tools/text_sources.py ru --num 5
+    python -m tools.text_sources ru --num 5
 
 Two kinds of source (see SOURCES):
   fortunes   real sentences: `%`-separated records, split at sentence ends, kept when 3-12 words long (Mandarin:
@@ -81,7 +81,7 @@ def _in_script(text: str, script: str, extra: set) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pool(lang: str) -> tuple[str, ...]:
     src = SOURCES[lang]
     if src["kind"] == "words":
@@ -118,7 +118,8 @@ def _fortune_sentences(src: dict) -> list[str]:
                 if cjk:
                     ok = 4 <= sum(1 for ch in s if ch not in CJK_PUNCT) <= 24 and _in_script(s, "CJK", CJK_PUNCT)
                 else:
-                    ok = 3 <= len(s.split()) <= 12 and _in_script(s, src["script"], PUNCT) and any(c.isalpha() for c in s)
+                    ok = (3 <= len(s.split()) <= 12 and _in_script(s, src["script"], PUNCT)
+                          and any(c.isalpha() for c in s))
                 if ok and "\ufffd" not in s:
                     out.append(s)
     return sorted(set(out))

@@ -1,0 +1,441 @@
+"""The finetuning recipe: every knob of a run (TrainConfig), the upstream presets, and the model for a run.
+
+The command line speaks fairseq (the names of upstream's yamls and README commands), the model configs speak
+Hugging Face (`Wav2Vec2Config`) or S3-Router (`RouteConfig`); MODEL_FLAGS is the one table between them.
+S3-Router's options and their defaults are RouteConfig's; the encoder's regularisation flags override the
+pretrained checkpoint's Wav2Vec2Config, as fairseq's Wav2Vec2AsrConfig does, with base_1h's values.
+
+    cfg, _ = parse_config(["--init", "wav2vec_small.pt", "--data", "train-1h", "--prune-rate", "0.9"])
+    model, vocab, pretrained = build_model(cfg, resolve_corpus(cfg.data, cfg.data_root))
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import checkpoint_vocab, load_pretrained, torch_load
+from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus
+from .errors import ConfigError, S3RError
+from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .text import OutOfVocabularyError, Vocabulary
+
+DEMO_BACKBONE = Path(__file__).resolve().parent / "assets" / "demo" / "backbone.pt"
+
+
+class Flag(NamedTuple):
+    """A command-line flag that sets a field of one of the model's configs."""
+
+    config: type  # RouteConfig or Wav2Vec2Config
+    field: str
+    help: str
+
+
+# CLI name (fairseq's, `--prune-rate` is prune_rate) -> the config field it sets. RouteConfig flags take
+# RouteConfig's defaults; Wav2Vec2Config flags override the init checkpoint's config (Wav2Vec2AsrConfig).
+MODEL_FLAGS: dict[str, Flag] = {
+    # S3-Router (upstream model._name=wav2vec_ctc_st)
+    "prune_rate": Flag(RouteConfig, "prune_rate", "model.prune_rate: fraction of each routed weight tensor KEPT "
+                       "(0.9 = 10% sparsity)"),
+    "init_score": Flag(RouteConfig, "init_score", "model.init_score: how the scores start (weight_rank: the first "
+                       "mask is magnitude pruning)"),
+    "score_scale": Flag(RouteConfig, "score_scale", "model.init_score_scale: scores = W / scale for "
+                        "weight_magnitude_with_scale"),
+    "fix_attn": Flag(RouteConfig, "fix_attn", "model.fix_attn: attention stays dense, only the FFN is routed"),
+    "fix_fc": Flag(RouteConfig, "fix_fc", "model.fix_fc: the FFN stays dense, only attention is routed"),
+    "trainable_proj": Flag(RouteConfig, "trainable_proj", "model.trainable_proj: train the CTC head"),
+    "trainable_bias": Flag(RouteConfig, "trainable_bias", "model.trainable_bias"),
+    "trainable_layer_norm": Flag(RouteConfig, "trainable_layer_norm", "model.trainable_layer_norm"),
+    "trainable_pos": Flag(RouteConfig, "trainable_pos", "model.trainable_pos: the positional convolution trains too"),
+    "trainable_post_extract_proj": Flag(RouteConfig, "trainable_feature_projection",
+                                        "model.trainable_post_extract_proj: the feature projection trains too"),
+    "co_train": Flag(RouteConfig, "co_train", "model.co_train: weights train together with the masks"),
+    # regularisation of the encoder (fairseq Wav2Vec2AsrConfig overrides of the pretrained config)
+    "dropout": Flag(Wav2Vec2Config, "hidden_dropout", "model.dropout"),
+    "attention_dropout": Flag(Wav2Vec2Config, "attention_dropout", "model.attention_dropout"),
+    "activation_dropout": Flag(Wav2Vec2Config, "activation_dropout", "model.activation_dropout"),
+    "dropout_input": Flag(Wav2Vec2Config, "feat_proj_dropout", "model.dropout_input (after the feature projection)"),
+    "final_dropout": Flag(Wav2Vec2Config, "final_dropout", "model.final_dropout (before the CTC head)"),
+    "layerdrop": Flag(Wav2Vec2Config, "layerdrop", "model.layerdrop"),
+    "mask_prob": Flag(Wav2Vec2Config, "mask_time_prob", "model.mask_prob: time masking with the learned mask "
+                      "embedding"),
+    "mask_length": Flag(Wav2Vec2Config, "mask_time_length", "model.mask_length"),
+    "mask_channel_prob": Flag(Wav2Vec2Config, "mask_feature_prob", "model.mask_channel_prob"),
+    "mask_channel_length": Flag(Wav2Vec2Config, "mask_feature_length", "model.mask_channel_length"),
+    "checkpoint_activations": Flag(Wav2Vec2Config, "gradient_checkpointing", "model.checkpoint_activations: "
+                                   "recompute activations in backward to save memory"),
+}
+# base_1h.yaml's encoder values that are not Wav2Vec2Config defaults (the others are: dropouts 0.1, layerdrop 0.1...)
+BASE_1H_ENCODER = dict(mask_prob=0.65, mask_channel_prob=0.25)
+
+
+def _encoder_recipe() -> dict:
+    """The encoder overrides of the default recipe, keyed by Wav2Vec2Config field."""
+    model = {f.name: f.default for f in fields(Wav2Vec2Config)}
+    return {flag.field: BASE_1H_ENCODER.get(name, model[flag.field])
+            for name, flag in MODEL_FLAGS.items() if flag.config is Wav2Vec2Config}
+
+
+def opt(default: Any, help: str) -> Any:
+    """A TrainConfig field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; saved flat, by CLI name, in each checkpoint (train_state.config)."""
+
+    # what to train
+    init: str = opt("", "model.w2v_path / checkpoint.finetune_from_model: a fairseq, HF or s3r checkpoint; "
+                    "'' = the built-in demo backbone, s3r/assets/demo/backbone.pt")
+    data: str = opt("demo", "dataset.train_subset: train-1h, train-clean-100, pl-train, a manifest .tsv, demo")
+    data_root: str = opt(".", "task.data: folder holding LibriSpeech/, librispeech_finetuning/, cv-corpus-*/")
+    valid: str = opt("auto", "dataset.valid_subset; auto: dev-other (LibriSpeech), <lang>-dev (CommonVoice), "
+                     "demo-test (demo); '' = no validation")
+    save_dir: str = opt("checkpoints", "checkpoint.save_dir; an existing checkpoint_last.pt there is resumed")
+    preset: str = opt("", "upstream recipe yaml: 10m (base_10m), 1h (base_1h), 10h (base_10h), xlsr (xlsr/finetune)")
+    finetune_weights: bool = opt(False, "model._name=wav2vec_ctc: standard weight finetuning (the baseline), no masks")
+    # S3-Router's options (RouteConfig) and the encoder's regularisation (Wav2Vec2Config fields): MODEL_FLAGS
+    route: RouteConfig = field(default_factory=RouteConfig)
+    encoder: dict = field(default_factory=_encoder_recipe)
+    freeze_finetune_updates: int = opt(0, "model.freeze_finetune_updates: the encoder is frozen (only the head "
+                                       "trains) for this many updates")
+    # data
+    normalize: str = opt("auto", "task.normalize: auto (as the checkpoint was pretrained), true or false")
+    units: str = opt("auto", "task.labels: letter (ltr), char or phone; auto: letter for LibriSpeech, char for "
+                     "CommonVoice")
+    vocab: str = opt("auto", "target dictionary: auto, init, corpus (its dict.ltr.txt, or the LibriSpeech letters), "
+                     "build (from the transcripts), or a dict.ltr.txt / vocab.json path")
+    max_tokens: int = opt(1_200_000, "dataset.max_tokens: padded audio samples per batch and process "
+                          "(yaml 3.2M, README 1.2M)")
+    max_tokens_valid: int = opt(800_000, "dataset.max_tokens_valid")
+    required_batch_size_multiple: int = opt(8, "dataset.required_batch_size_multiple: a batch of this many "
+                                            "utterances or more is cut to a multiple of it")
+    max_sample_size: int = opt(0, "task.max_sample_size: crop longer audio to this many samples; 0 = never "
+                               "(fairseq finetuning)")
+    num_workers: int = opt(-1, "dataset.num_workers: DataLoader processes per rank; -1: min(6 (the yamls), CPU "
+                           "cores per rank)")
+    skip_bad: bool = opt(False, "(s3r) skip unreadable or too long utterances, count them in the log, instead of "
+                         "stopping")
+    # optimisation
+    max_updates: int = opt(15000, "optimization.max_update")
+    update_freq: int = opt(4, "optimization.update_freq: batches accumulated per update (the recipe assumes 2 "
+                           "processes)")
+    lr: float = opt(5e-5, "optimization.lr (peak)")
+    sentence_avg: bool = opt(True, "optimization.sentence_avg: loss normalised per sentence, else per target unit")
+    clip_norm: float = opt(0.0, "optimization.clip_norm; 0 = no clipping")
+    adam_betas: tuple = opt((0.9, 0.98), "optimizer.adam_betas")
+    adam_eps: float = opt(1e-8, "optimizer.adam_eps")
+    weight_decay: float = opt(0.0, "optimizer.weight_decay")
+    phase_ratio: tuple = opt((0.1, 0.4, 0.5), "lr_scheduler.phase_ratio: warmup, hold, exponential decay")
+    init_lr_scale: float = opt(0.01, "lr_scheduler.init_lr_scale")
+    final_lr_scale: float = opt(1e-4, "lr_scheduler.final_lr_scale (yaml 0.05; every README command sets 0.0001)")
+    schedule_updates: int = opt(0, "lr_scheduler.max_update: length of the schedule; 0 = --max-updates")
+    seed: int = opt(1, "common.seed")
+    # bookkeeping
+    validate_interval: int = opt(1000, "dataset.validate_interval_updates (and at every save, as fairseq)")
+    validate_before: bool = opt(False, "(s3r) validate once before the first update, so the log shows the "
+                                "starting error rate")
+    save_interval: int = opt(1000, "checkpoint.save_interval_updates (checkpoint_last.pt; checkpoint_best.pt is "
+                             "chosen at these save points only, as fairseq)")
+    best_metric: str = opt("auto", "checkpoint.best_checkpoint_metric: wer, cer, uer (fairseq's, separators "
+                           "counted) or per (phones); auto: uer for char/phone units, else wer")
+    log_interval: int = opt(200, "common.log_interval (updates between log.jsonl lines)")
+    amp: str = opt("auto", "common.fp16 / bf16: auto = bf16 on GPUs that support it, else fp16; none on CPU")
+    compile: bool = opt(False, "(s3r) torch.compile the model; experimental: it recompiles for new batch shapes")
+    device: str = opt("auto", "(s3r) auto (cuda when available), cpu or cuda")
+    trust_checkpoint: bool = opt(False, "(s3r) allow --init files that pickle arbitrary classes (only for files "
+                                 "you trust)")
+
+
+CHOICES = {"preset": ["", "10m", "1h", "10h", "xlsr", "demo"], "init_score": list(INIT_SCORES),
+           "normalize": ["auto", "true", "false"], "units": ["auto", "letter", "char", "phone"],
+           "best_metric": ["auto", "wer", "cer", "uer", "per"],
+           "amp": ["auto", "bf16", "fp16", "none"], "device": ["auto", "cpu", "cuda"]}
+ALIASES = {"best_metric": ("--best-checkpoint-metric",)}  # fairseq's own spelling, beside the short one
+# Upstream yaml values that differ from the defaults (= base_1h.yaml + the README command line, whose init_score,
+# fix_attn, trainable_proj (RouteConfig's defaults), final_lr_scale and max_tokens apply to every preset).
+PRESETS = {
+    "10m": dict(max_updates=13000),  # base_10m.yaml
+    "1h": dict(),  # base_1h.yaml
+    "10h": dict(max_updates=20000, mask_channel_prob=0.5, layerdrop=0.05, prune_rate=0.7),  # base_10h.yaml
+    # xlsr/config/finetune.yaml (validate_interval_updates 1000, save_interval_updates 10000) + the README's
+    # XLS-R command
+    "xlsr": dict(max_updates=13000, normalize="true", mask_prob=0.75, dropout=0.0, attention_dropout=0.0,
+                 save_interval=10000, prune_rate=0.94, checkpoint_activations=True, best_metric="uer"),
+    # (s3r) the built-in demo (s3r/assets/demo: 3 minutes of Spanish, a 2M-parameter backbone), applied whenever
+    # --data demo is given without --preset: minutes on 2 CPU cores, scored by phone error rate before and after
+    "demo": dict(max_updates=200, lr=1e-2, final_lr_scale=0.05, max_tokens=128000, update_freq=1, valid="demo-test",
+                 validate_interval=50, save_interval=50, validate_before=True, mask_prob=0.3, mask_channel_prob=0.1,
+                 mask_channel_length=16, layerdrop=0.05, log_interval=10),
+}
+_NESTED = ("route", "encoder")
+
+
+def config_values(cfg: TrainConfig) -> dict:
+    """The flat form of a config, keyed by CLI name: what --help lists and what checkpoints store."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig) if f.name not in _NESTED}
+    for name, flag in MODEL_FLAGS.items():
+        values[name] = getattr(cfg.route, flag.field) if flag.config is RouteConfig else cfg.encoder[flag.field]
+    return values
+
+
+def config_from_values(values: dict) -> TrainConfig:
+    """The inverse of config_values (lists, as a checkpoint may hold them, become tuples again)."""
+    unknown = sorted(set(values) - set(config_values(TrainConfig())))
+    if unknown:
+        raise ConfigError(f"unknown train option(s): {', '.join(unknown)}")
+    route = {f.field: values[n] for n, f in MODEL_FLAGS.items() if f.config is RouteConfig and n in values}
+    encoder = {f.field: values[n] for n, f in MODEL_FLAGS.items() if f.config is Wav2Vec2Config and n in values}
+    run = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k not in MODEL_FLAGS}
+    return TrainConfig(**run, route=RouteConfig(**route), encoder={**_encoder_recipe(), **encoder})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of train.py, named as its fairseq option (help texts say which); all default to SUPPRESS."""
+    p = argparse.ArgumentParser(description="Finetune wav2vec 2.0 for CTC with S3-Router masks (or weight "
+                                "finetuning)", epilog="Defaults are base_1h as the upstream README runs it; --preset "
+                                "fills another recipe; flags given explicitly win.")
+    defaults = config_values(TrainConfig())
+    helps = {f.name: f.metadata.get("help") for f in fields(TrainConfig)} | {n: f.help for n, f in MODEL_FLAGS.items()}
+    groups = {RouteConfig: p.add_argument_group("S3-Router (RouteConfig; its defaults are upstream's README command)"),
+              Wav2Vec2Config: p.add_argument_group("encoder regularisation (overrides of the init checkpoint's "
+                                                   "Wav2Vec2Config)")}
+    for name, default in defaults.items():
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps[name]} (default: {default!r})".replace("%", "%%"))
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kw.update(nargs=len(default), type=float)
+        else:
+            kw.update(type=type(default), choices=CHOICES.get(name))
+        group = groups[MODEL_FLAGS[name].config] if name in MODEL_FLAGS else p
+        group.add_argument("--" + name.replace("_", "-"), *ALIASES.get(name, ()), dest=name, **kw)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | None]:
+    """Defaults < saved config (when resuming) < --preset < explicit flags: (config, checkpoint_last or None)."""
+    given = vars(build_parser().parse_args(argv))
+    values = config_values(TrainConfig())
+    last = Path(given.get("save_dir", values["save_dir"])) / "checkpoint_last.pt"
+    ckpt = torch_load(last) if last.is_file() else None
+    if ckpt is not None:
+        values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values})
+    preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
+    values.update(PRESETS[preset] if preset else {})
+    values.update(given)
+    return config_from_values(values), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary, model and validation split for a run
+
+
+def choose_vocab(corpus: Corpus, init_vocab: Vocabulary | None = None, source: str = "auto") -> Vocabulary:
+    """The target dictionary: `auto` takes the init checkpoint's when it covers the transcripts, then the corpus's
+    (dict.ltr.txt, or fairseq's LibriSpeech letters), else builds one from the training transcripts."""
+    def covers(v: Vocabulary) -> bool:
+        try:
+            for u in corpus.utterances:
+                v.encode(u.text, f"utterance {u.id}")
+            return True
+        except OutOfVocabularyError:
+            return False
+
+    if source == "auto":
+        source = "init" if init_vocab is not None and covers(init_vocab) else "corpus" if corpus.vocab else "build"
+    if source == "init":
+        if init_vocab is None:
+            raise S3RError("--vocab init: the init checkpoint has no vocabulary (no dict.ltr.txt or vocab.json)")
+        return init_vocab
+    if source == "corpus":
+        if corpus.vocab is None:
+            raise S3RError(f"--vocab corpus: {corpus.name} comes without a dictionary; use --vocab build")
+        return corpus.vocab
+    if source == "build":
+        return Vocabulary.build([u.text for u in corpus.utterances], corpus.units)
+    if not Path(source).is_file():
+        raise S3RError(f"--vocab {source}: no such file (or use auto, init, corpus, build)")
+    return Vocabulary.from_hf_vocab(source) if source.endswith(".json") else Vocabulary.from_fairseq_dict(source)
+
+
+def init_path(cfg: TrainConfig) -> str:
+    """--init, or the built-in demo backbone when it is empty."""
+    if cfg.init:
+        return cfg.init
+    if not DEMO_BACKBONE.is_file():
+        raise S3RError(f"--init is required (a pretrained or finetuned checkpoint); the built-in demo backbone "
+                       f"{DEMO_BACKBONE} is not in this installation")
+    return str(DEMO_BACKBONE)
+
+
+def build_model(cfg: TrainConfig, corpus: Corpus | None = None,
+                vocab: Vocabulary | None = None) -> tuple[Wav2Vec2ForCTC, Vocabulary, str | None]:
+    """(model, vocabulary, pretrained path or None) for a run: the init checkpoint with the recipe's regularisation,
+    a CTC head for the vocabulary (`vocab`, else chosen from `corpus` by cfg.vocab; fresh when the checkpoint has
+    none or another) and, unless cfg.finetune_weights, routed by cfg.route. The pretrained path is recorded in
+    checkpoints so that they need not repeat the frozen weights."""
+    path = init_path(cfg)
+    init = load_pretrained(path, trust_checkpoint=cfg.trust_checkpoint)
+    pretrained = None if cfg.finetune_weights or init.route_config is not None else path
+    if init.route_config is not None:
+        init.fold_masks()  # a routed s3r checkpoint as the start: its pruned weights become real zeros
+    init_vocab = checkpoint_vocab(init, path)
+    if vocab is None:
+        if corpus is None:
+            raise S3RError("build_model needs a corpus or a vocabulary")
+        vocab = choose_vocab(corpus, init_vocab, cfg.vocab)
+    normalize = init.config.normalize if cfg.normalize == "auto" else cfg.normalize == "true"
+    config = replace(init.config, **cfg.encoder, normalize=normalize, vocab_size=len(vocab))
+    model = Wav2Vec2ForCTC(config)  # rebuilt rather than patched: dropout rates are fixed when modules are made
+    state = init.state_dict()
+    if init.config.vocab_size != len(vocab) or (init_vocab is not None and init_vocab.symbols != vocab.symbols):
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}  # keep the model's fresh head
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("lm_head.") or k == "masked_spec_embed" for k in missing)
+    del init
+    if cfg.finetune_weights:
+        model.freeze_feature_encoder()  # feature_grad_mult 0
+        model.masked_spec_embed.requires_grad_(config.mask_time_prob > 0)
+    else:
+        model.route(cfg.route)
+    model.vocab = vocab
+    return model, vocab, pretrained
+
+
+def best_metric(name: str, units: str) -> str:
+    """The metric checkpoint_best.pt is chosen by: `auto` is upstream's, uer for char/phone units, else wer."""
+    if name == "auto":
+        return "uer" if units in ("char", "phone") else "wer"
+    if name == "per" and units != "phone":
+        raise S3RError(f"--best-metric per needs phone units, not {units}")
+    return name
+
+
+def default_valid(name: str) -> str:
+    """The validation split of a training split: dev-other (LibriSpeech), <lang>-dev, demo-test, valid.tsv."""
+    if name in LIBRISPEECH_SPLITS or name in LIBRILIGHT_SPLITS:
+        return "dev-other"
+    if name == "demo" or name.startswith("demo-"):
+        return "demo-test"  # the built-in demo has train and test splits only
+    if m := re.fullmatch(r"(.+)-(train|dev|test|validated)", name):
+        return f"{m.group(1)}-dev"
+    if name.endswith(".tsv"):
+        found = [Path(name).with_name(n) for n in ("valid.tsv", "dev_other.tsv") if Path(name).with_name(n).exists()]
+        return str(found[0]) if found else ""
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning rate and loss
+
+
+def tri_stage_lr(update: int, cfg: TrainConfig) -> float:
+    """fairseq tri_stage: linear warmup from init_lr_scale * lr, hold at lr, exponential decay to final_lr_scale*lr."""
+    total = cfg.schedule_updates or cfg.max_updates
+    warmup, hold, decay = (int(total * r) for r in cfg.phase_ratio)
+    init_lr, final_lr = cfg.init_lr_scale * cfg.lr, cfg.final_lr_scale * cfg.lr
+    if update < warmup:
+        return init_lr + (cfg.lr - init_lr) / warmup * update
+    if update < warmup + hold:
+        return cfg.lr
+    if update <= warmup + hold + decay:
+        return cfg.lr * math.exp(math.log(cfg.final_lr_scale) / max(decay, 1) * (update - warmup - hold))
+    return final_lr
+
+
+def ctc_loss_sum(logits: torch.Tensor, out_lengths: torch.Tensor, batch: dict) -> torch.Tensor:
+    """fairseq's ctc criterion: fp32 log-probs, blank 0, summed over the batch, infinite losses zeroed."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T, B, V)
+    return F.ctc_loss(log_probs, batch["targets"], out_lengths, batch["target_lengths"], blank=0,
+                      reduction="sum", zero_infinity=True)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def seed_update(seed: int, rank: int, update: int) -> None:
+    """Reseed torch, python and numpy from (seed, rank, update) before every update.
+
+    fairseq reseeds torch only, with seed + update, identically on every rank. s3r seeds from the rank too, so
+    that ranks draw independent dropout, layerdrop and SpecAugment masks (as one process over the combined batch
+    would), and reseeds python's and numpy's global generators as well (s3r's own code draws from torch only; its
+    cropping and shuffling use explicit numpy generators). What both share: an update's randomness does not depend
+    on what ran before it (validation, a restart), so a resumed run repeats the uninterrupted one.
+    """
+    s = int(np.random.SeedSequence([seed, rank, update]).generate_state(1)[0])
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+def rng_state() -> dict:
+    """Every RNG state of this process, as plain lists and tensors (checkpoints load with weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [keys.tolist(), pos, has_gauss, gauss]
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output of a run
+
+
+class RunLog:
+    """Rank 0's output: log.jsonl in the save dir, a progress bar, messages printed around it; silent elsewhere."""
+
+    def __init__(self, save_dir: str, total: int, initial: int, enabled: bool):
+        self.enabled, self.file = enabled, None
+        if enabled:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(save_dir) / "log.jsonl", "a", encoding="utf-8")  # closed by __exit__
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
+
+    def log(self, obj: dict) -> None:
+        """One JSON line in log.jsonl."""
+        if self.file is not None:
+            self.file.write(json.dumps(obj) + "\n")
+            self.file.flush()
+
+    def write(self, msg: str) -> None:
+        """A line on stdout (without breaking the bar); rank 0 only."""
+        if self.enabled:
+            self.bar.write(msg)
+
+    def warn(self, msg: str) -> None:
+        """A line on stderr (every rank: warnings name what that rank met)."""
+        self.bar.write(msg, file=sys.stderr)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()

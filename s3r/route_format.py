@@ -1,0 +1,104 @@
+"""The route format: what a route file holds, its bit packing, and installing one on a model.
+
+This is the low layer of routes: it reads no files and loads no checkpoints, so `s3r.checkpoint` can install the
+route given to `load_pretrained(..., route=...)` and `s3r.routes` (exporting, bundling, the command line) can sit
+above `s3r.checkpoint` without an import circle. Users import these names from `s3r.routes`.
+
+Bit order of a route (same as `numpy.packbits(mask.flatten(), bitorder="big")`): the weight tensor is flattened
+in row-major order, weight i goes to byte i // 8, bit 7 - i % 8 (the first weight is the most significant bit),
+1 = kept; the last byte is padded with zeros. Each layer's bits start on a fresh byte.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import S3RError
+from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .text import Vocabulary
+
+ROUTE_FORMAT, BUNDLE_FORMAT = "s3r-route", "s3r-bundle"
+BIT_ORDER = "row-major flatten; weight i -> byte i//8, bit 7 - i%8 (MSB first, numpy.packbits bitorder=big); 1 = kept"
+ROUTE_KEYS = ("weights_fingerprint", "config", "route", "vocab", "layers", "tensors")
+
+
+class RouteError(S3RError):
+    """A route or bundle file that does not fit: wrong format, or learned on other weights."""
+
+
+_BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 (ceil(numel / 8),), MSB first; exactly numpy.packbits of the flattened mask."""
+    flat = mask.detach().flatten().cpu().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])  # pad the last byte with zeros
+    return (flat.view(-1, 8) * _BIT_VALUES).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Inverse of pack_bits: the bool tensor of `shape` (padding bits dropped)."""
+    n = math.prod(shape)
+    if packed.numel() != (n + 7) // 8:
+        raise RouteError(f"{packed.numel()} packed bytes cannot hold a mask of shape {tuple(shape)}")
+    return (packed.view(-1, 1) & _BIT_VALUES).ne(0).flatten()[:n].view(*shape)
+
+
+def describe(obj: object) -> str:
+    """What a file holds, for error messages: an s3r checkpoint, a route, a fairseq checkpoint, a list..."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}"
+    if obj.get("format") is not None:
+        return {"s3r": "an s3r checkpoint", ROUTE_FORMAT: "a route", BUNDLE_FORMAT: "a route bundle"}.get(
+            obj["format"], f"format {obj['format']!r}")
+    if "model" in obj and ("cfg" in obj or "args" in obj):
+        return "a fairseq checkpoint"
+    return f"a dict with keys {', '.join(sorted(map(str, obj))[:6])}"
+
+
+def check_route(obj: object, name: str) -> dict:
+    """`obj` if it is a route dict (format and every key present), else a RouteError naming `name`."""
+    if not isinstance(obj, dict) or obj.get("format") != ROUTE_FORMAT:
+        raise RouteError(f"{name} is not an s3r route file (it holds {describe(obj)}); "
+                         f"make one with `python -m s3r.routes export CKPT OUT`")
+    missing = [k for k in ROUTE_KEYS if k not in obj]
+    if missing:
+        raise RouteError(f"{name}: route file without {', '.join(missing)} (truncated or written by another tool)")
+    return obj
+
+
+def install_route(model: Wav2Vec2ForCTC, route: dict, fingerprint: str, name: str = "route") -> Wav2Vec2ForCTC:
+    """Install a checked route dict on `model` (masks, head, trained tensors, vocabulary); every tensor ends frozen.
+
+    `fingerprint` is `checkpoint.weights_fingerprint(model)` (the caller hashes, bundles hash once): the route is
+    refused unless it was learned on exactly these weights. The fixed 0/1 scores are for inference: to continue
+    training a route, load its checkpoint instead (a 0 score never gets a gradient through |s|).
+    """
+    want = route["weights_fingerprint"]
+    if fingerprint != want:
+        raise RouteError(f"{name} was learned on weights {want[:16]}, but {getattr(model, 'source', 'the model')} "
+                         f"has weights {fingerprint[:16]} (sha256 prefixes); load the pretrained checkpoint it was "
+                         f"trained on")
+    routable = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, Routable)}
+    unknown = sorted(set(route["layers"]) - set(routable))
+    if unknown:
+        raise RouteError(f"{name}: route layer {unknown[0]} is not a routable layer of the model")
+    config = Wav2Vec2Config.from_dict(route["config"])
+    if model.config.vocab_size != config.vocab_size:
+        model.set_vocab_size(config.vocab_size)
+    for weight, module in routable.items():
+        entry = route["layers"].get(weight)
+        if entry is not None:
+            module.fix_mask(unpack_bits(entry["bits"], entry["shape"]))
+        elif module.scores is not None:  # routed by an earlier route, not by this one: dense again
+            module.scores = None
+            module._init_routing()
+    state = model.state_dict()
+    for key, tensor in route["tensors"].items():
+        if key not in state or state[key].shape != tensor.shape:
+            raise RouteError(f"{name}: route tensor {key} {tuple(tensor.shape)} does not fit the model")
+        state[key].copy_(tensor)
+    model.config, model.route_config = config, RouteConfig(**route["route"])
+    model.vocab = Vocabulary.from_dict(route["vocab"]) if route["vocab"] is not None else None
+    return model.requires_grad_(False)
