@@ -24,11 +24,18 @@ import torch
 import torch.nn as nn
 
 from .errors import S3RError
-from .model import MaskedLinear, Wav2Vec2ForCTC, n_of_m
+from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, n_of_m
 
 
 class CompactError(S3RError):
     """A model that compact() cannot shrink (not routed, or routed per weight)."""
+
+
+def layer_sizes(config: Wav2Vec2Config) -> list[tuple[int, int]]:
+    """(attention heads, FFN width) of every transformer layer."""
+    n = config.num_hidden_layers
+    return list(zip(config.num_heads_per_layer or (config.num_attention_heads,) * n,
+                    config.intermediate_sizes or (config.intermediate_size,) * n, strict=True))
 
 
 def kept_groups(model: Wav2Vec2ForCTC) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -62,7 +69,7 @@ def compact(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
     config = dense.config
     head_dim = config.hidden_size // config.num_attention_heads
     state = dense.state_dict()
-    heads_per_layer, widths = [], []
+    full, heads_per_layer, widths = layer_sizes(config), [], []
     for i, (heads, neurons) in enumerate(groups):
         attn, ffn = f"encoder.layers.{i}.attention.", f"encoder.layers.{i}.feed_forward."
         if heads is not None:
@@ -71,13 +78,12 @@ def compact(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
                 for p in ("weight", "bias"):
                     state[attn + f"{proj}.{p}"] = state[attn + f"{proj}.{p}"][rows]
             state[attn + "out_proj.weight"] = state[attn + "out_proj.weight"][:, rows]
-        heads_per_layer.append(int(heads.sum()) if heads is not None else config.layer_sizes(i)[0])
+        heads_per_layer.append(int(heads.sum()) if heads is not None else full[i][0])
         if neurons is not None:
             for p in ("weight", "bias"):
                 state[ffn + f"intermediate_dense.{p}"] = state[ffn + f"intermediate_dense.{p}"][neurons]
             state[ffn + "output_dense.weight"] = state[ffn + "output_dense.weight"][:, neurons]
-        widths.append(int(neurons.sum()) if neurons is not None else config.layer_sizes(i)[1])
-    full = [config.layer_sizes(i) for i in range(config.num_hidden_layers)]
+        widths.append(int(neurons.sum()) if neurons is not None else full[i][1])
     config = replace(config,
                      num_heads_per_layer=None if heads_per_layer == [h for h, _ in full] else tuple(heads_per_layer),
                      intermediate_sizes=None if widths == [f for _, f in full] else tuple(widths))

@@ -62,6 +62,9 @@ def route_from_model(model: Wav2Vec2ForCTC, source: str = "") -> dict:
                          f"export it with `python -m s3r.export --dense` instead")
     layers = {name: {"shape": list(m.shape), "kept": int(m.sum()), "bits": pack_bits(m)}
               for name, m in model.masks().items()}
+    for name, module in model.routed().items():  # structured: one bit per group, broadcast onto the weight's `view`
+        if module.scores.shape != module.dense_weight().shape:
+            layers[f"{name}.weight"]["view"] = list(module.view or module.dense_weight().shape)
     # Whatever trained besides the scores (head, unfrozen norms/biases, the mask embedding); the head always,
     # because it is task-specific even when frozen (a random head is not in the shared weights either).
     tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters()

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s3r import MaskedLinear, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
-from s3r.checkpoint import s3r_checkpoint, save_atomic
+from s3r import ConfigError, MaskedLinear, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
+from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.compact import CompactError, compact, is_n_of_m, parameter_counts, to_semi_structured
-from s3r.masks import apply_route, route_from_model
-from s3r.model import ConfigError, kept_count
+from s3r.model import kept_count
+from s3r.routes import RouteError, apply_route, route_from_model
 
 # hidden 32 = 4 heads of 8; FFN 52 neurons; every routed input size divisible by 4 (for 2:4)
 TINY = dict(conv_dim=(16, 24, 20), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2), hidden_size=32,
@@ -86,9 +86,9 @@ def test_score_shapes_and_kept_counts(granularity, rate):
             assert int(mask.sum()) == kept_count(mask.numel(), rate), name
             if not mask.all():
                 assert s[~mask].max() <= s[mask].min()
-        # the weight mask repeats each group's bit over the group's weights
-        w = module.weight_mask()
-        assert w.shape == module.weight.shape
+        # the effective weight zeroes each dropped group's weights: whole rows, columns, or D columns per head
+        with torch.no_grad():
+            w = module.routed_weight() != 0
         if granularity in ("row", "column") or ".output_dense" in name and "neuron" in granularity:
             assert torch.equal(w, mask.expand_as(w))
         if name.endswith("out_proj") and "head" in granularity:
@@ -130,7 +130,8 @@ def test_straight_through_gradient(granularity, view, reduce):
     torch.testing.assert_close(layer.scores.grad, expected, rtol=1e-5, atol=1e-6)
     dropped = ~layer.mask()
     assert dropped.any() and (layer.scores.grad[dropped] != 0).all(), "dropped groups get gradients: they can return"
-    torch.testing.assert_close(layer.weight.grad, dw_eff * layer.weight_mask())  # (co_train) W learns where kept
+    kept = (layer.routed_weight() != 0).detach()  # (random weights are never exactly 0)
+    torch.testing.assert_close(layer.weight.grad, dw_eff * kept)  # (co_train) W learns where it is kept
 
 
 def test_neuron_gradient_is_that_of_the_hidden_unit_gate():
@@ -283,7 +284,7 @@ def test_route_file_round_trip(granularity, wav, tmp_path):
         if n is not None:
             assert math.prod(entry["shape"]) == n and entry["bits"].numel() == -(-n // 8)  # one bit per group
     save_atomic(route, tmp_path / "r.route")
-    again = load_pretrained(tmp_path / "pre.pt", masks=tmp_path / "r.route").eval()
+    again = load_pretrained(tmp_path / "pre.pt", route=tmp_path / "r.route").eval()
     assert again.route_config.route_granularity == granularity
     assert same_masks(model.masks(), again.masks())
     with torch.no_grad():
@@ -310,7 +311,7 @@ def test_apply_route_refits_the_group_shape(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(route_granularity="block"), "unknown route_granularity"),
     (dict(route_granularity="3:2", prune_rate=1.0), "n:m"),
-    (dict(route_granularity="2:4", prune_rate=0.9), "set prune_rate to 0.5"),
+    (dict(route_granularity="2:4", prune_rate=0.9), "set prune_rate 0.5"),
     (dict(route_granularity="head", fix_attn=True), "fix_attn"),
     (dict(route_granularity="neuron", fix_fc=True, fix_attn=False), "fix_fc"),
 ])
@@ -325,10 +326,19 @@ def test_per_layer_sizes_are_checked():
     with pytest.raises(ConfigError, match="num_heads_per_layer"):
         Wav2Vec2Config(**TINY, num_heads_per_layer=(2, 0))
     cfg = Wav2Vec2Config(**TINY, intermediate_sizes=[5, 6], num_heads_per_layer=[1, 3])
-    assert Wav2Vec2Config.from_dict(cfg.to_dict()) == cfg and cfg.layer_sizes(1) == (3, 6)
+    assert Wav2Vec2Config.from_dict(cfg.to_dict()) == cfg and cfg.num_heads_per_layer == (1, 3)
 
 
 def test_n_of_m_needs_divisible_inputs():
     layer = MaskedLinear(10, 3)
     with pytest.raises(ConfigError, match="groups of 4"):
         layer.route(0.5, granularity="2:4")
+
+
+def test_route_layer_of_the_wrong_shape_is_refused():
+    model = routed("neuron", 0.5)
+    route = route_from_model(model, "x")
+    entry = route["layers"]["encoder.layers.0.feed_forward.output_dense.weight"]
+    entry["view"] = [FFN, C]  # transposed: the neuron bits would land on fc2's rows
+    with pytest.raises(RouteError, match="does not fit its weight"):
+        apply_route(routed("weight", 0.9), route, fingerprint=weights_fingerprint(model))
