@@ -61,6 +61,8 @@ MODEL_FLAGS: dict[str, Flag] = {
     "trainable_post_extract_proj": Flag(RouteConfig, "trainable_feature_projection",
                                         "model.trainable_post_extract_proj: the feature projection trains too"),
     "co_train": Flag(RouteConfig, "co_train", "model.co_train: weights train together with the masks"),
+    "route_granularity": Flag(RouteConfig, "route_granularity", "(s3r) what one score covers: weight, row, column, "
+                              "neuron, head, neuron+head or n:m (e.g. 2:4); neuron/head routes export --compact"),
     # regularisation of the encoder (fairseq Wav2Vec2AsrConfig overrides of the pretrained config)
     "dropout": Flag(Wav2Vec2Config, "hidden_dropout", "model.dropout"),
     "attention_dropout": Flag(Wav2Vec2Config, "attention_dropout", "model.attention_dropout"),
