@@ -342,3 +342,30 @@ def test_route_layer_of_the_wrong_shape_is_refused():
     entry["view"] = [FFN, C]  # transposed: the neuron bits would land on fc2's rows
     with pytest.raises(RouteError, match="does not fit its weight"):
         apply_route(routed("weight", 0.9), route, fingerprint=weights_fingerprint(model))
+
+
+@pytest.mark.slow
+def test_train_with_neuron_routes_then_export_compact(tiny_corpus, tmp_path):
+    """train.py --route-granularity neuron+head, then `python -m s3r.export --compact`: same logits, fewer weights."""
+    import train  # the script, as tests/test_train.py runs it
+    from s3r.export import main as export_main
+    torch.manual_seed(0)
+    init = tmp_path / "init.pt"
+    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**{**TINY, "conv_dim": (16,) * 7, "conv_kernel": (
+        10, 3, 3, 3, 3, 2, 2), "conv_stride": (5, 2, 2, 2, 2, 2, 2), "vocab_size": 0}))), init)
+    root = tiny_corpus("librilight", num=28, voice="tone")  # all six 1h folds
+    assert train.main(["--init", str(init), "--data", "train-1h", "--data-root", str(root), "--valid", "",
+                       "--save-dir", str(tmp_path / "run"), "--max-tokens", "80000", "--num-workers", "0",
+                       "--max-updates", "2", "--update-freq", "1", "--route-granularity", "neuron+head",
+                       "--no-fix-attn", "--prune-rate", "0.5"]) == 0
+    export_main(["--compact", str(tmp_path / "small.pt"), str(tmp_path / "run" / "checkpoint_last.pt")])
+    routed_model = load_pretrained(tmp_path / "run" / "checkpoint_last.pt").eval()
+    small = load_pretrained(tmp_path / "small.pt").eval()
+    assert small.config.intermediate_sizes == (26, 26) and small.config.num_heads_per_layer == (2, 2)
+    assert parameter_counts(small)["total"] < parameter_counts(routed_model)["total"]
+    wav, lengths = torch.randn(2, 9000), torch.tensor([9000, 6000])
+    with torch.no_grad():
+        a, b = routed_model(wav, lengths)[0], small(wav, lengths)[0]
+    valid = torch.isfinite(a)  # padded frames are certain blanks (-inf elsewhere) in both
+    assert torch.equal(valid, torch.isfinite(b))
+    torch.testing.assert_close(b[valid], a[valid], rtol=0, atol=1e-5)
