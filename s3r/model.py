@@ -618,8 +618,7 @@ class Wav2Vec2ForCTC(nn.Module):
             qkv = [(p.weight.abs().sum(1) + p.bias.abs()).view(H, D).sum(1) for p in (block.q_proj, block.k_proj,
                                                                                    block.v_proj)]
             return "column", (module.out_features, H, D), (sum(qkv), 3 * D * (module.out_features + 1))
-        structured = (g in ("row", "column") or ":" in g) and isinstance(block, (FeedForward, Attention))
-        return (g if structured else "weight"), None, None
+        return (g if g in ("row", "column") or ":" in g else "weight"), None, None
 
     def _trains_in_mask_mode(self, name: str, cfg: RouteConfig) -> bool:
         if name.endswith(".scores"):

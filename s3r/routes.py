@@ -174,10 +174,16 @@ def storage(config: Wav2Vec2Config, routes: list[dict]) -> dict:
     Each route is {"routed": number of masked weights, "vocab_size": head outputs, "extra": other trained params}.
     A dense model = backbone + its head; a route = ceil(routed / 8) bytes of bits + its head and extras.
     """
-    # Parameter count from a one-layer copy (a 315M-parameter model would take seconds and 1.3 GB to build).
-    small = Wav2Vec2ForCTC(replace(config, num_hidden_layers=1, vocab_size=0))
-    per_layer = sum(p.numel() for p in small.encoder.layers[0].parameters())
-    backbone = sum(p.numel() for p in small.parameters()) + (config.num_hidden_layers - 1) * per_layer
+    # Parameter count from one-layer copies (a 315M-parameter model would take seconds and 1.3 GB to build), one per
+    # distinct layer shape (a compact model's layers differ: s3r/compact.py).
+    n = config.num_hidden_layers
+    shapes = list(zip(config.num_heads_per_layer or (config.num_attention_heads,) * n,
+                      config.intermediate_sizes or (config.intermediate_size,) * n, strict=True))
+    one = {s: Wav2Vec2ForCTC(replace(config, num_hidden_layers=1, vocab_size=0, num_heads_per_layer=s[:1],
+                                     intermediate_sizes=s[1:])) for s in set(shapes)}
+    per_layer = {s: sum(p.numel() for p in m.encoder.layers[0].parameters()) for s, m in one.items()}
+    rest = sum(p.numel() for p in one[shapes[0]].parameters()) - per_layer[shapes[0]]  # all but the layers
+    backbone = rest + sum(per_layer[s] for s in shapes)
     out = {"routes": len(routes), "backbone_params": backbone}
     for dtype, b in (("fp32", 4), ("fp16", 2)):
         heads = [(config.hidden_size + 1) * r["vocab_size"] for r in routes]

@@ -369,3 +369,24 @@ def test_train_with_neuron_routes_then_export_compact(tiny_corpus, tmp_path):
     valid = torch.isfinite(a)  # padded frames are certain blanks (-inf elsewhere) in both
     assert torch.equal(valid, torch.isfinite(b))
     torch.testing.assert_close(b[valid], a[valid], rtol=0, atol=1e-5)
+
+
+def test_bundle_of_structured_routes_and_storage_of_a_compact_model(tmp_path, wav):
+    from s3r.routes import load_bundle, make_bundle, storage
+    torch.manual_seed(0)
+    save_atomic(s3r_checkpoint(Wav2Vec2ForCTC(Wav2Vec2Config(**{**TINY, "vocab_size": 0}))), tmp_path / "pre.pt")
+    trained = {}
+    for name, g in (("a", "neuron+head"), ("b", "weight")):
+        model = load_pretrained(tmp_path / "pre.pt", prune_rate=0.5, vocab_size=7, route_granularity=g,
+                                fix_attn=False).eval()
+        save_atomic(route_from_model(model, name), tmp_path / f"{name}.route")
+        trained[name] = model
+    save_atomic(make_bundle(tmp_path / "pre.pt", {n: tmp_path / f"{n}.route" for n in trained}), tmp_path / "x.bundle")
+    bundle = load_bundle(tmp_path / "x.bundle")
+    for name in ("a", "b", "a"):  # switching back and forth between a structured and a per-weight route
+        with torch.no_grad():
+            torch.testing.assert_close(bundle.use(name)(*wav)[0], trained[name](*wav)[0], rtol=0, atol=0)
+    # a compact model's parameter count, from per-layer one-layer copies, is its real one
+    small = compact(trained["a"])
+    one = [{"routed": 0, "vocab_size": 7, "extra": 0}]
+    assert storage(small.config, one)["backbone_params"] == parameter_counts(small)["total"] - (C + 1) * 7
