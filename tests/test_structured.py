@@ -390,3 +390,28 @@ def test_bundle_of_structured_routes_and_storage_of_a_compact_model(tmp_path, wa
     small = compact(trained["a"])
     one = [{"routed": 0, "vocab_size": 7, "extra": 0}]
     assert storage(small.config, one)["backbone_params"] == parameter_counts(small)["total"] - (C + 1) * 7
+
+
+@pytest.mark.parametrize("granularity", ["neuron+head", "row", "2:4"])
+def test_fast_paths_equal_the_reference(granularity, wav):
+    """fast.py (mask cache, packed valid frames) against S3R_REFERENCE: routed and compact, forward and score grads."""
+    from s3r import fast
+    results = {}
+    try:
+        for on in (True, False):
+            fast.set_enabled(on)
+            model = routed(granularity, 0.5, seed=4)
+            out = model(*wav)[0]
+            valid = torch.isfinite(out)
+            out[valid].square().sum().backward()
+            with torch.no_grad():
+                small = compact(model)(*wav)[0] if granularity != "row" else out
+            results[on] = (out.detach(), small, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        fast.set_enabled(None)
+    (a, sa, ga), (b, sb, gb) = results[True], results[False]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys() and any(k.endswith(".scores") for k in ga)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-5)
