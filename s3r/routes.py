@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, load_s3r, s3r_checkpoint, save_atomic, torch_load, weights_fingerprint
+from .compact import compact
 from .errors import S3RError
 from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import (
@@ -255,12 +256,15 @@ def _print_storage(s: dict, indent: str = "  ") -> None:
 # Pruning (application 3): one-shot magnitude pruning; the masks of any file
 
 
-def omp(model: Wav2Vec2ForCTC, prune_rate: float, fix_attn: bool = False) -> Wav2Vec2ForCTC:
-    """One-shot magnitude pruning: keep the `prune_rate` fraction of largest |W| of every routed tensor, no training.
+def omp(model: Wav2Vec2ForCTC, prune_rate: float, fix_attn: bool = False,
+        route_granularity: str = "weight") -> Wav2Vec2ForCTC:
+    """One-shot magnitude pruning: keep the `prune_rate` fraction of largest |W| of every routed tensor, no training
+    (structured: of its groups by their mean |W|, i.e. L1 norm: FFN neurons, heads, rows, columns, or n of m).
 
     The same thing as the first mask of pruning step 2 (init_score weight_magnitude_with_scale: scores = W).
     """
-    return model.route(RouteConfig(prune_rate=prune_rate, init_score="weight_magnitude_with_scale", fix_attn=fix_attn))
+    return model.route(RouteConfig(prune_rate=prune_rate, init_score="weight_magnitude_with_scale", fix_attn=fix_attn,
+                                   route_granularity=route_granularity))
 
 
 def masks_of(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
@@ -308,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prune-rate", type=float, required=True, help="fraction of each tensor KEPT (0.3 = 70%% sparsity)")
     c.add_argument("--fix-attn", action="store_true", help="prune the FFN only")
     c.add_argument("--route", action="store_true", help="write a route file instead of a dense checkpoint with zeros")
+    c.add_argument("--route-granularity", default="weight", help="structured pruning: neuron, head, neuron+head, row, "
+                   "column or n:m (see RouteConfig)")
+    c.add_argument("--compact", action="store_true", help="write the smaller dense model (neuron/head: s3r.compact)")
     for c in sub.choices.values():
         c.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling arbitrary classes")
     args = p.parse_args(argv)
@@ -326,11 +333,13 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "info":
             print_info(args.file)
         elif args.cmd == "omp":
-            model = omp(load_pretrained(args.checkpoint, trust_checkpoint=trust), args.prune_rate, args.fix_attn)
-            out = route_from_model(model, args.checkpoint) if args.route else s3r_checkpoint(model.fold_masks())
+            model = omp(load_pretrained(args.checkpoint, trust_checkpoint=trust), args.prune_rate, args.fix_attn,
+                        args.route_granularity)
+            out = (route_from_model(model, args.checkpoint) if args.route else s3r_checkpoint(compact(model))
+                   if args.compact else s3r_checkpoint(model.fold_masks()))
             save_atomic(out, args.out)
             print(f"wrote {args.out}: magnitude-pruned to keep {args.prune_rate} of every "
-                  f"{'FFN' if args.fix_attn else 'attention and FFN'} weight tensor")
+                  f"{'FFN' if args.fix_attn else 'attention and FFN'} tensor's {args.route_granularity}s")
     except (S3RError, OSError, ValueError) as e:  # ValueError: a config value out of range (--prune-rate 2)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

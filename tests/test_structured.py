@@ -415,3 +415,25 @@ def test_fast_paths_equal_the_reference(granularity, wav):
     assert ga.keys() == gb.keys() and any(k.endswith(".scores") for k in ga)
     for k in ga:
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_structured_omp_is_l1_magnitude_pruning_of_whole_neurons(tmp_path, wav):
+    """`python -m s3r.routes omp --route-granularity neuron --compact`: the neurons of largest L1 norm, cut out."""
+    from s3r.routes import main as routes_main
+    torch.manual_seed(0)
+    dense = Wav2Vec2ForCTC(Wav2Vec2Config(**TINY)).eval()
+    save_atomic(s3r_checkpoint(dense), tmp_path / "ft.pt")
+    routes_main(["omp", str(tmp_path / "ft.pt"), str(tmp_path / "omp.pt"), "--prune-rate", "0.25",
+                 "--route-granularity", "neuron", "--compact", "--fix-attn"])  # attention stays dense
+    small = load_pretrained(tmp_path / "omp.pt").eval()
+    expected = dense
+    with torch.no_grad():
+        for layer in expected.encoder.layers:
+            fc1, fc2 = layer.feed_forward.intermediate_dense, layer.feed_forward.output_dense
+            l1 = fc1.weight.abs().sum(1) + fc1.bias.abs() + fc2.weight.abs().sum(0)
+            fc2.weight[:, l1.argsort(descending=True)[kept_count(FFN, 0.25):]] = 0  # by hand: the rest dropped
+    assert small.config.intermediate_sizes == (13, 13)
+    with torch.no_grad():
+        a, b = small(*wav)[0], expected(*wav)[0]
+    valid = torch.isfinite(b)
+    torch.testing.assert_close(a[valid], b[valid], rtol=0, atol=1e-5)
