@@ -335,7 +335,7 @@ def test_bad_audio_is_a_one_line_error_or_skipped(tiny_init, corpus_root, tmp_pa
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and victim.name in lines[0] and "Traceback" not in err
-    code = train.main(args(tiny_init, root, tmp_path / "skip", "--max-updates", 6, "--valid", "", "--skip-bad"))
+    code = train.main(args(tiny_init, root, tmp_path / "skip", "--max-updates", 20, "--valid", "", "--skip-bad"))
     assert code == 0
     assert log_lines(tmp_path / "skip")[-1]["skipped"] >= 1
     assert victim.name in capsys.readouterr().err  # named when skipped, not dropped silently
@@ -349,6 +349,7 @@ def test_missing_files_are_one_line_errors(tiny_init, corpus_root, tmp_path, cap
         init = tmp_path / "nope.pt"
     elif case == "root":
         root = tmp_path / "empty"
+        root.mkdir()
     else:
         extra = ["--valid", "test-other"]
     assert train.main(args(init, root, tmp_path / "r", *extra)) == 2
