@@ -90,8 +90,8 @@ class MaskCache:
         if surplus > 0:  # ties at the threshold: keep the first ones by position, as topk_mask does
             tied = torch.nonzero(a == threshold).squeeze(1)
             mask[tied[-surplus:]] = False
-        if self.threshold is not None:  # next time look within 4x this step's move (at least 1e-4 relative)
-            self.band = max(4 * abs(threshold - self.threshold), 1e-4 * abs(threshold))
+        if self.threshold is not None:  # next time look within 4x this move, or half the last band if that was wider
+            self.band = max(4 * abs(threshold - self.threshold), self.band / 2, 1e-4 * abs(threshold))
         self.threshold = threshold
         return mask
 
