@@ -17,8 +17,8 @@ SECONDS_8=16,15,14,13,12,11,10,9
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   python3 -c "import torch, transformers, torchaudio; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| torchaudio', torchaudio.__version__, '|', torch.cuda.get_device_name())"
-  timeout 240 python3 bench/speed.py --device cuda --dtype bfloat16 --threads 8 --configs base --layers 12 \
+  timeout 240 python3 -m bench.speed --device cuda --dtype bfloat16 --threads 8 --configs base --layers 12 \
     --rounds 10 --seconds "$SECONDS_8" --mfu --skip-data --skip-ddp --out "$OUT/base" || echo "base run failed: $?"
-  timeout 180 python3 bench/speed.py --device cuda --dtype bfloat16 --threads 8 --configs large --layers 24 \
+  timeout 180 python3 -m bench.speed --device cuda --dtype bfloat16 --threads 8 --configs large --layers 24 \
     --rounds 10 --seconds "$SECONDS_8" --skip-data --skip-ddp --out "$OUT/large" || echo "large run failed: $?"
 } 2>&1 | grep -v -E "^(Loading weights|Writing model shards)" | tee "$OUT/gpu.log"
