@@ -15,16 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
-import fairseq_fixtures as ff
 import pytest
 import torch
-from conftest import REPO, synth
 
 import train
-from s3r import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
+from s3r import RouteConfig, Wav2Vec2Config, load_pretrained
 from s3r.checkpoint import torch_load
 from s3r.data import resolve_corpus
 from s3r.recipe import (
@@ -40,40 +37,8 @@ from s3r.recipe import (
 )
 from s3r.text import Vocabulary
 
-TINY = dict(conv_dim=(16,) * 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
-            conv_pos_kernel=16, conv_pos_groups=4)
+REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # 2 shared cores: one thread per process
-
-
-def write_fairseq_checkpoint(path: Path, vocab_size: int = 0, seed: int = 0) -> Path:
-    """A random tiny wav2vec 2.0 in fairseq's own format: pretraining (`Wav2Vec2Model`) or CTC (`wav2vec_ctc`)."""
-    torch.manual_seed(seed)
-    model = ff.perturb_(Wav2Vec2ForCTC(Wav2Vec2Config(**TINY, vocab_size=vocab_size)), seed)
-    c = model.config
-    hf_like = types.SimpleNamespace(state_dict=model.state_dict, config=types.SimpleNamespace(
-        num_hidden_layers=c.num_hidden_layers, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_attention_heads=c.num_attention_heads, do_stable_layer_norm=False, conv_dim=c.conv_dim,
-        conv_kernel=c.conv_kernel, conv_stride=c.conv_stride, conv_bias=False, feat_extract_norm="group",
-        num_conv_pos_embeddings=c.conv_pos_kernel, num_conv_pos_embedding_groups=c.conv_pos_groups))
-    write = ff.fairseq_ctc_checkpoint if vocab_size else ff.fairseq_pretraining_checkpoint
-    ckpt = write("base", hf_like)
-    torch.save(ckpt, path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_init(tmp_path_factory) -> Path:
-    return write_fairseq_checkpoint(tmp_path_factory.mktemp("init") / "wav2vec_tiny.pt")
-
-
-@pytest.fixture(scope="session")
-def corpus_root(tmp_path_factory) -> Path:
-    """librispeech_finetuning/ (28 utterances, 24 of them in train-1h) and LibriSpeech/dev-other (4), tone speech."""
-    root = tmp_path_factory.mktemp("libri")
-    synth.synth_corpus(root, "librilight", num=28, voice="tone", texts=synth.SENTENCES, workers=2)
-    synth.synth_corpus(root, "librispeech", num=4, voice="tone", texts=synth.SENTENCES[5:], split="dev-other",
-                       seed=1, workers=2)
-    return root
 
 
 def args(init, root, save_dir, *extra) -> list[str]:
@@ -238,9 +203,9 @@ def test_build_model_applies_the_recipe(tiny_init, corpus_root):
     assert torch.equal(model.state_dict()[key], state[key])
 
 
-def test_build_model_keeps_a_head_for_the_same_vocabulary(tmp_path, corpus_root):
+def test_build_model_keeps_a_head_for_the_same_vocabulary(tmp_path, corpus_root, fairseq_checkpoint):
     letters = Vocabulary.librispeech()
-    init = write_fairseq_checkpoint(tmp_path / "ctc.pt", vocab_size=len(letters), seed=4)
+    init = fairseq_checkpoint(tmp_path / "ctc.pt", vocab_size=len(letters), seed=4)
     letters.save_fairseq_dict(str(tmp_path / "dict.ltr.txt"))
     cfg = TrainConfig(init=str(init), finetune_weights=True)
     model, vocab, pretrained = build_model(cfg, resolve_corpus("train-1h", str(corpus_root)))
