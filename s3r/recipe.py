@@ -155,6 +155,8 @@ class TrainConfig:
     amp: str = opt("auto", "common.fp16 / bf16: auto = bf16 on GPUs that support it, else fp16; none on CPU")
     compile: bool = opt(False, "(s3r) torch.compile the model; experimental: it recompiles for new batch shapes")
     device: str = opt("auto", "(s3r) auto (cuda when available), cpu or cuda")
+    threads: int = opt(0, "(s3r) torch.set_num_threads in each process; 0 = torch's default (OMP_NUM_THREADS; "
+                       "torchrun sets 1 when unset). CPU results are bit-identical only at the same thread count")
     trust_checkpoint: bool = opt(False, "(s3r) allow --init files that pickle arbitrary classes (only for files "
                                  "you trust)")
 
@@ -363,9 +365,16 @@ def ctc_loss_sum(logits: torch.Tensor, out_lengths: torch.Tensor, batch: dict) -
                       reduction="sum", zero_infinity=True)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# Seeds
+# Seeds and what else a run's numbers depend on
+
+
+def runtime() -> dict:
+    """Besides config and seed, what a run's floating-point results depend on: the thread count (summation order),
+    torch's version and the CPU kernels it picked. Logged and saved so that a rerun can match them."""
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__),  # not TorchVersion: weights_only
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
 
 
 def seed_update(seed: int, rank: int, update: int) -> None:

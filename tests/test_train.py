@@ -75,7 +75,7 @@ def test_help_lists_every_flag_with_its_upstream_name(capsys):
     for flag in ("--init", "--data", "--data-root", "--valid", "--save-dir", "--prune-rate", "--init-score",
                  "--fix-attn", "--trainable-proj", "--no-trainable-proj", "--finetune-weights", "--max-updates",
                  "--max-tokens", "--update-freq", "--lr", "--seed", "--validate-interval", "--save-interval",
-                 "--num-workers",
+                 "--num-workers", "--threads",
                  "--skip-bad", "--compile", "--amp", "--checkpoint-activations", "--trust-checkpoint", "--log-interval",
                  "--preset", "--mask-prob", "--mask-channel-prob", "--layerdrop", "--phase-ratio", "--final-lr-scale",
                  "--freeze-finetune-updates", "--max-sample-size", "--normalize", "--units", "--vocab", "--dropout",
@@ -236,6 +236,30 @@ def test_resume_is_bit_identical(tiny_init, corpus_root, tmp_path):
     assert events == ["start", "resume"]
     ts = torch_load(b / "checkpoint_last.pt")["train_state"]
     assert ts["epoch"] == 1  # 17 batches of <= 7.5 s, 4 per update: update 5 ends epoch 0, update 6 starts epoch 1
+
+
+def test_thread_count_and_torch_are_recorded_and_a_change_warns_on_resume(tiny_init, corpus_root, tmp_path, capsys):
+    """CPU sums depend on the thread count: log.jsonl and train_state record it (and torch's version and CPU
+    kernels); resuming with another count is allowed, with a one-line warning."""
+    threads = torch.get_num_threads()
+    try:
+        common = ("--valid", "", "--max-tokens", 120000, "--update-freq", 4)
+        assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 1, "--threads", 2, *common)) == 0
+        assert torch.get_num_threads() == 2
+        ts = torch_load(tmp_path / "checkpoint_last.pt")["train_state"]
+        expected = {"threads": 2, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "world_size": 1}
+        assert {k: ts[k] for k in expected} == expected
+        capsys.readouterr()
+        assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--threads", 1, *common)) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "threads 2 -> 1" in warnings[0], warnings
+        start, resume = [line for line in log_lines(tmp_path) if "event" in line]
+        assert {k: start[k] for k in expected} == expected and {**expected, "threads": 1} == {k: resume[k]
+                                                                                             for k in expected}
+        assert torch_load(tmp_path / "checkpoint_last.pt")["train_state"]["update"] == 2  # the resume went on
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_mask_checkpoint_reloads_with_its_masks(tiny_init, corpus_root, tmp_path):
