@@ -68,6 +68,8 @@ MODEL_FLAGS: dict[str, Flag] = {
     "dropout_input": Flag(Wav2Vec2Config, "feat_proj_dropout", "model.dropout_input (after the feature projection)"),
     "final_dropout": Flag(Wav2Vec2Config, "final_dropout", "model.final_dropout (before the CTC head)"),
     "layerdrop": Flag(Wav2Vec2Config, "layerdrop", "model.layerdrop"),
+    "apply_mask": Flag(Wav2Vec2Config, "apply_spec_augment", "model.apply_mask: SpecAugment-style time and channel "
+                       "masking while training (--no-apply-mask: none, whatever --mask-prob says)"),
     "mask_prob": Flag(Wav2Vec2Config, "mask_time_prob", "model.mask_prob: time masking with the learned mask "
                       "embedding"),
     "mask_length": Flag(Wav2Vec2Config, "mask_time_length", "model.mask_length"),
@@ -310,7 +312,7 @@ def build_model(cfg: TrainConfig, corpus: Corpus | None = None,
     del init
     if cfg.finetune_weights:
         model.freeze_feature_encoder()  # feature_grad_mult 0
-        model.masked_spec_embed.requires_grad_(config.mask_time_prob > 0)
+        model.masked_spec_embed.requires_grad_(config.apply_spec_augment and config.mask_time_prob > 0)
     else:
         model.route(cfg.route)
     model.vocab = vocab

@@ -75,7 +75,7 @@ def test_help_lists_every_flag_with_its_upstream_name(capsys):
     for flag in ("--init", "--data", "--data-root", "--valid", "--save-dir", "--prune-rate", "--init-score",
                  "--fix-attn", "--trainable-proj", "--no-trainable-proj", "--finetune-weights", "--max-updates",
                  "--max-tokens", "--update-freq", "--lr", "--seed", "--validate-interval", "--save-interval",
-                 "--num-workers", "--threads",
+                 "--num-workers", "--threads", "--apply-mask", "--no-apply-mask",
                  "--skip-bad", "--compile", "--amp", "--checkpoint-activations", "--trust-checkpoint", "--log-interval",
                  "--preset", "--mask-prob", "--mask-channel-prob", "--layerdrop", "--phase-ratio", "--final-lr-scale",
                  "--freeze-finetune-updates", "--max-sample-size", "--normalize", "--units", "--vocab", "--dropout",
@@ -107,7 +107,7 @@ def test_one_table_maps_flags_to_the_model_configs():
     # base_1h.yaml with the README command line, written out by hand (fairseq names)
     assert {n: values[n] for n, f in MODEL_FLAGS.items() if f.config is Wav2Vec2Config} == dict(
         dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, dropout_input=0.0, final_dropout=0.0,
-        layerdrop=0.1, mask_prob=0.65, mask_length=10, mask_channel_prob=0.25, mask_channel_length=64,
+        layerdrop=0.1, apply_mask=True, mask_prob=0.65, mask_length=10, mask_channel_prob=0.25, mask_channel_length=64,
         checkpoint_activations=False)
     assert (values["prune_rate"], values["init_score"], values["fix_attn"], values["trainable_proj"]) == \
         (0.9, "weight_rank", True, True)
@@ -260,6 +260,37 @@ def test_thread_count_and_torch_are_recorded_and_a_change_warns_on_resume(tiny_i
         assert torch_load(tmp_path / "checkpoint_last.pt")["train_state"]["update"] == 2  # the resume went on
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("apply_mask", [True, False], ids=["apply-mask", "no-apply-mask"])
+@pytest.mark.parametrize("mode", [(), ("--finetune-weights",)], ids=["s3router", "finetune"])
+def test_no_apply_mask_leaves_the_encoder_input_unmasked(tiny_init, corpus_root, tmp_path, monkeypatch, apply_mask,
+                                                        mode):
+    """fairseq's apply_mask=False: no time or channel masks in training, whatever --mask-prob says; the mask
+    embedding then never trains. With it (the control) training frames do get masked."""
+    seen = []  # per training forward: was the encoder's input the feature projection's output?
+
+    def build_model(*a, **kw):
+        model, vocab, pretrained = real(*a, **kw)
+        projected = {}
+        model.feature_projection.register_forward_hook(lambda m, i, out: projected.update(x=out))
+        model.encoder.register_forward_pre_hook(
+            lambda m, i: seen.append(torch.equal(i[0], projected["x"])) if m.training else None)
+        return model, vocab, pretrained
+    real = train.build_model
+    monkeypatch.setattr(train, "build_model", build_model)
+    flag = "--apply-mask" if apply_mask else "--no-apply-mask"
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--valid", "", "--mask-prob", 0.65,
+                           "--mask-channel-prob", 0.25, "--lr", 1e-2, flag, *mode)) == 0
+    assert len(seen) >= 4 and (not any(seen) if apply_mask else all(seen)), seen
+    ckpt = torch_load(tmp_path / "checkpoint_last.pt")
+    assert ckpt["train_state"]["config"]["apply_mask"] is apply_mask
+    assert load_pretrained(tmp_path / "checkpoint_last.pt").config.apply_spec_augment is apply_mask
+    embed = ckpt["model"]["masked_spec_embed"]
+    cfg, _ = parse_config(args(tiny_init, corpus_root, tmp_path / "x", *mode))
+    torch.manual_seed(1)  # --seed 1: the run's fresh mask embedding, drawn as train.py draws it
+    fresh = real(cfg, resolve_corpus("train-1h", str(corpus_root)))[0].masked_spec_embed.detach()
+    assert torch.equal(embed, fresh) is not apply_mask  # trained by time masks only
 
 
 def test_mask_checkpoint_reloads_with_its_masks(tiny_init, corpus_root, tmp_path):
