@@ -515,3 +515,68 @@ def test_torchrun_error_on_one_rank_stops_both(tiny_init, corpus_root, tmp_path)
     assert res.returncode != 0 and time.time() - t0 < 150
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert any(victim.name in line for line in errors), res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Determinism: the same command, seed and thread count give the same bits (issue 12)
+
+
+def tensors(obj, path: str = "") -> dict:
+    """Every leaf of a checkpoint by its path (model, scores, head, optimizer state, RNG states, counters)."""
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in tensors(value, f"{path}/{key}").items()}
+    if isinstance(obj, list | tuple):
+        return {k: v for i, value in enumerate(obj) for k, v in tensors(value, f"{path}/{i}").items()}
+    return {path: obj}
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return [k for k in a if not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k])]
+
+
+@pytest.fixture(scope="module")
+def fp16_init(tiny_init, tmp_path_factory) -> Path:
+    """tiny_init stored in fp16, as the demo backbone and many fairseq checkpoints are: many |W| tie."""
+    ckpt = torch_load(tiny_init)
+    ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    path = tmp_path_factory.mktemp("fp16") / "wav2vec_tiny_fp16.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [("--init-score", "weight_rank", "--no-fix-attn", "--lr", 1e-2),
+                                  ("--finetune-weights", "--lr", 1e-3)], ids=["s3router", "finetune"])
+def test_torchrun_reruns_are_bit_identical(fp16_init, corpus_root, tmp_path, mode):
+    """Two processes, one thread each, DataLoader workers, layerdrop and SpecAugment, an epoch boundary and a
+    validation: rerunning the command gives the same checkpoint bit for bit and the same validation; --seed 2 not."""
+    state = torch_load(fp16_init)["model"]
+    weights = next(v for k, v in state.items() if k.endswith("layers.0.fc1.weight"))
+    assert weights.dtype == torch.float16 and weights.abs().unique().numel() < weights.numel()  # ties
+    # 17 batches, about 9 per rank, 4 per update: update 3 starts the second epoch; a validation at update 2 and 4
+    run = lambda d, *more: torchrun(*args(fp16_init, corpus_root, d, "--max-updates", 4, "--max-tokens", 120000,  # noqa: E731
+                                          "--update-freq", 4, "--num-workers", 1, "--validate-interval", 2,
+                                          "--layerdrop", 0.5, "--mask-prob", 0.65, "--mask-channel-prob", 0.25,
+                                          *mode, *more))
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, more in ((a, ()), (b, ()), (c, ("--seed", 2))):
+        assert_clean(run(d, *more))
+    ca, cb, cc = (torch_load(d / "checkpoint_last.pt") for d in (a, b, c))
+    for ckpt in (ca, cb, cc):  # the runs did what the test is about: 2 processes, 1 thread each, into a second epoch
+        ts = ckpt["train_state"]
+        assert (ts["world_size"], ts["threads"], ts["update"], ts["epoch"]) == (2, 1, 4, 1)
+        assert ts["config"].pop("save_dir")  # the one flag the runs differ in
+    assert differences(tensors(ca), tensors(cb)) == []
+    valid = [[line for line in log_lines(d) if "valid" in line] for d in (a, b)]
+    assert [v["update"] for v in valid[0]] == [2, 4] and valid[0] == valid[1]
+    ma, mb, mc = (load_pretrained(d / "checkpoint_last.pt").eval() for d in (a, b, c))
+    if ma.route_config is not None:
+        masks = ma.masks()
+        assert masks and all(torch.equal(m, mb.masks()[k]) for k, m in masks.items())
+        start = load_pretrained(fp16_init, prune_rate=0.9, init_score="weight_rank", fix_attn=False).masks()
+        assert any(not torch.equal(m, start[k]) for k, m in masks.items())  # training moved the masks
+        assert any(not torch.equal(m, mc.masks()[k]) for k, m in masks.items())  # the control
+    ca["train_state"]["config"]["seed"] = 2
+    changed = differences(tensors(ca), tensors(cc))
+    assert any(k.startswith("/model/") for k in changed), changed  # the control: another seed, other weights
