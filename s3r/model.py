@@ -179,10 +179,10 @@ class Routable:
         if init_score in ("kaiming_uniform", "weight_rank"):
             nn.init.kaiming_uniform_(scores, a=math.sqrt(5))  # nn.Linear's own init: |s| <= 1/sqrt(fan_in)
             if init_score == "weight_rank":
-                # Reorder the random scores so that rank(|s|) == rank(|W|): the first mask is per-tensor magnitude
-                # pruning, yet the scores keep kaiming scale so that Adam at lr 5e-5 can still reorder them.
+                # Reorder the random scores so that rank(|s|) == rank(|W|): the first mask is magnitude pruning, yet
+                # the scores keep kaiming scale for Adam at lr 5e-5. Stable: tied |W| (fp16) rank by position.
                 flat = scores.flatten()
-                flat[weight.flatten().abs().argsort()] = flat[flat.abs().argsort()]
+                flat[weight.flatten().abs().argsort(stable=True)] = flat[flat.abs().argsort(stable=True)]
         elif init_score == "weight_magnitude_with_scale":
             scores.copy_(weight / scale)
         elif init_score == "weight_magnitude":
