@@ -23,9 +23,9 @@ ONLY=${1:-all}
   python3 -c "import torch, transformers, torchaudio; print('torch', torch.__version__, '| transformers',
 transformers.__version__, '| torchaudio', torchaudio.__version__, '|', torch.cuda.get_device_name())"
   if [ "$ONLY" != structured ]; then
-  timeout 240 python3 bench/speed.py --device cuda --dtype bfloat16 --threads 8 --configs base --layers 12 \
+  timeout 240 python3 -m bench.speed --device cuda --dtype bfloat16 --threads 8 --configs base --layers 12 \
     --rounds 10 --seconds "$SECONDS_8" --mfu --skip-data --skip-ddp --out "$OUT/base" || echo "base run failed: $?"
-  timeout 180 python3 bench/speed.py --device cuda --dtype bfloat16 --threads 8 --configs large --layers 24 \
+  timeout 180 python3 -m bench.speed --device cuda --dtype bfloat16 --threads 8 --configs large --layers 24 \
     --rounds 10 --seconds "$SECONDS_8" --skip-data --skip-ddp --out "$OUT/large" || echo "large run failed: $?"
   fi
   if [ "$ONLY" != speed ]; then

@@ -224,10 +224,11 @@ class Routable:
             if scores.shape != weight.shape:  # one per group, at the per-weight scale (upstream: its own fan_in)
                 scores.uniform_(-1, 1).div_(math.sqrt(weight[0].numel()))
             if init_score == "weight_rank":
-                # Reorder the random scores so that rank(|s|) == rank(|W|) (of the groups' mean |W|): the first mask
-                # is per-tensor magnitude pruning, yet the scores keep kaiming scale so that Adam can reorder them.
+                # Reorder the random scores so that rank(|s|) == rank(|W|) (of groups: their mean |W|): the first mask
+                # is magnitude pruning, yet the scores keep kaiming scale for Adam at lr 5e-5. Stable: tied |W| (fp16)
+                # rank by position.
                 flat = scores.flatten()
-                flat[norms.flatten().argsort()] = flat[flat.abs().argsort()]
+                flat[norms.flatten().argsort(stable=True)] = flat[flat.abs().argsort(stable=True)]
         elif init_score == "weight_magnitude_with_scale":
             scores.copy_((weight if scores.shape == weight.shape else norms) / scale)
         elif init_score == "weight_magnitude":

@@ -275,7 +275,8 @@ def masks_of(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torc
     model = load_pretrained(path, trust_checkpoint=trust_checkpoint)
     if model.route_config is not None:
         return model.masks()
-    return {f"{n}.weight": m.dense_weight().detach() != 0 for n, m in model.routable_layers(RouteConfig()).items()}
+    layers = model.routable_layers(RouteConfig(fix_attn=False))  # attention and FFN, whatever the defaults
+    return {f"{n}.weight": m.dense_weight().detach() != 0 for n, m in layers.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
