@@ -3,6 +3,7 @@
     python -m bench.structured            # base (12 layers) and large (24) widths; the lead's run on a quiet machine
     python -m bench.structured --quick    # 1 layer, 2 s of audio, 2 rounds: a smoke test
     python -m bench.structured --device cuda --dtype bfloat16 --two-four   # see bench/gpu.sh
+    python -m bench.structured --checkpoints FT.pt A.pt B.pt --json OUT.json  # given models against the first
 
 For each width a random dense encoder is routed per FFN neuron (and per attention head) with random scores,
 keeping 1.0 / 0.75 / 0.5 / 0.25 of every layer's neurons, with all heads or with 25% of them dropped, and
@@ -219,6 +220,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def time_checkpoints(paths: list[str], args) -> dict:
+    """Eval-forward time of each checkpoint against the first (the dense reference, masks folded if routed), as
+    deployed: neuron/head routes compacted, others folded; for the pruning curve's measured speedups."""
+    from s3r import load_pretrained
+    models = {}
+    for path in paths:
+        model = load_pretrained(path).eval()
+        g = model.route_config.route_granularity if model.route_config is not None else ""
+        if g:
+            model = compact(model) if ("neuron" in g or "head" in g) and path != paths[0] else model.fold_masks()
+        models[path] = model.to(args.device, getattr(torch, args.dtype))
+    inputs = make_inputs(models[paths[0]], args.seconds, args.device, getattr(torch, args.dtype))
+    times, _ = time_width(models, inputs, args.rounds, args.device, log=lambda _: None)
+    return {path: {"params": parameter_counts(m)["total"],
+                   **{p: ratio(times[p][path], times[p][paths[0]]) for p in PARTS}} for path, m in models.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.structured", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,9 +251,20 @@ def main(argv=None):
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--quick", action="store_true", help="1 layer, 2 s of audio, 2 rounds")
     p.add_argument("--out", default="bench/results", help="folder for structured.md / structured.json")
+    p.add_argument("--checkpoints", nargs="+", metavar="CKPT", help="time these models against the first instead")
+    p.add_argument("--json", help="with --checkpoints: write the ratios here")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.seconds = [float(s) for s in args.seconds.split(",")]
+    if args.checkpoints:
+        torch.set_num_threads(args.threads)
+        result = time_checkpoints(args.checkpoints, args)
+        for path, r in result.items():
+            print(f"{path}: {r['params'] / 1e6:.2f}M params, e2e {r['e2e']['median']:.3f}, "
+                  f"layers {r['layers']['median']:.3f} of {args.checkpoints[0]}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        return
     if args.memory_worker:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return
