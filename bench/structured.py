@@ -38,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from s3r.compact import compact, parameter_counts, to_semi_structured
-from s3r.model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from s3r.checkpoint import architecture
+from s3r.compact import compact, fold_masks, parameter_counts, to_semi_structured
+from s3r.model import RouteConfig, Wav2Vec2ForCTC
 
 VOCAB = 32
 LAYERS = {"base": 12, "large": 24}
@@ -53,7 +54,7 @@ PARTS = ("e2e", "layers")
 
 def dense_model(width: str, layers: int) -> Wav2Vec2ForCTC:
     torch.manual_seed(0)
-    return Wav2Vec2ForCTC(Wav2Vec2Config.preset(width, num_hidden_layers=layers, vocab_size=VOCAB)).eval()
+    return Wav2Vec2ForCTC(architecture(width, num_hidden_layers=layers, vocab_size=VOCAB)).eval()
 
 
 def variant_model(dense: Wav2Vec2ForCTC, name: str, device: str, dtype: torch.dtype) -> Wav2Vec2ForCTC:
@@ -229,7 +230,7 @@ def time_checkpoints(paths: list[str], args) -> dict:
         model = load_pretrained(path).eval()
         g = model.route_config.route_granularity if model.route_config is not None else ""
         if g:
-            model = compact(model) if ("neuron" in g or "head" in g) and path != paths[0] else model.fold_masks()
+            model = compact(model) if ("neuron" in g or "head" in g) and path != paths[0] else fold_masks(model)
         models[path] = model.to(args.device, getattr(torch, args.dtype))
     inputs = make_inputs(models[paths[0]], args.seconds, args.device, getattr(torch, args.dtype))
     times, _ = time_width(models, inputs, args.rounds, args.device, log=lambda _: None)

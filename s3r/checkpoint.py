@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import S3RError
+from .errors import ConfigError, S3RError
 from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import ROUTE_FORMAT, check_route, describe, install_route
 from .text import Vocabulary
@@ -119,6 +119,19 @@ def torch_load(path: str | Path, trust_checkpoint: bool = False) -> object:
 
 # ----------------------------------------------------------------------------------------------------------------
 # fairseq
+
+
+_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+              feat_extract_norm="layer", conv_bias=True, layer_norm_first=True, normalize=True)
+ARCHITECTURES = {"base": {}, "hubert-base": {}, "large": _LARGE, "xlsr": _LARGE,  # xlsr: 300M, large's shape
+                 "data2vec-base": dict(feat_extract_norm="layer", conv_pos_kernel=19, conv_pos_depth=5, normalize=True)}
+
+
+def architecture(name: str, **overrides) -> Wav2Vec2Config:
+    """The config of a published architecture: base, large (lv60), xlsr, data2vec-base, hubert-base."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
+    return Wav2Vec2Config(**{**ARCHITECTURES[name], **overrides})
 
 
 def parse_conv_layers(spec: str) -> list[tuple[int, int, int]]:

@@ -1,4 +1,6 @@
-"""Structured routes made physically smaller, so that pruning with S3-Router makes the model faster (issue 14).
+"""A trained route made dense: its masks folded into real zeros (`fold_masks`), its kept fraction changed
+(`set_prune_rate`), and structured routes made physically smaller, so that pruning with S3-Router makes the model
+faster (issue 14).
 
 An unstructured route zeroes single weights, which no dense kernel skips. A route with granularity `neuron`
 (one bit per FFN hidden unit) or `head` (one bit per attention head) drops whole rows and columns instead:
@@ -24,11 +26,36 @@ import torch
 import torch.nn as nn
 
 from .errors import S3RError
-from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, n_of_m
+from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, WeightNormConv1d, n_of_m
 
 
 class CompactError(S3RError):
     """A model that compact() cannot shrink (not routed, or routed per weight)."""
+
+
+@torch.no_grad()
+def fold_masks(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
+    """Multiply every mask into its weight and drop the scores, in place: a plain dense model with real zeros."""
+    for module in model.routed().values():
+        mask = module.mask()
+        if isinstance(module, WeightNormConv1d):  # g becomes the masked weight's norm; where it is 0 any v will do
+            w = module.dense_weight() * mask
+            module.weight_g.copy_(g := w.norm(dim=(0, 1), keepdim=True))
+            module.weight_v.copy_(torch.where(g > 0, w, torch.ones_like(w)))
+        else:
+            module.weight.view(module.view or module.weight.shape).mul_(mask)  # structured: mask broadcasts
+        module._init_routing()
+    model.route_config = None
+    return model
+
+
+def set_prune_rate(model: Wav2Vec2ForCTC, prune_rate: float) -> Wav2Vec2ForCTC:
+    """Change the kept fraction of every routed layer after training (masks follow at the next forward)."""
+    for module in model.routed().values():
+        module.prune_rate = prune_rate
+    if model.route_config is not None:
+        model.route_config = replace(model.route_config, prune_rate=prune_rate)
+    return model
 
 
 def layer_sizes(config: Wav2Vec2Config) -> list[tuple[int, int]]:
@@ -55,7 +82,7 @@ def compact(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
     """The dense model without the FFN neurons and attention heads `model`'s route drops; `model` is unchanged.
 
     Routed layers that are not cut (per-weight, row, column or n:m routes, and attention under a `neuron` route)
-    get their masks folded in as zeros, as `fold_masks` does.
+    get their masks folded in as zeros (`fold_masks`).
     """
     source = getattr(model, "source", "model")
     if model.route_config is None:
@@ -65,7 +92,7 @@ def compact(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
         raise CompactError(f"{source} is routed per {g}, which drops no whole neuron or head; "
                            f"export it with --dense (route with --route-granularity neuron, head or neuron+head)")
     groups = kept_groups(model)
-    dense = copy.deepcopy(model).fold_masks()
+    dense = fold_masks(copy.deepcopy(model))
     config = dense.config
     head_dim = config.hidden_size // config.num_attention_heads
     state = dense.state_dict()

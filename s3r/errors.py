@@ -7,3 +7,7 @@ class S3RError(Exception):
 
 class ConfigError(S3RError, ValueError):
     """An impossible Wav2Vec2Config or RouteConfig (a ValueError too, for code that catches those)."""
+
+
+class ShapeError(S3RError, ValueError):
+    """A tensor of the wrong shape handed to the model."""

@@ -5,7 +5,7 @@
     python -m s3r.export --compact OUT.pt CKPT         # neuron/head routes: a smaller dense model (s3r/compact.py)
     python -m s3r.export --hf DIR PRETRAINED --route ROUTE   # the same from shared weights + a route file
 
-Either way the masks are multiplied into the weights (`Wav2Vec2ForCTC.fold_masks`), so dropped weights are real
+Either way the masks are multiplied into the weights (`s3r.compact.fold_masks`), so dropped weights are real
 zeros and the model runs in any wav2vec2 implementation. The Hugging Face layout follows transformers'
 `modeling_wav2vec2.py` (and its data2vec-audio / HuBERT siblings): our module names behind a `wav2vec2.` prefix,
 the weight-normed positional conv under `parametrizations.weight.original0/1` (g/v) as transformers 5 saves it,
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
-from .compact import compact
+from .compact import compact, fold_masks
 from .errors import S3RError
 from .model import Wav2Vec2Config, Wav2Vec2ForCTC
 
@@ -93,7 +93,7 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
     model_type = model_type or hf_model_type(model.config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.fold_masks()
+    fold_masks(model)
     save_file(hf_state_dict(model, model_type), str(directory / "model.safetensors"), metadata={"format": "pt"})
 
     def write_json(name: str, obj: dict) -> None:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             export_hf(model, args.hf, args.model_type)
             print(f"wrote {args.hf}")
         if args.dense:
-            save_atomic(s3r_checkpoint(model.fold_masks()), args.dense)
+            save_atomic(s3r_checkpoint(fold_masks(model)), args.dense)
             print(f"wrote {args.dense}")
     except (S3RError, OSError, ValueError) as e:  # ValueError: a config value out of range (--prune-rate 2)
         print(f"error: {e}", file=sys.stderr)

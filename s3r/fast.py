@@ -64,7 +64,7 @@ class MaskCache:
         self.key, self.mask = None, None
 
     def install(self, scores: torch.Tensor, k: int, mask: torch.Tensor):
-        """Cache `mask` as the selection for these scores (Routable.fix_mask: a route's mask is known)."""
+        """Cache `mask` as the selection for these scores (route_format.fix_mask: a route's mask is known)."""
         self.key, self.mask = self._key(scores, k), mask
 
     @staticmethod

@@ -27,11 +27,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import fast
-from .errors import ConfigError, S3RError
+from .errors import ConfigError, ShapeError
 
-
-class ShapeError(S3RError, ValueError):
-    """A tensor of the wrong shape handed to the model."""
 
 # ---------------------------------------------------------------------------------------------------- Configuration
 @dataclass
@@ -89,17 +86,6 @@ class Wav2Vec2Config:
                 raise ConfigError(f"{name} needs {self.num_hidden_layers} values >= 1, not {list(sizes)}")
             setattr(self, name, None if sizes is None else tuple(int(v) for v in sizes))
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> Wav2Vec2Config:
-        """The published architectures: base, large (lv60), xlsr (300M, large's shape), data2vec-base, hubert-base."""
-        large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                     feat_extract_norm="layer", conv_bias=True, layer_norm_first=True, normalize=True)
-        presets = {"base": {}, "hubert-base": {}, "large": large, "xlsr": large, "data2vec-base": dict(
-            feat_extract_norm="layer", conv_pos_kernel=19, conv_pos_depth=5, normalize=True)}
-        if name not in presets:
-            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(presets)}")
-        return cls(**{**presets[name], **overrides})
-
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
@@ -109,14 +95,18 @@ class Wav2Vec2Config:
             raise ConfigError(f"unknown Wav2Vec2Config field(s): {', '.join(unknown)}")
         return cls(**d)
 
+
 INIT_SCORES = ("kaiming_uniform", "weight_rank", "weight_magnitude_with_scale", "weight_magnitude")
 GRANULARITIES = ("weight", "row", "column", "neuron", "head", "neuron+head")  # and "n:m", e.g. "2:4"
+
+
 def n_of_m(granularity: str) -> tuple[int, int] | None:
     """(n, m) of an n:m route granularity (n kept of every m consecutive inputs); None for the others."""
     n, colon, m = granularity.partition(":")
     if colon and not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
         raise ConfigError(f"route granularity {granularity!r} is not n:m with 0 < n < m (e.g. 2:4)")
     return (int(n), int(m)) if colon else None
+
 
 @dataclass
 class RouteConfig:
@@ -157,10 +147,12 @@ class RouteConfig:
         if ("neuron" in g and self.fix_fc) or ("head" in g and self.fix_attn):
             raise ConfigError(f"route_granularity {g} routes what fix_fc / fix_attn keep dense: turn those off")
 
+
 # -------------------------------------------------------------------------------------- S3-Router: score-masked layers
 def kept_count(numel: int, prune_rate: float) -> int:
     """Entries a mask keeps of a tensor of `numel`: upstream GetSubnet's `numel - int((1 - prune_rate) * numel)`."""
     return numel - int((1 - prune_rate) * numel)
+
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly the k largest entries of `values`; among equal values the first by position win."""
@@ -170,11 +162,13 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     mask[order[:k]] = True
     return mask.view_as(values)
 
+
 def n_of_m_mask(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Boolean mask of the n largest of every m consecutive entries along the rows of `values` (ties by position)."""
     groups = values.detach().reshape(values.shape[0], -1, m)  # (rows, inputs / m, m)
     keep = groups.argsort(dim=-1, descending=True, stable=True)[..., :n]
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).view_as(values)
+
 
 class StraightThrough(torch.autograd.Function):
     """W * mask forward; backward passes dL/dW_eff through the hard top-k to the scores unchanged."""
@@ -192,6 +186,7 @@ class StraightThrough(torch.autograd.Function):
         grad_scores = (grad * weight).sum_to_size(scores.shape).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None  # co_train: W learns where it is kept
         return grad_scores, grad_weight, None
+
 
 class Routable:
     """Mixin for a layer whose weight S3-Router can mask: `scores` is None (dense) until `route()` is called."""
@@ -242,18 +237,6 @@ class Routable:
         self.prune_rate, self.view = prune_rate, (view if view != weight.shape else None)
         self._mask_cache.clear()
 
-    @torch.no_grad()
-    def fix_mask(self, mask: torch.Tensor, view: tuple | None = None):
-        """Route with a given keep-mask, for inference: frozen 0/1 scores whose top-k is exactly `mask`."""
-        self._init_routing()
-        self.scores = nn.Parameter(mask.to(self.dense_weight().device, torch.float32), requires_grad=False)
-        kept, n = int(mask.sum()), mask.numel()
-        self.prune_rate = kept / n
-        while kept_count(n, self.prune_rate) != kept:  # a float ulp at a time until kept_count gives back `kept`
-            self.prune_rate = math.nextafter(self.prune_rate, 1.0 if kept_count(n, self.prune_rate) < kept else 0.0)
-        self._mask_cache.install(self.scores, kept, self.scores.detach() > 0)  # switching routes costs no selection
-        self.view = tuple(view) if view is not None and tuple(view) != self.dense_weight().shape else None
-
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask: the kept_count(numel, prune_rate) largest |scores|, ties kept by position."""
         if self.scores is None:
@@ -272,6 +255,7 @@ class Routable:
         view = self.view or weight.shape  # structured: the scores broadcast onto the weight seen as `view`
         return StraightThrough.apply(self.scores, weight.view(view), self.mask()).view_as(weight)
 
+
 class MaskedLinear(Routable, nn.Linear):
     """nn.Linear whose weight S3-Router can mask; the same `weight`/`bias` keys, plus `scores` once routed."""
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
@@ -280,6 +264,7 @@ class MaskedLinear(Routable, nn.Linear):
 
     def forward(self, x):
         return F.linear(x, self.routed_weight(), self.bias)
+
 
 class MaskedConv1d(Routable, nn.Conv1d):
     """nn.Conv1d whose weight S3-Router can mask."""
@@ -292,6 +277,7 @@ class MaskedConv1d(Routable, nn.Conv1d):
         if fast.grouped_conv_applies(self, x):  # fast.py: the positional conv's backward as forward convs (CPU)
             return fast.grouped_conv1d(x, self.routed_weight(), self.bias, self.padding[0], self.groups)
         return self._conv_forward(x, self.routed_weight(), self.bias)
+
 
 class WeightNormConv1d(MaskedConv1d):
     """The positional conv: weight = g * v / ||v||, norm per kernel position; keys `weight_g` (1, 1, K) and
@@ -307,12 +293,14 @@ class WeightNormConv1d(MaskedConv1d):
         # g * v / ||v||_(0,1): the fused kernel torch.nn.utils.weight_norm itself runs (6x the plain expression)
         return torch._weight_norm(self.weight_v, self.weight_g, dim=2)
 
+
 # ----------------------------------------- Feature extractor: waveform (B, S) -> (B, T, 512), 49 frames a second
 def conv_output_lengths(lengths: torch.Tensor, kernels, strides) -> torch.Tensor:
     """Frames produced from `lengths` samples by valid (unpadded) strided convs: floor((L - k) / s) + 1 each."""
     for k, s in zip(kernels, strides, strict=True):
         lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
     return lengths.clamp(min=0)
+
 
 class ConvLayer(nn.Module):
     """Conv1d -> optional norm -> GELU. `norm`: 'group' (per channel over time), 'layer' (per frame) or None."""
@@ -333,6 +321,7 @@ class ConvLayer(nn.Module):
             x = self.layer_norm(x.float().transpose(1, 2)).transpose(1, 2).type_as(x)
         return F.gelu(x)
 
+
 class FeatureExtractor(nn.Module):
     """fairseq ConvFeatureExtractionModel: base normalises only the first conv (group norm), large every conv."""
     def __init__(self, dims, kernels, strides, bias: bool, norm: str):
@@ -349,6 +338,7 @@ class FeatureExtractor(nn.Module):
             x = layer(x)
         return x.transpose(1, 2)
 
+
 class FeatureProjection(nn.Module):
     """LayerNorm over the 512-d conv features, then a Linear to the model width (fairseq post_extract_proj)."""
     def __init__(self, in_dim: int, out_dim: int, layer_norm: bool, eps: float, dropout: float):
@@ -359,6 +349,7 @@ class FeatureProjection(nn.Module):
 
     def forward(self, x):  # (B, T, 512) -> (B, T, C)
         return self.dropout(self.projection(self.layer_norm(x)))
+
 
 # ------------------------------------------------------------------------------------------------- Transformer encoder
 class PositionalConvLayer(nn.Module):
@@ -371,6 +362,7 @@ class PositionalConvLayer(nn.Module):
     def forward(self, x):  # (B, C, T)
         x = self.conv(x)[..., : x.shape[-1]]  # an even kernel yields one extra frame (fairseq SamePad)
         return F.gelu(self.layer_norm(x.transpose(1, 2)).transpose(1, 2))
+
 
 class PositionalConvEmbedding(nn.Module):
     """Relative position by convolution: one wide weight-normed conv (wav2vec2, HuBERT) or a stack (data2vec)."""
@@ -388,6 +380,7 @@ class PositionalConvEmbedding(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x.transpose(1, 2)
+
 
 class Attention(nn.Module):
     """Multi-head self-attention; padded frames are masked out as keys."""
@@ -407,6 +400,7 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, T, C)
 
+
 class FeedForward(nn.Module):
     """fc1 -> activation -> dropout -> fc2 -> dropout (HF intermediate_dense / output_dense)."""
     def __init__(self, dim: int, hidden: int, act: str, activation_dropout: float, dropout: float):
@@ -418,8 +412,10 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.output_dropout(self.output_dense(self.intermediate_dropout(self.act(self.intermediate_dense(x)))))
 
+
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu,  # HF gelu_new = fairseq gelu_accurate
                **dict.fromkeys(("gelu_new", "gelu_accurate"), partial(F.gelu, approximate="tanh"))}
+
 
 class EncoderLayer(nn.Module):
     """One transformer block, post-LN (base: norm after each residual) or pre-LN (large: norm before each branch)."""
@@ -439,6 +435,7 @@ class EncoderLayer(nn.Module):
             return x + self.feed_forward(self.final_layer_norm(x))
         x = self.layer_norm(x + self.dropout(self.attention(x, key_mask)))
         return self.final_layer_norm(x + self.feed_forward(x))
+
 
 class Encoder(nn.Module):
     """Positional conv, then the transformer layers, with fairseq's placement of the outer LayerNorm."""
@@ -480,6 +477,7 @@ class Encoder(nn.Module):
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)  # recompute in the backward
         return fn(*args)
 
+
 # ------------------------------------------------------------------------------------------ SpecAugment (finetuning)
 def compute_mask_indices(shape: tuple[int, int], lengths: torch.Tensor | None, mask_prob: float, mask_length: int,
                          min_masks: int = 0) -> torch.Tensor:
@@ -502,6 +500,7 @@ def compute_mask_indices(shape: tuple[int, int], lengths: torch.Tensor | None, m
     for b, idx in enumerate(rows):
         mask[b, idx[torch.randperm(len(idx))[:fewest]]] = True
     return mask
+
 
 # ----------------------------------------------------------------------------------------------------------- The model
 class Wav2Vec2ForCTC(nn.Module):
@@ -638,13 +637,6 @@ class Wav2Vec2ForCTC(nn.Module):
     def routed(self) -> dict[str, Routable]:
         return {name: m for name, m in self.named_modules() if isinstance(m, Routable) and m.scores is not None}
 
-    def set_prune_rate(self, prune_rate: float):
-        """Change the kept fraction of every routed layer (masks follow at the next forward)."""
-        for module in self.routed().values():
-            module.prune_rate = prune_rate
-        if self.route_config is not None:
-            self.route_config = replace(self.route_config, prune_rate=prune_rate)
-
     def refresh_masks(self):
         """Tell the mask cache the scores moved: call after every `optimizer.step()` (train.py does). Without it the
         cache stays right with optimizers that bump the version counter, not with fused ones (Adam(fused=True))."""
@@ -654,18 +646,3 @@ class Wav2Vec2ForCTC(nn.Module):
     def masks(self) -> dict[str, torch.Tensor]:
         """Boolean keep-mask of every routed layer, keyed by the layer's weight name (e.g. `...q_proj.weight`)."""
         return {f"{name}.weight": m.mask() for name, m in self.routed().items()}
-
-    @torch.no_grad()
-    def fold_masks(self) -> Wav2Vec2ForCTC:
-        """Multiply every mask into its weight and drop the scores: a plain dense model with real zeros."""
-        for module in self.routed().values():
-            mask = module.mask()
-            if isinstance(module, WeightNormConv1d):  # g becomes the masked weight's norm; where it is 0 any v will do
-                w = module.dense_weight() * mask
-                module.weight_g.copy_(g := w.norm(dim=(0, 1), keepdim=True))
-                module.weight_v.copy_(torch.where(g > 0, w, torch.ones_like(w)))
-            else:
-                module.weight.view(module.view or module.weight.shape).mul_(mask)  # structured: mask broadcasts
-            module._init_routing()
-        self.route_config = None
-        return self

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_vocab, load_pretrained, torch_load
+from .compact import fold_masks
 from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus
 from .errors import ConfigError, S3RError
 from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
@@ -297,7 +298,7 @@ def build_model(cfg: TrainConfig, corpus: Corpus | None = None,
     init = load_pretrained(path, trust_checkpoint=cfg.trust_checkpoint)
     pretrained = None if cfg.finetune_weights or init.route_config is not None else path
     if init.route_config is not None:
-        init.fold_masks()  # a routed s3r checkpoint as the start: its pruned weights become real zeros
+        fold_masks(init)  # a routed s3r checkpoint as the start: its pruned weights become real zeros
     init_vocab = checkpoint_vocab(init, path)
     if vocab is None:
         if corpus is None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 
 from .errors import S3RError
-from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, kept_count
 from .text import Vocabulary
 
 ROUTE_FORMAT, BUNDLE_FORMAT = "s3r-route", "s3r-bundle"
@@ -71,6 +72,19 @@ def check_route(obj: object, name: str) -> dict:
     return obj
 
 
+@torch.no_grad()
+def fix_mask(module: Routable, mask: torch.Tensor, view: tuple | None = None) -> None:
+    """Route `module` with a given keep-mask, for inference: frozen 0/1 scores whose top-k is exactly `mask`."""
+    module._init_routing()
+    module.scores = nn.Parameter(mask.to(module.dense_weight().device, torch.float32), requires_grad=False)
+    kept, n = int(mask.sum()), mask.numel()
+    module.prune_rate = kept / n
+    while kept_count(n, module.prune_rate) != kept:  # a float ulp at a time until kept_count gives back `kept`
+        module.prune_rate = math.nextafter(module.prune_rate, 1.0 if kept_count(n, module.prune_rate) < kept else 0.0)
+    module._mask_cache.install(module.scores, kept, module.scores.detach() > 0)  # switching routes: no selection
+    module.view = tuple(view) if view is not None and tuple(view) != module.dense_weight().shape else None
+
+
 def install_route(model: Wav2Vec2ForCTC, route: dict, fingerprint: str, name: str = "route") -> Wav2Vec2ForCTC:
     """Install a checked route dict on `model` (masks, head, trained tensors, vocabulary); every tensor ends frozen.
 
@@ -98,7 +112,7 @@ def install_route(model: Wav2Vec2ForCTC, route: dict, fingerprint: str, name: st
                     or any(s not in (1, v) for s, v in zip(shape, view, strict=True))):
                 raise RouteError(f"{name}: route layer {weight} of shape {shape} does not fit its weight "
                                  f"{tuple(module.dense_weight().shape)}")
-            module.fix_mask(unpack_bits(entry["bits"], shape), entry.get("view"))
+            fix_mask(module, unpack_bits(entry["bits"], shape), entry.get("view"))
         elif module.scores is not None:  # routed by an earlier route, not by this one: dense again
             module.scores = None
             module._init_routing()

@@ -26,8 +26,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_pretrained, load_s3r, s3r_checkpoint, save_atomic, torch_load, weights_fingerprint
-from .compact import compact
+from .checkpoint import (
+    architecture,
+    load_pretrained,
+    load_s3r,
+    s3r_checkpoint,
+    save_atomic,
+    torch_load,
+    weights_fingerprint,
+)
+from .compact import compact, fold_masks
 from .errors import S3RError
 from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import (
@@ -198,7 +206,7 @@ def storage(config: Wav2Vec2Config, routes: list[dict]) -> dict:
 
 def paper_storage(num_languages: int = 11, vocab_size: int = 50) -> dict:
     """Upstream's accounting: 11 languages on XLS-R 300M, FFN-only routes (fix_attn, as its XLS-R command) and all."""
-    config = Wav2Vec2Config.preset("xlsr")
+    config = architecture("xlsr")
     ffn = 2 * config.hidden_size * config.intermediate_size * config.num_hidden_layers
     attn = 4 * config.hidden_size ** 2 * config.num_hidden_layers
     return {name: storage(config, [{"routed": routed, "vocab_size": vocab_size, "extra": 0}] * num_languages)
@@ -337,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             model = omp(load_pretrained(args.checkpoint, trust_checkpoint=trust), args.prune_rate, args.fix_attn,
                         args.route_granularity)
             out = (route_from_model(model, args.checkpoint) if args.route else s3r_checkpoint(compact(model))
-                   if args.compact else s3r_checkpoint(model.fold_masks()))
+                   if args.compact else s3r_checkpoint(fold_masks(model)))
             save_atomic(out, args.out)
             print(f"wrote {args.out}: magnitude-pruned to keep {args.prune_rate} of every "
                   f"{'FFN' if args.fix_attn else 'attention and FFN'} tensor's {args.route_granularity}s")

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from s3r import MaskedConv1d, MaskedLinear, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, topk_mask
+from s3r.compact import fold_masks, set_prune_rate
 from s3r.model import WeightNormConv1d, compute_mask_indices, kept_count
+from s3r.route_format import fix_mask
 
 torch.set_num_threads(1)
 
@@ -120,7 +122,7 @@ def test_topk_mask_breaks_ties_by_position():
 def test_fix_mask_is_what_a_fresh_selection_gives(density, shape):
     layer = MaskedConv1d(shape[1], shape[0], shape[2])
     mask = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(0)) < density
-    layer.fix_mask(mask)
+    fix_mask(layer, mask)
     assert torch.equal(layer.mask(), mask) and not layer.scores.requires_grad
     assert kept_count(mask.numel(), layer.prune_rate) == int(mask.sum())
     layer._mask_cache.clear()  # forget the installed mask: the top-k of the 0/1 scores must select it again
@@ -370,12 +372,20 @@ def test_fold_masks_gives_the_same_dense_model(wav):
     with torch.no_grad():
         ref, _ = model(*wav)
         masks = model.masks()
-        model.fold_masks()
+        fold_masks(model)
         out, _ = model(*wav)
     assert model.route_config is None and not model.masks()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     fc = model.encoder.layers[0].feed_forward.intermediate_dense
     assert torch.equal(fc.weight != 0, masks["encoder.layers.0.feed_forward.intermediate_dense.weight"])
+
+
+def test_set_prune_rate_changes_every_mask():
+    model = tiny_model().route(RouteConfig(prune_rate=0.6, fix_attn=False))
+    set_prune_rate(model, 0.25)
+    assert model.route_config.prune_rate == 0.25
+    for name, mask in model.masks().items():
+        assert int(mask.sum()) == kept_count(mask.numel(), 0.25), name
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from s3r import Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained, topk_mask
-from s3r.checkpoint import CheckpointError, s3r_checkpoint, save_atomic
+from s3r.checkpoint import CheckpointError, architecture, s3r_checkpoint, save_atomic
+from s3r.compact import fold_masks
 from s3r.routes import (
     BIT_ORDER,
     RouteError,
@@ -120,14 +121,14 @@ def test_omp_mask_is_magnitude_topk(route_files):
 def test_masks_of_dense_checkpoint_counts_zeros(route_files, tmp_path):
     model = load_pretrained(route_files / "a.pt")
     want = model.masks()
-    save_atomic(s3r_checkpoint(model.fold_masks()), tmp_path / "dense.pt")
+    save_atomic(s3r_checkpoint(fold_masks(model)), tmp_path / "dense.pt")
     got = masks_of(tmp_path / "dense.pt")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert all(torch.equal(m, masks_of(route_files / "a.route")[k]) for k, m in want.items())
 
 
 def test_storage_arithmetic():
-    s = storage(Wav2Vec2Config.preset("xlsr"), [{"routed": 24 * 2 * 1024 * 4096, "vocab_size": 50, "extra": 0}] * 11)
+    s = storage(architecture("xlsr"), [{"routed": 24 * 2 * 1024 * 4096, "vocab_size": 50, "extra": 0}] * 11)
     assert 300e6 < s["backbone_params"] < 320e6
     assert -92 < s["fp32"]["change_percent"] < -85 and s["fp16"]["change_percent"] > s["fp32"]["change_percent"]
     assert set(paper_storage()) == {"fix_attn", "attention+ffn"}
