@@ -190,6 +190,10 @@ class StraightThrough(torch.autograd.Function):
 
 class Routable:
     """Mixin for a layer whose weight S3-Router can mask: `scores` is None (dense) until `route()` is called."""
+    def __init__(self, *args, **kwargs):  # the torch layer's own arguments and init, then dense
+        super().__init__(*args, **kwargs)
+        self._init_routing()
+
     def _init_routing(self):
         self.register_parameter("scores", None)
         self.prune_rate = 1.0
@@ -219,9 +223,8 @@ class Routable:
             if scores.shape != weight.shape:  # one per group, at the per-weight scale (upstream: its own fan_in)
                 scores.uniform_(-1, 1).div_(math.sqrt(weight[0].numel()))
             if init_score == "weight_rank":
-                # Reorder the random scores so that rank(|s|) == rank(|W|) (of groups: their mean |W|): the first mask
-                # is magnitude pruning, yet the scores keep kaiming scale for Adam at lr 5e-5. Stable: tied |W| (fp16)
-                # rank by position.
+                # Reorder the random scores so that rank(|s|) == rank(|W|) (groups: their mean |W|; ties by position):
+                # the first mask is magnitude pruning, yet the scores keep kaiming scale for Adam at lr 5e-5.
                 flat = scores.flatten()
                 flat[norms.flatten().argsort(stable=True)] = flat[flat.abs().argsort(stable=True)]
         elif init_score == "weight_magnitude_with_scale":
@@ -258,21 +261,12 @@ class Routable:
 
 class MaskedLinear(Routable, nn.Linear):
     """nn.Linear whose weight S3-Router can mask; the same `weight`/`bias` keys, plus `scores` once routed."""
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__(in_features, out_features, bias)
-        self._init_routing()
-
     def forward(self, x):
         return F.linear(x, self.routed_weight(), self.bias)
 
 
 class MaskedConv1d(Routable, nn.Conv1d):
     """nn.Conv1d whose weight S3-Router can mask."""
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 groups: int = 1, bias: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias)
-        self._init_routing()
-
     def forward(self, x):  # (B, C_in, T) -> (B, C_out, T')
         if fast.grouped_conv_applies(self, x):  # fast.py: the positional conv's backward as forward convs (CPU)
             return fast.grouped_conv1d(x, self.routed_weight(), self.bias, self.padding[0], self.groups)
@@ -324,11 +318,12 @@ class ConvLayer(nn.Module):
 
 class FeatureExtractor(nn.Module):
     """fairseq ConvFeatureExtractionModel: base normalises only the first conv (group norm), large every conv."""
-    def __init__(self, dims, kernels, strides, bias: bool, norm: str):
+    def __init__(self, c: Wav2Vec2Config):
         super().__init__()
+        dims, norm = c.conv_dim, c.feat_extract_norm
         self.conv_layers = nn.ModuleList(
-            ConvLayer(i, o, k, s, bias, norm if norm == "layer" or n == 0 else None)
-            for n, (i, o, k, s) in enumerate(zip((1, *dims[:-1]), dims, kernels, strides, strict=True)))
+            ConvLayer(i, o, k, s, c.conv_bias, norm if norm == "layer" or n == 0 else None)
+            for n, (i, o, k, s) in enumerate(zip((1, *dims[:-1]), dims, c.conv_kernel, c.conv_stride, strict=True)))
 
     def forward(self, wav, lengths=None):  # (B, S), lengths (B,) or None -> (B, T, C)
         if fast.enabled() and wav.device.type == "cpu":  # fast.py: channels-last matrix products, padding skipped
@@ -341,11 +336,11 @@ class FeatureExtractor(nn.Module):
 
 class FeatureProjection(nn.Module):
     """LayerNorm over the 512-d conv features, then a Linear to the model width (fairseq post_extract_proj)."""
-    def __init__(self, in_dim: int, out_dim: int, layer_norm: bool, eps: float, dropout: float):
+    def __init__(self, c: Wav2Vec2Config):
         super().__init__()
-        self.layer_norm = nn.LayerNorm(in_dim, eps=eps) if layer_norm else nn.Identity()
-        self.projection = MaskedLinear(in_dim, out_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(c.conv_dim[-1], c.layer_norm_eps) if c.feat_proj_layer_norm else nn.Identity()
+        self.projection = MaskedLinear(c.conv_dim[-1], c.hidden_size)
+        self.dropout = nn.Dropout(c.feat_proj_dropout)
 
     def forward(self, x):  # (B, T, 512) -> (B, T, C)
         return self.dropout(self.projection(self.layer_norm(x)))
@@ -366,12 +361,13 @@ class PositionalConvLayer(nn.Module):
 
 class PositionalConvEmbedding(nn.Module):
     """Relative position by convolution: one wide weight-normed conv (wav2vec2, HuBERT) or a stack (data2vec)."""
-    def __init__(self, channels: int, kernel: int, groups: int, depth: int):
+    def __init__(self, c: Wav2Vec2Config):
         super().__init__()
-        if depth == 1:
-            self.conv = WeightNormConv1d(channels, kernel, groups)
+        args = c.hidden_size, c.conv_pos_kernel, c.conv_pos_groups
+        if c.conv_pos_depth == 1:
+            self.conv = WeightNormConv1d(*args)
         else:
-            self.layers = nn.ModuleList(PositionalConvLayer(channels, kernel, groups) for _ in range(depth))
+            self.layers = nn.ModuleList(PositionalConvLayer(*args) for _ in range(c.conv_pos_depth))
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
         x = x.transpose(1, 2)
@@ -419,15 +415,15 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, 
 
 class EncoderLayer(nn.Module):
     """One transformer block, post-LN (base: norm after each residual) or pre-LN (large: norm before each branch)."""
-    def __init__(self, dim: int, heads: int, ffn_dim: int, act: str, dropout: float, attention_dropout: float,
-                 activation_dropout: float, eps: float, layer_norm_first: bool, head_dim: int | None = None):
+    def __init__(self, c: Wav2Vec2Config, heads: int, ffn_dim: int):  # heads, ffn_dim: this layer's (compact)
         super().__init__()
-        self.attention = Attention(dim, heads, attention_dropout, head_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.feed_forward = FeedForward(dim, ffn_dim, act, activation_dropout, dropout)
-        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.layer_norm_first = layer_norm_first
+        dim = c.hidden_size
+        self.attention = Attention(dim, heads, c.attention_dropout, dim // c.num_attention_heads)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.layer_norm = nn.LayerNorm(dim, eps=c.layer_norm_eps)
+        self.feed_forward = FeedForward(dim, ffn_dim, c.hidden_act, c.activation_dropout, c.hidden_dropout)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=c.layer_norm_eps)
+        self.layer_norm_first = c.layer_norm_first
 
     def forward(self, x, key_mask=None):  # (B, T, C)
         if self.layer_norm_first:
@@ -441,15 +437,12 @@ class Encoder(nn.Module):
     """Positional conv, then the transformer layers, with fairseq's placement of the outer LayerNorm."""
     def __init__(self, c: Wav2Vec2Config):
         super().__init__()
-        self.pos_conv_embed = PositionalConvEmbedding(c.hidden_size, c.conv_pos_kernel, c.conv_pos_groups,
-                                                      c.conv_pos_depth)
+        self.pos_conv_embed = PositionalConvEmbedding(c)
         self.layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout)
         heads = c.num_heads_per_layer or (c.num_attention_heads,) * c.num_hidden_layers
-        self.layers = nn.ModuleList(
-            EncoderLayer(c.hidden_size, h, f, c.hidden_act, c.hidden_dropout, c.attention_dropout, c.activation_dropout,
-                         c.layer_norm_eps, c.layer_norm_first, c.hidden_size // c.num_attention_heads)
-            for h, f in zip(heads, c.intermediate_sizes or (c.intermediate_size,) * len(heads), strict=True))
+        widths = c.intermediate_sizes or (c.intermediate_size,) * c.num_hidden_layers
+        self.layers = nn.ModuleList(EncoderLayer(c, h, f) for h, f in zip(heads, widths, strict=True))
         self.layer_norm_first, self.layerdrop = c.layer_norm_first, c.layerdrop
         self.gradient_checkpointing = c.gradient_checkpointing
 
@@ -509,31 +502,27 @@ class Wav2Vec2ForCTC(nn.Module):
     def __init__(self, config: Wav2Vec2Config):
         super().__init__()
         c = self.config = config
-        self.feature_extractor = FeatureExtractor(c.conv_dim, c.conv_kernel, c.conv_stride, c.conv_bias,
-                                                  c.feat_extract_norm)
-        self.feature_projection = FeatureProjection(c.conv_dim[-1], c.hidden_size, c.feat_proj_layer_norm,
-                                                    c.layer_norm_eps, c.feat_proj_dropout)
+        self.feature_extractor = FeatureExtractor(c)
+        self.feature_projection = FeatureProjection(c)
         self.masked_spec_embed = nn.Parameter(torch.empty(c.hidden_size).uniform_())  # fairseq mask_emb
         self.encoder = Encoder(c)
         self.final_dropout = nn.Dropout(c.final_dropout)
-        self.lm_head = self.new_head(c.vocab_size)
         self.route_config: RouteConfig | None = None
+        self.lm_head = self.new_head(c.vocab_size)
 
     def new_head(self, vocab_size: int) -> nn.Linear | None:
-        """A fresh CTC head: xavier-uniform weight, zero bias (fairseq `Linear()` in wav2vec2_asr.py)."""
+        """A fresh CTC head (None for 0 outputs): xavier-uniform weight, zero bias (fairseq wav2vec2_asr `Linear()`)."""
         if vocab_size == 0:
             return None
         head = nn.Linear(self.config.hidden_size, vocab_size)
         nn.init.xavier_uniform_(head.weight)
         nn.init.zeros_(head.bias)
-        return head
+        return head.requires_grad_(self.route_config is None or self.route_config.trainable_proj)
 
     def set_vocab_size(self, vocab_size: int):
         """Replace the CTC head by a fresh one with `vocab_size` outputs (0 removes it)."""
         self.config = replace(self.config, vocab_size=vocab_size)
         self.lm_head = self.new_head(vocab_size)
-        if self.lm_head is not None and self.route_config is not None:
-            self.lm_head.requires_grad_(self.route_config.trainable_proj)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return conv_output_lengths(lengths, self.config.conv_kernel, self.config.conv_stride)
@@ -613,11 +602,11 @@ class Wav2Vec2ForCTC(nn.Module):
         if "neuron" in g and isinstance(block, FeedForward):
             fc1 = block.intermediate_dense  # its rows and bias belong to the neurons too (init from the group's |W|)
             return "column", None, (fc1.weight.abs().sum(1) + fc1.bias.abs(), fc1.in_features + 1)
-        if "head" in g and isinstance(block, Attention):
+        if "head" in g and isinstance(block, Attention):  # a head's q/k/v rows and biases belong to it too
             H, D = block.heads, module.in_features // block.heads
-            qkv = [(p.weight.abs().sum(1) + p.bias.abs()).view(H, D).sum(1) for p in (block.q_proj, block.k_proj,
-                                                                                   block.v_proj)]
-            return "column", (module.out_features, H, D), (sum(qkv), 3 * D * (module.out_features + 1))
+            qkv = (block.q_proj, block.k_proj, block.v_proj)
+            sums = sum((p.weight.abs().sum(1) + p.bias.abs()).view(H, D).sum(1) for p in qkv)  # (H,)
+            return "column", (module.out_features, H, D), (sums, 3 * D * (module.out_features + 1))
         return (g if g in ("row", "column") or ":" in g else "weight"), None, None
 
     def _trains_in_mask_mode(self, name: str, cfg: RouteConfig) -> bool:
