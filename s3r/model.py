@@ -127,9 +127,8 @@ class RouteConfig:
     trainable_pos: bool = False  # upstream model.trainable_pos (positional conv)
     trainable_feature_projection: bool = False  # upstream model.trainable_post_extract_proj
     co_train: bool = False  # upstream model.co_train: weights train together with the masks
-    # What one score (one bit of the route) covers in attention and FFN: a `weight` (upstream), a `row` / `column`
-    # (upstream Linear_ST_OutStr / InStr), an FFN `neuron` or attention `head` (its rows and columns in its block;
-    # s3r/compact.py cuts them out), `neuron+head`, or n of every m consecutive weights (`n:m`, GPU 2:4 sparsity).
+    # What one score (one route bit) covers: a `weight` (upstream), a `row` / `column` (upstream Linear_ST_OutStr /
+    # InStr), an FFN `neuron` or attention `head` (s3r/compact.py cuts them out), `neuron+head`, or `n:m` (GPU 2:4).
     route_granularity: str = "weight"
 
     def __post_init__(self):
@@ -180,9 +179,8 @@ class StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         scores, weight, mask = ctx.saved_tensors
-        # dL/d|s| = dL/dW_eff * W (top-k taken as the identity); d|s|/ds = sign(s), as upstream, so a score at
-        # exactly 0 gets no gradient (the `weight_magnitude` trap, see Routable.route).
-        # One score per group of weights (structured routes): it gets the sum over its group (its broadcast dims).
+        # dL/d|s| = dL/dW_eff * W (top-k taken as the identity), summed over a score's group (structured routes);
+        # d|s|/ds = sign(s), as upstream, so a score at exactly 0 gets no gradient (`weight_magnitude`, see route).
         grad_scores = (grad * weight).sum_to_size(scores.shape).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None  # co_train: W learns where it is kept
         return grad_scores, grad_weight, None
@@ -206,9 +204,8 @@ class Routable:
     @torch.no_grad()
     def route(self, prune_rate: float, init_score: str = RouteConfig.init_score, scale: float = 1.0,
               granularity: str = "weight", view: tuple | None = None, extra: tuple | None = None):
-        """Give this layer fp32 scores; the mask keeps `prune_rate` of its weights, or of its groups: one score per
-        `row` / `column` of the weight seen as `view` (e.g. (C, H, D): one per head), or `n:m` of its weights.
-        `extra` = (sums of |W|, count) of each group's weights in other layers (a neuron's fc1 row and bias)."""
+        """fp32 scores whose mask keeps `prune_rate` of the weights, or of the `row`s / `column`s of the weight seen as
+        `view` ((C, H, D): heads), or `n:m`; `extra` = (|W| sums, count) of each group's weights in other layers."""
         weight = self.dense_weight().detach().float()
         view, self.n_of_m = tuple(view or weight.shape), n_of_m(granularity)
         m = self.n_of_m[1] if self.n_of_m else 1
@@ -274,8 +271,7 @@ class MaskedConv1d(Routable, nn.Conv1d):
 
 
 class WeightNormConv1d(MaskedConv1d):
-    """The positional conv: weight = g * v / ||v||, norm per kernel position; keys `weight_g` (1, 1, K) and
-    `weight_v` (C, C/groups, K), as fairseq and (older) HF store them."""
+    """The positional conv: g * v / ||v|| per kernel position; fairseq's weight_g (1, 1, K), weight_v (C, C/g, K)."""
     def __init__(self, channels: int, kernel_size: int, groups: int):
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups)
         v = self.weight.detach()
@@ -289,13 +285,6 @@ class WeightNormConv1d(MaskedConv1d):
 
 
 # ----------------------------------------- Feature extractor: waveform (B, S) -> (B, T, 512), 49 frames a second
-def conv_output_lengths(lengths: torch.Tensor, kernels, strides) -> torch.Tensor:
-    """Frames produced from `lengths` samples by valid (unpadded) strided convs: floor((L - k) / s) + 1 each."""
-    for k, s in zip(kernels, strides, strict=True):
-        lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
-    return lengths.clamp(min=0)
-
-
 class ConvLayer(nn.Module):
     """Conv1d -> optional norm -> GELU. `norm`: 'group' (per channel over time), 'layer' (per frame) or None."""
     def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, norm: str | None):
@@ -397,6 +386,10 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, C)
 
 
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu,  # HF gelu_new = fairseq gelu_accurate
+               **dict.fromkeys(("gelu_new", "gelu_accurate"), partial(F.gelu, approximate="tanh"))}
+
+
 class FeedForward(nn.Module):
     """fc1 -> activation -> dropout -> fc2 -> dropout (HF intermediate_dense / output_dense)."""
     def __init__(self, dim: int, hidden: int, act: str, activation_dropout: float, dropout: float):
@@ -407,10 +400,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.output_dropout(self.output_dense(self.intermediate_dropout(self.act(self.intermediate_dense(x)))))
-
-
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu,  # HF gelu_new = fairseq gelu_accurate
-               **dict.fromkeys(("gelu_new", "gelu_accurate"), partial(F.gelu, approximate="tanh"))}
 
 
 class EncoderLayer(nn.Module):
@@ -497,8 +486,7 @@ def compute_mask_indices(shape: tuple[int, int], lengths: torch.Tensor | None, m
 
 # ----------------------------------------------------------------------------------------------------------- The model
 class Wav2Vec2ForCTC(nn.Module):
-    """wav2vec 2.0 encoder with a CTC head: model(wav, lengths) -> (logits, lengths); vocab_size 0 means no head:
-    it then returns the encoder's hidden states (B, T, C) instead of logits."""
+    """wav2vec 2.0 and a CTC head: model(wav, lengths) -> (logits, lengths); vocab_size 0: no head, hidden states."""
     def __init__(self, config: Wav2Vec2Config):
         super().__init__()
         c = self.config = config
@@ -508,24 +496,24 @@ class Wav2Vec2ForCTC(nn.Module):
         self.encoder = Encoder(c)
         self.final_dropout = nn.Dropout(c.final_dropout)
         self.route_config: RouteConfig | None = None
-        self.lm_head = self.new_head(c.vocab_size)
-
-    def new_head(self, vocab_size: int) -> nn.Linear | None:
-        """A fresh CTC head (None for 0 outputs): xavier-uniform weight, zero bias (fairseq wav2vec2_asr `Linear()`)."""
-        if vocab_size == 0:
-            return None
-        head = nn.Linear(self.config.hidden_size, vocab_size)
-        nn.init.xavier_uniform_(head.weight)
-        nn.init.zeros_(head.bias)
-        return head.requires_grad_(self.route_config is None or self.route_config.trainable_proj)
+        self.set_vocab_size(c.vocab_size)
 
     def set_vocab_size(self, vocab_size: int):
-        """Replace the CTC head by a fresh one with `vocab_size` outputs (0 removes it)."""
-        self.config = replace(self.config, vocab_size=vocab_size)
-        self.lm_head = self.new_head(vocab_size)
+        """A fresh CTC head with `vocab_size` outputs (0: none): xavier-uniform weight, zero bias (fairseq
+        wav2vec2_asr.py `Linear()`), trained unless the route freezes it."""
+        if vocab_size != self.config.vocab_size:
+            self.config = replace(self.config, vocab_size=vocab_size)
+        self.lm_head = nn.Linear(self.config.hidden_size, vocab_size) if vocab_size else None
+        if self.lm_head is not None:
+            nn.init.xavier_uniform_(self.lm_head.weight)
+            nn.init.zeros_(self.lm_head.bias)
+            self.lm_head.requires_grad_(self.route_config is None or self.route_config.trainable_proj)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return conv_output_lengths(lengths, self.config.conv_kernel, self.config.conv_stride)
+        """Frames from `lengths` samples through the valid (unpadded) strided convs: floor((L - k) / s) + 1 each."""
+        for k, s in zip(self.config.conv_kernel, self.config.conv_stride, strict=True):
+            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+        return lengths.clamp(min=0)
 
     def freeze_feature_encoder(self):
         """Freeze the conv feature extractor (fairseq feature_grad_mult 0); it then runs without autograd."""
