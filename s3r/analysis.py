@@ -172,7 +172,6 @@ def print_sparsity(path: str | Path, trust_checkpoint: bool = False) -> None:
         print(f"{g:55s} {n:10,d} {1 - kept / n:9.4f}")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 

@@ -381,7 +381,6 @@ def runtime() -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-
 def seed_update(seed: int, rank: int, update: int) -> None:
     """Reseed torch, python and numpy from (seed, rank, update) before every update.
 

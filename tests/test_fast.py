@@ -24,6 +24,7 @@ def assert_near(actual, expected, msg=""):
     err = (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
     assert err <= 1e-5 * max(1.0, expected[finite].abs().max().item()), f"{msg}: max abs error {err:.3g}"
 
+
 VARIANTS = {  # the four encoder families, as tiny models
     "base": dict(),  # post-LN, group-norm extractor, weight-normed positional conv
     "large": dict(feat_extract_norm="layer", conv_bias=True, layer_norm_first=True),  # pre-LN, layer-norm extractor
