@@ -56,6 +56,7 @@ from s3r.recipe import (
     default_valid,
     parse_config,
     rng_state,
+    runtime,
     seed_update,
     set_rng_state,
     tri_stage_lr,
@@ -77,7 +78,10 @@ class Progress:
 def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # setup
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # first: the thread count sets summation orders
     ddp, rank, world, device = cluster.setup_distributed(cfg.device)
+    env = runtime()
     if cfg.update_freq < 1 or cfg.max_tokens < 1:
         raise S3RError("--update-freq and --max-tokens must be positive")
 
@@ -146,6 +150,10 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
         ts = ckpt["train_state"]
         optimizer.load_state_dict(ts["optimizer"])
         scaler.load_state_dict(ts["scaler"])
+        changed = [f"{k} {ts[k]} -> {env[k]}" for k in ("threads", "torch") if k in ts and ts[k] != env[k]]
+        if changed and rank == 0:
+            print(f"warning: resuming {last} with other {', '.join(changed)}: not bit-identical to an uninterrupted "
+                  f"run", file=sys.stderr)
         same_world = ts["world_size"] == world
         progress = Progress(ts["update"], ts["epoch"], ts["batch_offset"] if same_world else 0, ts["best"],
                             ts["skipped"])
@@ -185,7 +193,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
             return
         train_state = {"update": progress.update, "epoch": progress.epoch, "batch_offset": progress.offset,
                        "best": progress.best, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                       "rng": rngs, "world_size": world, "skipped": progress.skipped, "config": config_values(cfg)}
+                       "rng": rngs, "world_size": world, "skipped": progress.skipped, "config": config_values(cfg),
+                       **env}
         ckpt = s3r_checkpoint(model, vocab, pretrained=pretrained, train_state=train_state)
         if ckpt["pretrained"] is not None:  # of the weights as loaded (trained ones are stored in "model" anyway)
             ckpt["pretrained"]["sha256"] = pretrained_sha
@@ -200,7 +209,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
     with RunLog(cfg.save_dir, cfg.max_updates, progress.update, rank == 0) as out:
         if rank == 0:
             n_params = sum(p.numel() for p in params)
-            out.log({"event": "resume" if ckpt else "start", "update": progress.update, "world_size": world,
+            out.log({"event": "resume" if ckpt else "start", "update": progress.update, "world_size": world, **env,
                      "amp": amp, "trainable_parameters": n_params, "vocab": len(vocab),
                      "train_utterances": len(corpus.utterances), "train_seconds": round(corpus.seconds, 1),
                      "skipped": [{"path": p, "reason": r} for p, r in bad], "config": config_values(cfg)})

@@ -1,12 +1,14 @@
 """Cost of one S3-Router training step against one dense weight-finetuning step of the same model, same batch.
 
-    python bench/mask_overhead.py                       # 4 layers of large width (1024 / 4096 / 16 heads), 4 x 4 s
-    python bench/mask_overhead.py --layers 2 --reps 5   # quicker
-    python bench/mask_overhead.py --device cuda --dtype bfloat16 --layers 24
-    python bench/mask_overhead.py --profile             # also print where each step spends its time
+    python -m bench.mask_overhead                       # 4 layers of large width (1024 / 4096 / 16 heads), 4 x 4 s
+    python -m bench.mask_overhead --layers 2 --reps 5   # quicker
+    python -m bench.mask_overhead --device cuda --dtype bfloat16 --layers 24
+    python -m bench.mask_overhead --profile             # also print where each step spends its time
 
 dense   feature extractor frozen (fairseq feature_grad_mult 0), CTC loss, backward, Adam over every other weight.
-route   prune_rate 0.9 with attention masked too (fix_attn off), Adam over the scores and the CTC head.
+route   prune_rate 0.9 with attention masked too (fix_attn off), Adam over the scores and the CTC head, then
+        model.refresh_masks() (as train.py does). S3R_REFERENCE=1 times the plain reference (a fresh top-k per
+        forward) instead of s3r/fast.py's mask cache.
 Both models hold the same weights; SpecAugment and LayerDrop are off so every step does the same work. Steps are
 interleaved (A B, then B A, ...) and the ratio is the median of the per-repetition ratios, which cancels most
 of the drift of a shared machine. `select` is the time the routed step spends choosing its masks (all routed
@@ -17,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from s3r import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC  # noqa: E402
-from s3r.model import Routable, _kth_largest  # noqa: E402
+from s3r import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from s3r.fast import kth_largest
+from s3r.model import Routable, kept_count
 
 SAMPLE_RATE = 16000
 
@@ -40,7 +40,7 @@ def build(args) -> Wav2Vec2ForCTC:
 
 
 def routed_layers(model) -> list[Routable]:
-    return [m for m in model.modules() if isinstance(m, Routable) and m.scores is not None]
+    return list(model.routed().values())
 
 
 def make_step(model, params, batch, device, dtype):
@@ -64,6 +64,7 @@ def make_step(model, params, batch, device, dtype):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        model.refresh_masks()
         sync()
         return time.perf_counter() - t0, t1 - t0
 
@@ -74,8 +75,8 @@ def selection_from_scratch(model) -> float:
     t0 = time.perf_counter()
     for layer in routed_layers(model):
         a = layer.scores.detach().abs().flatten()
-        k = round(layer.prune_rate * a.numel())
-        threshold = _kth_largest(a, k, None, 0.0)
+        k = kept_count(a.numel(), layer.prune_rate)
+        threshold = kth_largest(a, k, None, 0.0)
         int((a >= threshold).sum())
     if layer.scores.is_cuda:
         torch.cuda.synchronize()
@@ -83,7 +84,8 @@ def selection_from_scratch(model) -> float:
 
 
 def profile(step, name: str, device, rows: int):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
@@ -99,7 +101,8 @@ def main():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=4096)
     p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--conv-dim", type=int, default=128, help="channels of the 7 extractor convs (512 in the real models)")
+    p.add_argument("--conv-dim", type=int, default=128,
+                   help="channels of the 7 extractor convs (512 in the real models)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--prune-rate", type=float, default=0.9, help="fraction of each routed weight KEPT")
@@ -118,7 +121,7 @@ def main():
 
     dense, routed = build(args).to(device), build(args).to(device)
     dense.train().freeze_feature_encoder()
-    routed.train().route(RouteConfig(prune_rate=args.prune_rate))
+    routed.train().route(RouteConfig(prune_rate=args.prune_rate, init_score="kaiming_uniform", fix_attn=False))
     routed_state = routed.state_dict()
     assert all(torch.equal(v, routed_state[k]) for k, v in dense.state_dict().items()), "same weights in both"
 
@@ -158,7 +161,7 @@ def main():
     scratch = [selection_from_scratch(routed) for _ in range(3)]
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = statistics.median(r / d for r, d in zip(times["route"], times["dense"]))
+    ratio = statistics.median(r / d for r, d in zip(times["route"], times["dense"], strict=True))
     print(f"\n{'step':<18}{'median ms':>10}{'min ms':>10}")
     for name in ("dense", "route"):
         print(f"{name:<18}{1e3 * med[name]:>10.1f}{1e3 * min(times[name]):>10.1f}")

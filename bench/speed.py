@@ -1,13 +1,15 @@
 """s3r against transformers' and torchaudio's wav2vec2: same weights, same padded batch, same work, as ratios.
 
-    python bench/speed.py              # the full run quoted in the README (about 20 minutes on 2 CPU cores)
-    python bench/speed.py --quick      # 1 layer, a small batch, base only: under 2 minutes, a smoke test
-    python bench/speed.py --device cuda --dtype bfloat16 --layers 12 --configs base   # see bench/gpu.sh
+    python -m bench.speed              # from the repo root: the full run quoted in the README (~20 min, 2 cores)
+    python -m bench.speed --quick      # 1 layer, a small batch, base only: under 2 minutes, a smoke test
+    python -m bench.speed --device cuda --dtype bfloat16 --layers 12 --configs base   # see bench/gpu.sh
 
 Per config (a base-like and a large-like encoder; on CPU fewer layers than the real 12 / 24):
   ft     one weight-finetuning step: feature extractor frozen (fairseq feature_grad_mult 0), CTC loss, backward,
          Adam over everything else, zero_grad. transformers and torchaudio do exactly the same.
-  route  one S3-Router step (s3r only): prune_rate 0.9 with attention masked too, Adam over scores + CTC head.
+  route  one S3-Router step (s3r only): prune_rate 0.9 with attention masked too (fix_attn off), Adam over scores
+         + CTC head, then model.refresh_masks() as train.py does. s3r runs its speed paths (s3r/fast.py) unless
+         S3R_REFERENCE=1 is set, which times the plain reference instead.
   eval   one forward under torch.no_grad (model.eval()).
   memory peak resident memory of two steps above the process with the model loaded (so it counts the optimizer
          state, activations, gradients and any cache), each implementation and mode in a fresh subprocess:
@@ -46,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 VOCAB = 32
 # transformers config fields of the two encoder shapes (the extractor and positional conv are full size)
@@ -71,7 +72,8 @@ TARGETS = {  # (measure, max ratio) as issue 7 sets them
 
 def save_hf_checkpoint(name: str, layers: int, folder: Path) -> Path:
     """A randomly initialised transformers Wav2Vec2ForCTC, saved once; every implementation loads these weights."""
-    from transformers import Wav2Vec2Config as HFConfig, Wav2Vec2ForCTC as HFModel
+    from transformers import Wav2Vec2Config as HFConfig
+    from transformers import Wav2Vec2ForCTC as HFModel
     torch.manual_seed(0)
     model = HFModel(HFConfig(num_hidden_layers=layers, **CONFIGS[name], **COMMON))
     path = folder / f"{name}-{layers}"
@@ -89,7 +91,8 @@ class Runner:
             model = load_pretrained(path)
             if mode == "route":
                 from s3r import RouteConfig
-                model.route(RouteConfig(prune_rate=PRUNE_RATE))  # attention and FFN routed; scores + head train
+                # attention and FFN routed (the heavier setting; upstream README's command fixes attention)
+                model.route(RouteConfig(prune_rate=PRUNE_RATE, init_score="kaiming_uniform", fix_attn=False))
             else:
                 model.freeze_feature_encoder()
         else:
@@ -130,6 +133,8 @@ class Runner:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.impl == "s3r" and self.mode == "route":
+            getattr(self.model, "module", self.model).refresh_masks()  # the scores moved (DDP wraps the model)
         return loss
 
 
@@ -227,7 +232,7 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0}  # dens
 
 
 def ratio_stats(num: list[float], den: list[float]) -> dict:
-    ratios = [a / b for a, b in zip(num, den)]
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
 
 
@@ -266,12 +271,12 @@ def memory_worker(spec: dict) -> dict:
 
 def measure_memory(path: Path, seconds, runs, args) -> dict:
     out = {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for impl, mode in runs:
         spec = dict(impl=impl, mode=mode, path=str(path), seconds=seconds, device=args.device, dtype=args.dtype,
                     threads=args.threads)
-        proc = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(spec)], env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run([sys.executable, "-m", "bench.speed", "--memory-worker", json.dumps(spec)], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=900)
         if proc.returncode:
             raise RuntimeError(f"memory worker {impl} {mode} failed:\n{proc.stderr[-2000:]}")
         out[f"{impl} {mode}"] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -283,14 +288,10 @@ def measure_memory(path: Path, seconds, runs, args) -> dict:
 
 def measure_data(step_audio_s_per_s: float, num: int, repeat: int = 10, log=print) -> dict:
     """s3r.data.make_loader over a synthetic LibriSpeech-layout FLAC corpus, against the step's audio rate."""
-    import importlib.util
     from s3r.data import make_loader, resolve_corpus
-    spec = importlib.util.spec_from_file_location("synth_corpus", REPO / "tools" / "synth_corpus.py")
-    synth = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(synth)
+    from tools.synth_corpus import SENTENCES, synth_corpus  # run from the repo root: python -m bench.speed
     with tempfile.TemporaryDirectory() as root:
-        synth.synth_corpus(Path(root), "librispeech", num=num, workers=2, split="train-clean-100",
-                           texts=synth.SENTENCES)
+        synth_corpus(Path(root), "librispeech", num=num, workers=2, split="train-clean-100", texts=SENTENCES)
         os.environ.setdefault("S3R_CACHE", str(Path(root) / "cache"))
         corpus = resolve_corpus("train-clean-100", root)
         from s3r.text import Vocabulary
@@ -328,7 +329,7 @@ def _ddp_worker(rank: int, world: int, path: str, seconds, steps: int, threads: 
     runner.impl = "s3r"
     batch = make_batch(seconds, "cpu", seed=rank)
     times = []
-    for i in range(steps + 1):
+    for _ in range(steps + 1):
         t0 = time.perf_counter()
         runner.step(batch)
         times.append(time.perf_counter() - t0)
@@ -354,7 +355,7 @@ def measure_ddp(path: Path, seconds, rounds: int, steps: int, log=print) -> dict
                 t = statistics.median(json.loads(Path(out).read_text()))
                 (single if world == 1 else ddp).append(t)
                 log(f"  DDP round {r + 1}: {world} process(es): {t:.2f}s per step")
-    ratios = [d / s for d, s in zip(ddp, single)]
+    ratios = [d / s for d, s in zip(ddp, single, strict=True)]
     return {"single_s": single, "ddp_s": ddp, "step_ratio": statistics.median(ratios),
             "throughput_ratio": statistics.median(2 / x for x in ratios)}
 
@@ -395,7 +396,7 @@ def markdown(result: dict) -> str:
             met = "" if target is None else ("yes" if s["median"] <= target else "**no**")
             lines.append(f"| {name} {cfg['layers']}L | {label} (step, s) | {statistics.median(t[a]):.2f} | "
                          f"{statistics.median(t[b]):.2f} | {s['median']:.3f} [{s['min']:.2f}-{s['max']:.2f}] | "
-                         f"{w['median']:.3f} | {'<= %.2f' % target if target else ''} | {met} |")
+                         f"{w['median']:.3f} | {f'<= {target:.2f}' if target else ''} | {met} |")
         m = cfg.get("memory", {})
         for label, (a, b) in (("memory ft s3r/transformers", ("s3r ft", "transformers ft")),
                               ("memory eval s3r/transformers", ("s3r eval", "transformers eval")),
@@ -405,7 +406,7 @@ def markdown(result: dict) -> str:
                 target = TARGETS.get(label)
                 met = "" if target is None else ("yes" if r <= target else "**no**")
                 lines.append(f"| {name} {cfg['layers']}L | {label} (peak MiB) | {m[a]['peak_mib']:.0f} | "
-                             f"{m[b]['peak_mib']:.0f} | {r:.3f} | | {'<= %.2f' % target if target else ''} | {met} |")
+                             f"{m[b]['peak_mib']:.0f} | {r:.3f} | | {f'<= {target:.2f}' if target else ''} | {met} |")
     if "data" in result:
         d = result["data"]
         lines.append(f"| {d['config']} | data loading (2 workers) / training step, audio s per wall s | "

@@ -2,6 +2,7 @@
 
     python -m s3r.export --hf DIR CKPT                 # config.json, model.safetensors, vocab.json, processor files
     python -m s3r.export --dense OUT.pt CKPT           # s3r checkpoint with the masks folded into the weights
+    python -m s3r.export --compact OUT.pt CKPT         # neuron/head routes: a smaller dense model (s3r/compact.py)
     python -m s3r.export --hf DIR PRETRAINED --route ROUTE   # the same from shared weights + a route file
 
 Either way the masks are multiplied into the weights (`Wav2Vec2ForCTC.fold_masks`), so dropped weights are real
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
+from .compact import compact
 from .errors import S3RError
 from .model import Wav2Vec2Config, Wav2Vec2ForCTC
 
@@ -40,6 +42,9 @@ def hf_model_type(config: Wav2Vec2Config) -> str:
 def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
     """config.json for transformers (the inverse of checkpoint.config_from_hf)."""
     c = config
+    if c.intermediate_sizes is not None or c.num_heads_per_layer is not None:
+        raise S3RError("a compact model's per-layer FFN widths / head counts have no transformers config field; "
+                       "keep it as an s3r checkpoint (or export the routed model itself with --hf)")
     d = {"architectures": [HF_CLASSES[model_type][0]], "model_type": model_type,
          "conv_dim": list(c.conv_dim), "conv_kernel": list(c.conv_kernel), "conv_stride": list(c.conv_stride),
          "num_feat_extract_layers": len(c.conv_dim), "conv_bias": c.conv_bias, "feat_extract_norm": c.feat_extract_norm,
@@ -119,15 +124,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --route")
     p.add_argument("--hf", metavar="DIR", help="write a Hugging Face model directory")
     p.add_argument("--dense", metavar="OUT", help="write a dense s3r checkpoint with the masks folded in")
+    p.add_argument("--compact", metavar="OUT", help="write a smaller dense s3r checkpoint without the FFN neurons and "
+                   "attention heads a neuron/head route drops (a 2:4 route: dense, in the 2:4 pattern)")
     p.add_argument("--route", "--masks", metavar="ROUTE", help="apply this route file (python -m s3r.routes export) "
                    "to the checkpoint first")
     p.add_argument("--model-type", choices=sorted(HF_CLASSES), help="transformers family (default: from the config)")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling arbitrary classes")
     args = p.parse_args(argv)
-    if not (args.hf or args.dense):
-        p.error("give --hf DIR and/or --dense OUT")
+    if not (args.hf or args.dense or args.compact):
+        p.error("give --hf DIR, --dense OUT and/or --compact OUT")
     try:
         model = load_pretrained(args.checkpoint, route=args.route, trust_checkpoint=args.trust_checkpoint)
+        if args.compact:  # first: --hf and --dense fold the masks into `model`
+            save_atomic(s3r_checkpoint(small := compact(model)), args.compact)
+            c = small.config
+            print(f"wrote {args.compact}: FFN widths {list(c.intermediate_sizes or [c.intermediate_size])}, "
+                  f"heads {list(c.num_heads_per_layer or [c.num_attention_heads])}")
         if args.hf:
             export_hf(model, args.hf, args.model_type)
             print(f"wrote {args.hf}")

@@ -69,6 +69,9 @@ class Wav2Vec2Config:
     mask_feature_prob: float = 0.0  # fairseq mask_channel_prob; HF mask_feature_prob
     mask_feature_length: int = 64  # fairseq mask_channel_length; HF mask_feature_length
     gradient_checkpointing: bool = False  # fairseq checkpoint_activations; HF gradient_checkpointing
+    # per-layer sizes of a model cut down by s3r/compact.py (None: all alike); no fairseq or HF field. Head size stays.
+    intermediate_sizes: tuple | None = None
+    num_heads_per_layer: tuple | None = None
 
     def __post_init__(self):
         self.conv_dim, self.conv_kernel, self.conv_stride = (
@@ -81,6 +84,10 @@ class Wav2Vec2Config:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
         if self.blank_mode not in ("add", "set"):
             raise ConfigError(f"blank_mode must be 'add' or 'set', not {self.blank_mode!r}")
+        for name in ("intermediate_sizes", "num_heads_per_layer"):
+            if (sizes := getattr(self, name)) is not None and (len(sizes) != self.num_hidden_layers or min(sizes) < 1):
+                raise ConfigError(f"{name} needs {self.num_hidden_layers} values >= 1, not {list(sizes)}")
+            setattr(self, name, None if sizes is None else tuple(int(v) for v in sizes))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> Wav2Vec2Config:
@@ -103,6 +110,13 @@ class Wav2Vec2Config:
         return cls(**d)
 
 INIT_SCORES = ("kaiming_uniform", "weight_rank", "weight_magnitude_with_scale", "weight_magnitude")
+GRANULARITIES = ("weight", "row", "column", "neuron", "head", "neuron+head")  # and "n:m", e.g. "2:4"
+def n_of_m(granularity: str) -> tuple[int, int] | None:
+    """(n, m) of an n:m route granularity (n kept of every m consecutive inputs); None for the others."""
+    n, colon, m = granularity.partition(":")
+    if colon and not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+        raise ConfigError(f"route granularity {granularity!r} is not n:m with 0 < n < m (e.g. 2:4)")
+    return (int(n), int(m)) if colon else None
 
 @dataclass
 class RouteConfig:
@@ -123,6 +137,10 @@ class RouteConfig:
     trainable_pos: bool = False  # upstream model.trainable_pos (positional conv)
     trainable_feature_projection: bool = False  # upstream model.trainable_post_extract_proj
     co_train: bool = False  # upstream model.co_train: weights train together with the masks
+    # What one score (one bit of the route) covers in attention and FFN: a `weight` (upstream), a `row` / `column`
+    # (upstream Linear_ST_OutStr / InStr), an FFN `neuron` or attention `head` (its rows and columns in its block;
+    # s3r/compact.py cuts them out), `neuron+head`, or n of every m consecutive weights (`n:m`, GPU 2:4 sparsity).
+    route_granularity: str = "weight"
 
     def __post_init__(self):
         if not 0.0 < self.prune_rate <= 1.0:
@@ -131,6 +149,13 @@ class RouteConfig:
             raise ConfigError(f"unknown init_score {self.init_score!r}; choose from {', '.join(INIT_SCORES)}")
         if self.fix_attn and self.fix_fc:
             raise ConfigError("fix_attn and fix_fc leave nothing to route (to train the head alone: prune_rate 1.0)")
+        g, nm = self.route_granularity, n_of_m(self.route_granularity)
+        if nm is None and g not in GRANULARITIES:
+            raise ConfigError(f"unknown route_granularity {g!r}; choose from {', '.join(GRANULARITIES)} or n:m")
+        if nm and self.prune_rate != nm[0] / nm[1]:
+            raise ConfigError(f"route_granularity {g} keeps {nm[0]} of {nm[1]}: set prune_rate {nm[0] / nm[1]:g}")
+        if ("neuron" in g and self.fix_fc) or ("head" in g and self.fix_attn):
+            raise ConfigError(f"route_granularity {g} routes what fix_fc / fix_attn keep dense: turn those off")
 
 # -------------------------------------------------------------------------------------- S3-Router: score-masked layers
 def kept_count(numel: int, prune_rate: float) -> int:
@@ -145,6 +170,12 @@ def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     mask[order[:k]] = True
     return mask.view_as(values)
 
+def n_of_m_mask(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask of the n largest of every m consecutive entries along the rows of `values` (ties by position)."""
+    groups = values.detach().reshape(values.shape[0], -1, m)  # (rows, inputs / m, m)
+    keep = groups.argsort(dim=-1, descending=True, stable=True)[..., :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).view_as(values)
+
 class StraightThrough(torch.autograd.Function):
     """W * mask forward; backward passes dL/dW_eff through the hard top-k to the scores unchanged."""
     @staticmethod
@@ -157,7 +188,8 @@ class StraightThrough(torch.autograd.Function):
         scores, weight, mask = ctx.saved_tensors
         # dL/d|s| = dL/dW_eff * W (top-k taken as the identity); d|s|/ds = sign(s), as upstream, so a score at
         # exactly 0 gets no gradient (the `weight_magnitude` trap, see Routable.route).
-        grad_scores = (grad * weight).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
+        # One score per group of weights (structured routes): it gets the sum over its group (its broadcast dims).
+        grad_scores = (grad * weight).sum_to_size(scores.shape).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
         grad_weight = grad * mask if ctx.needs_input_grad[1] else None  # co_train: W learns where it is kept
         return grad_scores, grad_weight, None
 
@@ -166,37 +198,52 @@ class Routable:
     def _init_routing(self):
         self.register_parameter("scores", None)
         self.prune_rate = 1.0
+        self.view, self.n_of_m = None, None  # structured routes (see route)
         self._mask_cache = fast.MaskCache()
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
 
     @torch.no_grad()
-    def route(self, prune_rate: float, init_score: str = RouteConfig.init_score, scale: float = 1.0):
-        """Give this layer fp32 scores of its weight's shape; the mask keeps `prune_rate` of the weights."""
+    def route(self, prune_rate: float, init_score: str = RouteConfig.init_score, scale: float = 1.0,
+              granularity: str = "weight", view: tuple | None = None, extra: tuple | None = None):
+        """Give this layer fp32 scores; the mask keeps `prune_rate` of its weights, or of its groups: one score per
+        `row` / `column` of the weight seen as `view` (e.g. (C, H, D): one per head), or `n:m` of its weights.
+        `extra` = (sums of |W|, count) of each group's weights in other layers (a neuron's fc1 row and bias)."""
         weight = self.dense_weight().detach().float()
-        scores = torch.empty_like(weight)
+        view, self.n_of_m = tuple(view or weight.shape), n_of_m(granularity)
+        m = self.n_of_m[1] if self.n_of_m else 1
+        if weight[0].numel() % m:
+            raise ConfigError(f"route granularity {granularity}: {weight[0].numel()} inputs are not groups of {m}")
+        shape = {"row": view[:1] + (1,) * (len(view) - 1), "column": (1, view[1]) + (1,) * (len(view) - 2)}
+        scores = weight.new_empty(shape.get(granularity, view))
+        count = weight.numel() // scores.numel() + (extra[1] if extra else 0)  # weights per group
+        norms = (weight.abs().view(view).sum_to_size(scores.shape) + (extra[0].view_as(scores) if extra else 0)) / count
         if init_score in ("kaiming_uniform", "weight_rank"):
             nn.init.kaiming_uniform_(scores, a=math.sqrt(5))  # nn.Linear's own init: |s| <= 1/sqrt(fan_in)
+            if scores.shape != weight.shape:  # one per group, at the per-weight scale (upstream: its own fan_in)
+                scores.uniform_(-1, 1).div_(math.sqrt(weight[0].numel()))
             if init_score == "weight_rank":
-                # Reorder the random scores so that rank(|s|) == rank(|W|): the first mask is per-tensor magnitude
-                # pruning, yet the scores keep kaiming scale so that Adam at lr 5e-5 can still reorder them.
+                # Reorder the random scores so that rank(|s|) == rank(|W|) (of groups: their mean |W|): the first mask
+                # is magnitude pruning, yet the scores keep kaiming scale for Adam at lr 5e-5. Stable: tied |W| (fp16)
+                # rank by position.
                 flat = scores.flatten()
-                flat[weight.flatten().abs().argsort()] = flat[flat.abs().argsort()]
+                flat[norms.flatten().argsort(stable=True)] = flat[flat.abs().argsort(stable=True)]
         elif init_score == "weight_magnitude_with_scale":
-            scores.copy_(weight / scale)
+            scores.copy_((weight if scores.shape == weight.shape else norms) / scale)
         elif init_score == "weight_magnitude":
             # Scores of exactly 1 (kept) and 0 (pruned). A score at 0 never gets a gradient (sign(0) = 0) and the
             # kept ones stay above it, so this mask cannot change at all: kept for fidelity to upstream only.
-            scores.copy_(topk_mask(weight.abs(), kept_count(weight.numel(), prune_rate)).float())
+            scores.copy_(n_of_m_mask(norms, *self.n_of_m) if self.n_of_m else
+                         topk_mask(norms, kept_count(norms.numel(), prune_rate)))
         else:
             raise ConfigError(f"unknown init_score {init_score!r}; choose from {', '.join(INIT_SCORES)}")
         self.scores = nn.Parameter(scores)
-        self.prune_rate = prune_rate
+        self.prune_rate, self.view = prune_rate, (view if view != weight.shape else None)
         self._mask_cache.clear()
 
     @torch.no_grad()
-    def fix_mask(self, mask: torch.Tensor):
+    def fix_mask(self, mask: torch.Tensor, view: tuple | None = None):
         """Route with a given keep-mask, for inference: frozen 0/1 scores whose top-k is exactly `mask`."""
         self._init_routing()
         self.scores = nn.Parameter(mask.to(self.dense_weight().device, torch.float32), requires_grad=False)
@@ -205,11 +252,14 @@ class Routable:
         while kept_count(n, self.prune_rate) != kept:  # a float ulp at a time until kept_count gives back `kept`
             self.prune_rate = math.nextafter(self.prune_rate, 1.0 if kept_count(n, self.prune_rate) < kept else 0.0)
         self._mask_cache.install(self.scores, kept, self.scores.detach() > 0)  # switching routes costs no selection
+        self.view = tuple(view) if view is not None and tuple(view) != self.dense_weight().shape else None
 
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask: the kept_count(numel, prune_rate) largest |scores|, ties kept by position."""
         if self.scores is None:
             return torch.ones_like(self.dense_weight(), dtype=torch.bool)
+        if self.n_of_m:  # the n largest |scores| of every m consecutive inputs, selected at every forward
+            return n_of_m_mask(self.scores.abs(), *self.n_of_m)
         k = kept_count(self.scores.numel(), self.prune_rate)
         if fast.enabled():
             return self._mask_cache.get(self.scores, k)  # fast.py: one selection per optimizer step, not per forward
@@ -219,7 +269,8 @@ class Routable:
         weight = self.dense_weight()
         if self.scores is None:
             return weight
-        return StraightThrough.apply(self.scores, weight, self.mask())
+        view = self.view or weight.shape  # structured: the scores broadcast onto the weight seen as `view`
+        return StraightThrough.apply(self.scores, weight.view(view), self.mask()).view_as(weight)
 
 class MaskedLinear(Routable, nn.Linear):
     """nn.Linear whose weight S3-Router can mask; the same `weight`/`bias` keys, plus `scores` once routed."""
@@ -340,10 +391,11 @@ class PositionalConvEmbedding(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention; padded frames are masked out as keys."""
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, head_dim: int | None = None):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (MaskedLinear(dim, dim) for _ in range(4))
+        self.heads, self.dropout, inner = heads, dropout, heads * (head_dim or dim // heads)  # compact: fewer heads
+        self.q_proj, self.k_proj, self.v_proj = (MaskedLinear(dim, inner) for _ in range(3))
+        self.out_proj = MaskedLinear(inner, dim)
 
     def forward(self, x, key_mask=None):  # (B, T, C); key_mask (B, 1, 1, T) True at frames that may be attended
         return self.out_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), key_mask))
@@ -372,9 +424,9 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "silu": F.silu, 
 class EncoderLayer(nn.Module):
     """One transformer block, post-LN (base: norm after each residual) or pre-LN (large: norm before each branch)."""
     def __init__(self, dim: int, heads: int, ffn_dim: int, act: str, dropout: float, attention_dropout: float,
-                 activation_dropout: float, eps: float, layer_norm_first: bool):
+                 activation_dropout: float, eps: float, layer_norm_first: bool, head_dim: int | None = None):
         super().__init__()
-        self.attention = Attention(dim, heads, attention_dropout)
+        self.attention = Attention(dim, heads, attention_dropout, head_dim)
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
         self.feed_forward = FeedForward(dim, ffn_dim, act, activation_dropout, dropout)
@@ -396,10 +448,11 @@ class Encoder(nn.Module):
                                                       c.conv_pos_depth)
         self.layer_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout)
+        heads = c.num_heads_per_layer or (c.num_attention_heads,) * c.num_hidden_layers
         self.layers = nn.ModuleList(
-            EncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.hidden_dropout,
-                         c.attention_dropout, c.activation_dropout, c.layer_norm_eps, c.layer_norm_first)
-            for _ in range(c.num_hidden_layers))
+            EncoderLayer(c.hidden_size, h, f, c.hidden_act, c.hidden_dropout, c.attention_dropout, c.activation_dropout,
+                         c.layer_norm_eps, c.layer_norm_first, c.hidden_size // c.num_attention_heads)
+            for h, f in zip(heads, c.intermediate_sizes or (c.intermediate_size,) * len(heads), strict=True))
         self.layer_norm_first, self.layerdrop = c.layer_norm_first, c.layerdrop
         self.gradient_checkpointing = c.gradient_checkpointing
 
@@ -537,18 +590,36 @@ class Wav2Vec2ForCTC(nn.Module):
         wanted = {".attention.": not cfg.fix_attn, ".feed_forward.": not cfg.fix_fc,
                   "feature_extractor.": cfg.route_feature_extractor, "encoder.pos_conv_embed.": cfg.route_pos_conv,
                   "feature_projection.": cfg.route_feature_projection}
-        return {name: m for name, m in self.named_modules() if isinstance(m, Routable)
+        g = cfg.route_granularity  # a neuron (head) is routed where it leaves its block: see _groups
+        inner = ("intermediate_dense",) * ("neuron" in g) + ("q_proj", "k_proj", "v_proj") * ("head" in g)
+        return {name: m for name, m in self.named_modules() if isinstance(m, Routable) and not name.endswith(inner)
                 and any(part in f".{name}" and on for part, on in wanted.items())}
 
     def route(self, cfg: RouteConfig, init_scores: bool = True) -> Wav2Vec2ForCTC:
         """Mask mode: scores for the routed layers, everything `cfg` does not train frozen. `init_scores=False` only
         makes score tensors (to be loaded); weight-based inits read the weights present now (load them first)."""
-        for module in self.routable_layers(cfg).values():
-            module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale)
+        for name, module in self.routable_layers(cfg).items():
+            module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale,
+                         *self._groups(name, module, cfg.route_granularity))
         self.route_config = cfg
         for name, p in self.named_parameters():
             p.requires_grad_(self._trains_in_mask_mode(name, cfg))
         return self
+
+    def _groups(self, name: str, module: Routable, g: str) -> tuple:
+        """(granularity, view, extra) of Routable.route for one layer under route granularity `g`. A neuron (head) is
+        masked at its fc2 column (out_proj columns) alone: that removes it exactly, and a dropped one still gets the
+        gradient of putting it back, which masking its fc1 row too would zero (its activation would be act(0) = 0)."""
+        block = self.get_submodule(name.rpartition(".")[0])
+        if "neuron" in g and isinstance(block, FeedForward):
+            fc1 = block.intermediate_dense  # its rows and bias belong to the neurons too (init from the group's |W|)
+            return "column", None, (fc1.weight.abs().sum(1) + fc1.bias.abs(), fc1.in_features + 1)
+        if "head" in g and isinstance(block, Attention):
+            H, D = block.heads, module.in_features // block.heads
+            qkv = [(p.weight.abs().sum(1) + p.bias.abs()).view(H, D).sum(1) for p in (block.q_proj, block.k_proj,
+                                                                                   block.v_proj)]
+            return "column", (module.out_features, H, D), (sum(qkv), 3 * D * (module.out_features + 1))
+        return (g if g in ("row", "column") or ":" in g else "weight"), None, None
 
     def _trains_in_mask_mode(self, name: str, cfg: RouteConfig) -> bool:
         if name.endswith(".scores"):
@@ -594,7 +665,7 @@ class Wav2Vec2ForCTC(nn.Module):
                 module.weight_g.copy_(g := w.norm(dim=(0, 1), keepdim=True))
                 module.weight_v.copy_(torch.where(g > 0, w, torch.ones_like(w)))
             else:
-                module.weight.mul_(mask)
+                module.weight.view(module.view or module.weight.shape).mul_(mask)  # structured: mask broadcasts
             module._init_routing()
         self.route_config = None
         return self

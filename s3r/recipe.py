@@ -62,6 +62,8 @@ MODEL_FLAGS: dict[str, Flag] = {
     "trainable_post_extract_proj": Flag(RouteConfig, "trainable_feature_projection",
                                         "model.trainable_post_extract_proj: the feature projection trains too"),
     "co_train": Flag(RouteConfig, "co_train", "model.co_train: weights train together with the masks"),
+    "route_granularity": Flag(RouteConfig, "route_granularity", "(s3r) what one score covers: weight, row, column, "
+                              "neuron, head, neuron+head or n:m (e.g. 2:4); neuron/head routes export --compact"),
     # regularisation of the encoder (fairseq Wav2Vec2AsrConfig overrides of the pretrained config)
     "dropout": Flag(Wav2Vec2Config, "hidden_dropout", "model.dropout"),
     "attention_dropout": Flag(Wav2Vec2Config, "attention_dropout", "model.attention_dropout"),
@@ -69,6 +71,8 @@ MODEL_FLAGS: dict[str, Flag] = {
     "dropout_input": Flag(Wav2Vec2Config, "feat_proj_dropout", "model.dropout_input (after the feature projection)"),
     "final_dropout": Flag(Wav2Vec2Config, "final_dropout", "model.final_dropout (before the CTC head)"),
     "layerdrop": Flag(Wav2Vec2Config, "layerdrop", "model.layerdrop"),
+    "apply_mask": Flag(Wav2Vec2Config, "apply_spec_augment", "model.apply_mask: SpecAugment-style time and channel "
+                       "masking while training (--no-apply-mask: none, whatever --mask-prob says)"),
     "mask_prob": Flag(Wav2Vec2Config, "mask_time_prob", "model.mask_prob: time masking with the learned mask "
                       "embedding"),
     "mask_length": Flag(Wav2Vec2Config, "mask_time_length", "model.mask_length"),
@@ -161,6 +165,8 @@ class TrainConfig:
     amp: str = opt("auto", "common.fp16 / bf16: auto = bf16 on GPUs that support it, else fp16; none on CPU")
     compile: bool = opt(False, "(s3r) torch.compile the model; experimental: it recompiles for new batch shapes")
     device: str = opt("auto", "(s3r) auto (cuda when available), cpu or cuda")
+    threads: int = opt(0, "(s3r) torch.set_num_threads in each process; 0 = torch's default (OMP_NUM_THREADS; "
+                       "torchrun sets 1 when unset). CPU results are bit-identical only at the same thread count")
     trust_checkpoint: bool = opt(False, "(s3r) allow --init files that pickle arbitrary classes (only for files "
                                  "you trust)")
 
@@ -313,7 +319,7 @@ def build_model(cfg: TrainConfig, corpus: Corpus | None = None,
     del init
     if cfg.finetune_weights:
         model.freeze_feature_encoder()  # feature_grad_mult 0
-        model.masked_spec_embed.requires_grad_(config.mask_time_prob > 0)
+        model.masked_spec_embed.requires_grad_(config.apply_spec_augment and config.mask_time_prob > 0)
     else:
         model.route(cfg.route)
     model.vocab = vocab
@@ -368,9 +374,16 @@ def ctc_loss_sum(logits: torch.Tensor, out_lengths: torch.Tensor, batch: dict) -
                       reduction="sum", zero_infinity=True)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# Seeds
+# Seeds and what else a run's numbers depend on
+
+
+def runtime() -> dict:
+    """Besides config and seed, what a run's floating-point results depend on: the thread count (summation order),
+    torch's version and the CPU kernels it picked. Logged and saved so that a rerun can match them."""
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__),  # not TorchVersion: weights_only
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
 
 
 def seed_update(seed: int, rank: int, update: int) -> None:

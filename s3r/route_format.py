@@ -6,7 +6,10 @@ above `s3r.checkpoint` without an import circle. Users import these names from `
 
 Bit order of a route (same as `numpy.packbits(mask.flatten(), bitorder="big")`): the weight tensor is flattened
 in row-major order, weight i goes to byte i // 8, bit 7 - i % 8 (the first weight is the most significant bit),
-1 = kept; the last byte is padded with zeros. Each layer's bits start on a fresh byte.
+1 = kept; the last byte is padded with zeros. Each layer's bits start on a fresh byte. A structured route
+(`RouteConfig.route_granularity` row, column, neuron, head) stores one bit per group: the layer's `shape` is
+that of its scores, e.g. (1, F) for fc2's neurons, and `view` the weight's shape as they broadcast onto it
+(out_proj's heads: shape (1, H, 1), view (C, H, D)).
 """
 from __future__ import annotations
 
@@ -90,7 +93,12 @@ def install_route(model: Wav2Vec2ForCTC, route: dict, fingerprint: str, name: st
     for weight, module in routable.items():
         entry = route["layers"].get(weight)
         if entry is not None:
-            module.fix_mask(unpack_bits(entry["bits"], entry["shape"]))
+            shape, view = tuple(entry["shape"]), tuple(entry.get("view", entry["shape"]))
+            if (math.prod(view) != module.dense_weight().numel() or len(shape) != len(view)
+                    or any(s not in (1, v) for s, v in zip(shape, view, strict=True))):
+                raise RouteError(f"{name}: route layer {weight} of shape {shape} does not fit its weight "
+                                 f"{tuple(module.dense_weight().shape)}")
+            module.fix_mask(unpack_bits(entry["bits"], shape), entry.get("view"))
         elif module.scores is not None:  # routed by an earlier route, not by this one: dense again
             module.scores = None
             module._init_routing()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, load_s3r, s3r_checkpoint, save_atomic, torch_load, weights_fingerprint
+from .compact import compact
 from .errors import S3RError
 from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import (
@@ -62,6 +63,9 @@ def route_from_model(model: Wav2Vec2ForCTC, source: str = "") -> dict:
                          f"export it with `python -m s3r.export --dense` instead")
     layers = {name: {"shape": list(m.shape), "kept": int(m.sum()), "bits": pack_bits(m)}
               for name, m in model.masks().items()}
+    for name, module in model.routed().items():  # structured: one bit per group, broadcast onto the weight's `view`
+        if module.scores.shape != module.dense_weight().shape:
+            layers[f"{name}.weight"]["view"] = list(module.view or module.dense_weight().shape)
     # Whatever trained besides the scores (head, unfrozen norms/biases, the mask embedding); the head always,
     # because it is task-specific even when frozen (a random head is not in the shared weights either).
     tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
@@ -171,10 +175,16 @@ def storage(config: Wav2Vec2Config, routes: list[dict]) -> dict:
     Each route is {"routed": number of masked weights, "vocab_size": head outputs, "extra": other trained params}.
     A dense model = backbone + its head; a route = ceil(routed / 8) bytes of bits + its head and extras.
     """
-    # Parameter count from a one-layer copy (a 315M-parameter model would take seconds and 1.3 GB to build).
-    small = Wav2Vec2ForCTC(replace(config, num_hidden_layers=1, vocab_size=0))
-    per_layer = sum(p.numel() for p in small.encoder.layers[0].parameters())
-    backbone = sum(p.numel() for p in small.parameters()) + (config.num_hidden_layers - 1) * per_layer
+    # Parameter count from one-layer copies (a 315M-parameter model would take seconds and 1.3 GB to build), one per
+    # distinct layer shape (a compact model's layers differ: s3r/compact.py).
+    n = config.num_hidden_layers
+    shapes = list(zip(config.num_heads_per_layer or (config.num_attention_heads,) * n,
+                      config.intermediate_sizes or (config.intermediate_size,) * n, strict=True))
+    one = {s: Wav2Vec2ForCTC(replace(config, num_hidden_layers=1, vocab_size=0, num_heads_per_layer=s[:1],
+                                     intermediate_sizes=s[1:])) for s in set(shapes)}
+    per_layer = {s: sum(p.numel() for p in m.encoder.layers[0].parameters()) for s, m in one.items()}
+    rest = sum(p.numel() for p in one[shapes[0]].parameters()) - per_layer[shapes[0]]  # all but the layers
+    backbone = rest + sum(per_layer[s] for s in shapes)
     out = {"routes": len(routes), "backbone_params": backbone}
     for dtype, b in (("fp32", 4), ("fp16", 2)):
         heads = [(config.hidden_size + 1) * r["vocab_size"] for r in routes]
@@ -246,12 +256,15 @@ def _print_storage(s: dict, indent: str = "  ") -> None:
 # Pruning (application 3): one-shot magnitude pruning; the masks of any file
 
 
-def omp(model: Wav2Vec2ForCTC, prune_rate: float, fix_attn: bool = False) -> Wav2Vec2ForCTC:
-    """One-shot magnitude pruning: keep the `prune_rate` fraction of largest |W| of every routed tensor, no training.
+def omp(model: Wav2Vec2ForCTC, prune_rate: float, fix_attn: bool = False,
+        route_granularity: str = "weight") -> Wav2Vec2ForCTC:
+    """One-shot magnitude pruning: keep the `prune_rate` fraction of largest |W| of every routed tensor, no training
+    (structured: of its groups by their mean |W|, i.e. L1 norm: FFN neurons, heads, rows, columns, or n of m).
 
     The same thing as the first mask of pruning step 2 (init_score weight_magnitude_with_scale: scores = W).
     """
-    return model.route(RouteConfig(prune_rate=prune_rate, init_score="weight_magnitude_with_scale", fix_attn=fix_attn))
+    return model.route(RouteConfig(prune_rate=prune_rate, init_score="weight_magnitude_with_scale", fix_attn=fix_attn,
+                                   route_granularity=route_granularity))
 
 
 def masks_of(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torch.Tensor]:
@@ -262,7 +275,8 @@ def masks_of(path: str | Path, trust_checkpoint: bool = False) -> dict[str, torc
     model = load_pretrained(path, trust_checkpoint=trust_checkpoint)
     if model.route_config is not None:
         return model.masks()
-    return {f"{n}.weight": m.dense_weight().detach() != 0 for n, m in model.routable_layers(RouteConfig(fix_attn=False)).items()}
+    layers = model.routable_layers(RouteConfig(fix_attn=False))  # attention and FFN, whatever the defaults
+    return {f"{n}.weight": m.dense_weight().detach() != 0 for n, m in layers.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prune-rate", type=float, required=True, help="fraction of each tensor KEPT (0.3 = 70%% sparsity)")
     c.add_argument("--fix-attn", action="store_true", help="prune the FFN only")
     c.add_argument("--route", action="store_true", help="write a route file instead of a dense checkpoint with zeros")
+    c.add_argument("--route-granularity", default="weight", help="structured pruning: neuron, head, neuron+head, row, "
+                   "column or n:m (see RouteConfig)")
+    c.add_argument("--compact", action="store_true", help="write the smaller dense model (neuron/head: s3r.compact)")
     for c in sub.choices.values():
         c.add_argument("--trust-checkpoint", action="store_true", help="allow unpickling arbitrary classes")
     args = p.parse_args(argv)
@@ -317,11 +334,13 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "info":
             print_info(args.file)
         elif args.cmd == "omp":
-            model = omp(load_pretrained(args.checkpoint, trust_checkpoint=trust), args.prune_rate, args.fix_attn)
-            out = route_from_model(model, args.checkpoint) if args.route else s3r_checkpoint(model.fold_masks())
+            model = omp(load_pretrained(args.checkpoint, trust_checkpoint=trust), args.prune_rate, args.fix_attn,
+                        args.route_granularity)
+            out = (route_from_model(model, args.checkpoint) if args.route else s3r_checkpoint(compact(model))
+                   if args.compact else s3r_checkpoint(model.fold_masks()))
             save_atomic(out, args.out)
             print(f"wrote {args.out}: magnitude-pruned to keep {args.prune_rate} of every "
-                  f"{'FFN' if args.fix_attn else 'attention and FFN'} weight tensor")
+                  f"{'FFN' if args.fix_attn else 'attention and FFN'} tensor's {args.route_granularity}s")
     except (S3RError, OSError, ValueError) as e:  # ValueError: a config value out of range (--prune-rate 2)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -5,12 +5,17 @@ routed models.
 session by their arguments; pass `fresh=True` for a private copy a test may damage. Without espeak-ng the
 tool falls back to tone "speech", which is enough for every layout and loader test.
 `tiny_arch` / `tiny_vocab` / `train_route` give a model small enough to train in a second (routes, export tests).
+`fairseq_checkpoint(path, vocab_size=0, seed=0)` writes a random 2-layer, 32-wide wav2vec 2.0 in fairseq's own
+format; `tiny_init` is one (pretraining format) and `corpus_root` a Libri-light + dev-other corpus for it (the
+train.py and eval.py tests).
 """
 import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
+import fairseq_fixtures as ff
 import numpy as np
 import pytest
 import soundfile as sf
@@ -156,3 +161,46 @@ def route_files(tmp_path_factory, tiny_arch, train_route) -> Path:
         save_atomic(s3r_checkpoint(model, pretrained=str(d / "pretrained.pt")), d / f"{name}.pt")
         save_atomic(route_from_model(model, str(d / f"{name}.pt")), d / f"{name}.route")
     return d
+
+
+# The train.py / eval.py model: a 2-layer, 32-wide wav2vec 2.0 whose conv stack downsamples 320x as the real one.
+TINY_W2V = dict(conv_dim=(16,) * 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
+                conv_pos_kernel=16, conv_pos_groups=4)
+
+
+def write_fairseq_checkpoint(path: Path, vocab_size: int = 0, seed: int = 0) -> Path:
+    """A random TINY_W2V in fairseq's own format: pretraining (`Wav2Vec2Model`) or CTC (`wav2vec_ctc`)."""
+    torch.manual_seed(seed)
+    model = ff.perturb_(Wav2Vec2ForCTC(Wav2Vec2Config(**TINY_W2V, vocab_size=vocab_size)), seed)
+    c = model.config
+    hf_like = types.SimpleNamespace(state_dict=model.state_dict, config=types.SimpleNamespace(
+        num_hidden_layers=c.num_hidden_layers, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_attention_heads=c.num_attention_heads, do_stable_layer_norm=False, conv_dim=c.conv_dim,
+        conv_kernel=c.conv_kernel, conv_stride=c.conv_stride, conv_bias=False, feat_extract_norm="group",
+        num_conv_pos_embeddings=c.conv_pos_kernel, num_conv_pos_embedding_groups=c.conv_pos_groups))
+    write = ff.fairseq_ctc_checkpoint if vocab_size else ff.fairseq_pretraining_checkpoint
+    torch.save(write("base", hf_like), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fairseq_checkpoint():
+    """Factory: fairseq_checkpoint(path, vocab_size=0, seed=0) -> path of a random tiny fairseq checkpoint (a CTC
+    one when vocab_size > 0)."""
+    return write_fairseq_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_init(tmp_path_factory) -> Path:
+    """A random tiny wav2vec 2.0 in fairseq's pretraining format (no CTC head)."""
+    return write_fairseq_checkpoint(tmp_path_factory.mktemp("init") / "wav2vec_tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def corpus_root(tmp_path_factory) -> Path:
+    """librispeech_finetuning/ (28 utterances, 24 of them in train-1h) and LibriSpeech/dev-other (4), tone speech."""
+    root = tmp_path_factory.mktemp("libri")
+    synth.synth_corpus(root, "librilight", num=28, voice="tone", texts=synth.SENTENCES, workers=2)
+    synth.synth_corpus(root, "librispeech", num=4, voice="tone", texts=synth.SENTENCES[5:], split="dev-other",
+                       seed=1, workers=2)
+    return root

@@ -420,8 +420,6 @@ def _apply_masks_to_hf(peer, scores: dict, keep: dict, prefix: str):
     return masked
 
 
-@pytest.mark.xfail(not hasattr(s3r.model, "kept_count"), strict=True,
-                   reason="until model.kept_count lands, s3r keeps round(prune_rate * numel) (one fewer here)")
 @pytest.mark.parametrize("fix_attn", [False, True], ids=["all", "fix_attn"])
 @pytest.mark.parametrize("style", ["cfg", "args"])
 def test_upstream_s3router_checkpoint(tmp_path, batch, fix_attn, style):

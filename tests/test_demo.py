@@ -59,3 +59,19 @@ def test_close_phone_set_moves_unseen_phones_to_train(tmp_path):
 def test_per_cell_format():
     assert mini.per_cell([0.10, 0.14]) == "12.0 ±2.0"
     assert mini.per_cell([0.081]) == "8.1 (1)"
+
+
+def test_run_logged_counts_each_commands_own_cpu_time(tmp_path):
+    """Two commands side by side (--jobs 2): each is charged its own CPU seconds, not the other's, and its log
+    starts with the thread count it ran with."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass"
+    with ThreadPoolExecutor(2) as pool:
+        short, long = (pool.submit(mini.run_logged, [sys.executable, "-c", burn.format(s)], tmp_path / f"{s}.log", 1)
+                       for s in (0.3, 1.0))
+        short, long = short.result(), long.result()
+    assert 0.3 <= short < 0.6 and 1.0 <= long < 1.25  # os.times() charged the short one's 0.3 s to the long one too
+    assert (tmp_path / "0.3.log").read_text().startswith(f"$ OMP_NUM_THREADS=1 {sys.executable} -c ")
+    with pytest.raises(RuntimeError, match="exit 3"):
+        mini.run_logged([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.log", 1)

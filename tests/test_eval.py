@@ -2,8 +2,6 @@
 import json
 
 import pytest
-import test_train
-from test_train import write_fairseq_checkpoint
 from torchaudio.functional import edit_distance
 
 import eval as s3r_eval
@@ -11,16 +9,14 @@ from s3r import load_pretrained
 from s3r.checkpoint import s3r_checkpoint, save_atomic
 from s3r.text import Vocabulary
 
-# test_train's session fixtures, shared here until they move to conftest.py (which the ckpt engineer owns)
-tiny_init, corpus_root = test_train.tiny_init, test_train.corpus_root
 LETTERS = Vocabulary.librispeech()
 
 
 @pytest.fixture(scope="module")
-def fairseq_ctc(tmp_path_factory):
+def fairseq_ctc(tmp_path_factory, fairseq_checkpoint):
     """A CTC-finetuned fairseq checkpoint (random weights, LibriSpeech letters) with dict.ltr.txt beside it."""
     folder = tmp_path_factory.mktemp("fairseq_ctc")
-    write_fairseq_checkpoint(folder / "ctc.pt", vocab_size=len(LETTERS), seed=3)
+    fairseq_checkpoint(folder / "ctc.pt", vocab_size=len(LETTERS), seed=3)
     LETTERS.save_fairseq_dict(str(folder / "dict.ltr.txt"))
     return folder / "ctc.pt"
 

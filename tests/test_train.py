@@ -15,16 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
-import fairseq_fixtures as ff
 import pytest
 import torch
-from conftest import REPO, synth
 
 import train
-from s3r import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
+from s3r import RouteConfig, Wav2Vec2Config, load_pretrained
 from s3r.checkpoint import torch_load
 from s3r.data import resolve_corpus
 from s3r.recipe import (
@@ -40,40 +37,8 @@ from s3r.recipe import (
 )
 from s3r.text import Vocabulary
 
-TINY = dict(conv_dim=(16,) * 7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=52,
-            conv_pos_kernel=16, conv_pos_groups=4)
+REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # 2 shared cores: one thread per process
-
-
-def write_fairseq_checkpoint(path: Path, vocab_size: int = 0, seed: int = 0) -> Path:
-    """A random tiny wav2vec 2.0 in fairseq's own format: pretraining (`Wav2Vec2Model`) or CTC (`wav2vec_ctc`)."""
-    torch.manual_seed(seed)
-    model = ff.perturb_(Wav2Vec2ForCTC(Wav2Vec2Config(**TINY, vocab_size=vocab_size)), seed)
-    c = model.config
-    hf_like = types.SimpleNamespace(state_dict=model.state_dict, config=types.SimpleNamespace(
-        num_hidden_layers=c.num_hidden_layers, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_attention_heads=c.num_attention_heads, do_stable_layer_norm=False, conv_dim=c.conv_dim,
-        conv_kernel=c.conv_kernel, conv_stride=c.conv_stride, conv_bias=False, feat_extract_norm="group",
-        num_conv_pos_embeddings=c.conv_pos_kernel, num_conv_pos_embedding_groups=c.conv_pos_groups))
-    write = ff.fairseq_ctc_checkpoint if vocab_size else ff.fairseq_pretraining_checkpoint
-    ckpt = write("base", hf_like)
-    torch.save(ckpt, path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_init(tmp_path_factory) -> Path:
-    return write_fairseq_checkpoint(tmp_path_factory.mktemp("init") / "wav2vec_tiny.pt")
-
-
-@pytest.fixture(scope="session")
-def corpus_root(tmp_path_factory) -> Path:
-    """librispeech_finetuning/ (28 utterances, 24 of them in train-1h) and LibriSpeech/dev-other (4), tone speech."""
-    root = tmp_path_factory.mktemp("libri")
-    synth.synth_corpus(root, "librilight", num=28, voice="tone", texts=synth.SENTENCES, workers=2)
-    synth.synth_corpus(root, "librispeech", num=4, voice="tone", texts=synth.SENTENCES[5:], split="dev-other",
-                       seed=1, workers=2)
-    return root
 
 
 def args(init, root, save_dir, *extra) -> list[str]:
@@ -110,7 +75,7 @@ def test_help_lists_every_flag_with_its_upstream_name(capsys):
     for flag in ("--init", "--data", "--data-root", "--valid", "--save-dir", "--prune-rate", "--init-score",
                  "--fix-attn", "--trainable-proj", "--no-trainable-proj", "--finetune-weights", "--max-updates",
                  "--max-tokens", "--update-freq", "--lr", "--seed", "--validate-interval", "--save-interval",
-                 "--num-workers",
+                 "--num-workers", "--threads", "--apply-mask", "--no-apply-mask",
                  "--skip-bad", "--compile", "--amp", "--checkpoint-activations", "--trust-checkpoint", "--log-interval",
                  "--preset", "--mask-prob", "--mask-channel-prob", "--layerdrop", "--phase-ratio", "--final-lr-scale",
                  "--freeze-finetune-updates", "--max-sample-size", "--normalize", "--units", "--vocab", "--dropout",
@@ -142,7 +107,7 @@ def test_one_table_maps_flags_to_the_model_configs():
     # base_1h.yaml with the README command line, written out by hand (fairseq names)
     assert {n: values[n] for n, f in MODEL_FLAGS.items() if f.config is Wav2Vec2Config} == dict(
         dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, dropout_input=0.0, final_dropout=0.0,
-        layerdrop=0.1, mask_prob=0.65, mask_length=10, mask_channel_prob=0.25, mask_channel_length=64,
+        layerdrop=0.1, apply_mask=True, mask_prob=0.65, mask_length=10, mask_channel_prob=0.25, mask_channel_length=64,
         checkpoint_activations=False)
     assert (values["prune_rate"], values["init_score"], values["fix_attn"], values["trainable_proj"]) == \
         (0.9, "weight_rank", True, True)
@@ -238,9 +203,9 @@ def test_build_model_applies_the_recipe(tiny_init, corpus_root):
     assert torch.equal(model.state_dict()[key], state[key])
 
 
-def test_build_model_keeps_a_head_for_the_same_vocabulary(tmp_path, corpus_root):
+def test_build_model_keeps_a_head_for_the_same_vocabulary(tmp_path, corpus_root, fairseq_checkpoint):
     letters = Vocabulary.librispeech()
-    init = write_fairseq_checkpoint(tmp_path / "ctc.pt", vocab_size=len(letters), seed=4)
+    init = fairseq_checkpoint(tmp_path / "ctc.pt", vocab_size=len(letters), seed=4)
     letters.save_fairseq_dict(str(tmp_path / "dict.ltr.txt"))
     cfg = TrainConfig(init=str(init), finetune_weights=True)
     model, vocab, pretrained = build_model(cfg, resolve_corpus("train-1h", str(corpus_root)))
@@ -271,6 +236,61 @@ def test_resume_is_bit_identical(tiny_init, corpus_root, tmp_path):
     assert events == ["start", "resume"]
     ts = torch_load(b / "checkpoint_last.pt")["train_state"]
     assert ts["epoch"] == 1  # 17 batches of <= 7.5 s, 4 per update: update 5 ends epoch 0, update 6 starts epoch 1
+
+
+def test_thread_count_and_torch_are_recorded_and_a_change_warns_on_resume(tiny_init, corpus_root, tmp_path, capsys):
+    """CPU sums depend on the thread count: log.jsonl and train_state record it (and torch's version and CPU
+    kernels); resuming with another count is allowed, with a one-line warning."""
+    threads = torch.get_num_threads()
+    try:
+        common = ("--valid", "", "--max-tokens", 120000, "--update-freq", 4)
+        assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 1, "--threads", 2, *common)) == 0
+        assert torch.get_num_threads() == 2
+        ts = torch_load(tmp_path / "checkpoint_last.pt")["train_state"]
+        expected = {"threads": 2, "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "world_size": 1}
+        assert {k: ts[k] for k in expected} == expected
+        capsys.readouterr()
+        assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--threads", 1, *common)) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "threads 2 -> 1" in warnings[0], warnings
+        start, resume = [line for line in log_lines(tmp_path) if "event" in line]
+        assert {k: start[k] for k in expected} == expected and {**expected, "threads": 1} == {k: resume[k]
+                                                                                             for k in expected}
+        assert torch_load(tmp_path / "checkpoint_last.pt")["train_state"]["update"] == 2  # the resume went on
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("apply_mask", [True, False], ids=["apply-mask", "no-apply-mask"])
+@pytest.mark.parametrize("mode", [(), ("--finetune-weights",)], ids=["s3router", "finetune"])
+def test_no_apply_mask_leaves_the_encoder_input_unmasked(tiny_init, corpus_root, tmp_path, monkeypatch, apply_mask,
+                                                        mode):
+    """fairseq's apply_mask=False: no time or channel masks in training, whatever --mask-prob says; the mask
+    embedding then never trains. With it (the control) training frames do get masked."""
+    seen = []  # per training forward: was the encoder's input the feature projection's output?
+
+    def build_model(*a, **kw):
+        model, vocab, pretrained = real(*a, **kw)
+        projected = {}
+        model.feature_projection.register_forward_hook(lambda m, i, out: projected.update(x=out))
+        model.encoder.register_forward_pre_hook(
+            lambda m, i: seen.append(torch.equal(i[0], projected["x"])) if m.training else None)
+        return model, vocab, pretrained
+    real = train.build_model
+    monkeypatch.setattr(train, "build_model", build_model)
+    flag = "--apply-mask" if apply_mask else "--no-apply-mask"
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--valid", "", "--mask-prob", 0.65,
+                           "--mask-channel-prob", 0.25, "--lr", 1e-2, flag, *mode)) == 0
+    assert len(seen) >= 4 and (not any(seen) if apply_mask else all(seen)), seen
+    ckpt = torch_load(tmp_path / "checkpoint_last.pt")
+    assert ckpt["train_state"]["config"]["apply_mask"] is apply_mask
+    assert load_pretrained(tmp_path / "checkpoint_last.pt").config.apply_spec_augment is apply_mask
+    embed = ckpt["model"]["masked_spec_embed"]
+    cfg, _ = parse_config(args(tiny_init, corpus_root, tmp_path / "x", *mode))
+    torch.manual_seed(1)  # --seed 1: the run's fresh mask embedding, drawn as train.py draws it
+    fresh = real(cfg, resolve_corpus("train-1h", str(corpus_root)))[0].masked_spec_embed.detach()
+    assert torch.equal(embed, fresh) is not apply_mask  # trained by time masks only
 
 
 def test_mask_checkpoint_reloads_with_its_masks(tiny_init, corpus_root, tmp_path):
@@ -495,3 +515,68 @@ def test_torchrun_error_on_one_rank_stops_both(tiny_init, corpus_root, tmp_path)
     assert res.returncode != 0 and time.time() - t0 < 150
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert any(victim.name in line for line in errors), res.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Determinism: the same command, seed and thread count give the same bits (issue 12)
+
+
+def tensors(obj, path: str = "") -> dict:
+    """Every leaf of a checkpoint by its path (model, scores, head, optimizer state, RNG states, counters)."""
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in tensors(value, f"{path}/{key}").items()}
+    if isinstance(obj, list | tuple):
+        return {k: v for i, value in enumerate(obj) for k, v in tensors(value, f"{path}/{i}").items()}
+    return {path: obj}
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return [k for k in a if not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k])]
+
+
+@pytest.fixture(scope="module")
+def fp16_init(tiny_init, tmp_path_factory) -> Path:
+    """tiny_init stored in fp16, as the demo backbone and many fairseq checkpoints are: many |W| tie."""
+    ckpt = torch_load(tiny_init)
+    ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    path = tmp_path_factory.mktemp("fp16") / "wav2vec_tiny_fp16.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [("--init-score", "weight_rank", "--no-fix-attn", "--lr", 1e-2),
+                                  ("--finetune-weights", "--lr", 1e-3)], ids=["s3router", "finetune"])
+def test_torchrun_reruns_are_bit_identical(fp16_init, corpus_root, tmp_path, mode):
+    """Two processes, one thread each, DataLoader workers, layerdrop and SpecAugment, an epoch boundary and a
+    validation: rerunning the command gives the same checkpoint bit for bit and the same validation; --seed 2 not."""
+    state = torch_load(fp16_init)["model"]
+    weights = next(v for k, v in state.items() if k.endswith("layers.0.fc1.weight"))
+    assert weights.dtype == torch.float16 and weights.abs().unique().numel() < weights.numel()  # ties
+    # 17 batches, about 9 per rank, 4 per update: update 3 starts the second epoch; a validation at update 2 and 4
+    run = lambda d, *more: torchrun(*args(fp16_init, corpus_root, d, "--max-updates", 4, "--max-tokens", 120000,  # noqa: E731
+                                          "--update-freq", 4, "--num-workers", 1, "--validate-interval", 2,
+                                          "--layerdrop", 0.5, "--mask-prob", 0.65, "--mask-channel-prob", 0.25,
+                                          *mode, *more))
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, more in ((a, ()), (b, ()), (c, ("--seed", 2))):
+        assert_clean(run(d, *more))
+    ca, cb, cc = (torch_load(d / "checkpoint_last.pt") for d in (a, b, c))
+    for ckpt in (ca, cb, cc):  # the runs did what the test is about: 2 processes, 1 thread each, into a second epoch
+        ts = ckpt["train_state"]
+        assert (ts["world_size"], ts["threads"], ts["update"], ts["epoch"]) == (2, 1, 4, 1)
+        assert ts["config"].pop("save_dir")  # the one flag the runs differ in
+    assert differences(tensors(ca), tensors(cb)) == []
+    valid = [[line for line in log_lines(d) if "valid" in line] for d in (a, b)]
+    assert [v["update"] for v in valid[0]] == [2, 4] and valid[0] == valid[1]
+    ma, mb, mc = (load_pretrained(d / "checkpoint_last.pt").eval() for d in (a, b, c))
+    if ma.route_config is not None:
+        masks = ma.masks()
+        assert masks and all(torch.equal(m, mb.masks()[k]) for k, m in masks.items())
+        start = load_pretrained(fp16_init, prune_rate=0.9, init_score="weight_rank", fix_attn=False).masks()
+        assert any(not torch.equal(m, start[k]) for k, m in masks.items())  # training moved the masks
+        assert any(not torch.equal(m, mc.masks()[k]) for k, m in masks.items())  # the control
+    ca["train_state"]["config"]["seed"] = 2
+    changed = differences(tensors(ca), tensors(cc))
+    assert any(k.startswith("/model/") for k in changed), changed  # the control: another seed, other weights

@@ -230,18 +230,21 @@ def python_cmd(*args) -> list[str]:
 
 
 def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
-    """Run a command with its output appended to log_path; returns its CPU seconds (children included)."""
+    """Run a command with OMP_NUM_THREADS=threads, its output appended to log_path (after the command line, thread
+    count included: results depend on it); returns the CPU seconds of that command and its descendants only."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    before = os.times()
     with open(log_path, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
+        f.write(f"$ OMP_NUM_THREADS={threads} {' '.join(map(str, cmd))}\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
-    after = os.times()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        # wait4 reports this child's own usage (with the descendants it waited for: DataLoader workers, torchrun's
+        # workers); os.times() would also count other cells' children that finish meanwhile (--jobs 2).
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         raise RuntimeError(f"{cmd[1]} failed (exit {rc}); see {log_path}")
-    return (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return usage.ru_utime + usage.ru_stime
 
 
 def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int) -> dict:
@@ -273,7 +276,7 @@ def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], th
     test = evaluate(ckpt, f"{lang}-test", out, cell / "test.json", threads)
     result = {"lang": lang, "method": method + tag, "seed": seed, "per": test["per"],
               "test_utterances": test["utterances"], "checkpoint": str(ckpt.relative_to(out)),
-              "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1),
+              "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1), "threads": threads,
               "args": args, "recipe": RECIPE + args, "backbone_sha256": backbone}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     log(f"cell {lang} {name}: PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
