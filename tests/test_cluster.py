@@ -2,7 +2,8 @@
 --max-restarts (the restart resumes and ends bit-equal), restarted groups against torchrun's stale store keys,
 time-based and numbered checkpoints, an unreadable checkpoint_last.pt.
 
-Runs are the tiny random wav2vec 2.0 and tone corpus of test_train.py; torchrun runs are 2 gloo processes on CPU.
+Runs are conftest's tiny random wav2vec 2.0 (`tiny_init`) on its tone corpus (`corpus_root`); torchrun runs are
+2 gloo processes on CPU.
 """
 import contextlib
 import os
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import test_train as tt
 import torch
 from conftest import REPO
 from test_train import ENV, args, assert_same_checkpoint, log_lines
@@ -23,8 +23,6 @@ from test_train import ENV, args, assert_same_checkpoint, log_lines
 import train
 from s3r import cluster
 from s3r.checkpoint import torch_load
-
-tiny_init, corpus_root = tt.tiny_init, tt.corpus_root  # the session fixtures: a tiny checkpoint, a tone corpus
 
 # train.main in a file of its own under torchrun, so that every rank leaves its exit code behind (a rank killed by
 # a signal leaves none).
