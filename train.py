@@ -21,9 +21,12 @@ The upstream README commands, one for one:
     ... --init ft/checkpoint_best.pt --prune-rate 0.3 --no-fix-attn --init-score weight_magnitude_with_scale  # step 2
 Resume: run the same command again with the same --save-dir; flags given again override the saved ones.
 SIGTERM / Ctrl-C: the current update finishes, checkpoint_last.pt is written, every rank exits 0 (torchrun itself,
-signalled, still reports the signal; it waits 30 s for its workers before killing them).
-Outputs in --save-dir: checkpoint_last.pt (every --save-interval updates), checkpoint_best.pt (the best validation
-at those save points, by --best-metric) and log.jsonl (metrics every --log-interval updates, one line per validation).
+signalled, still reports the signal; it waits 30 s for its workers before killing them). A rank that dies: the
+others exit with one line, and under `torchrun --max-restarts N` the new group resumes from checkpoint_last.pt.
+Outputs in --save-dir: checkpoint_last.pt (every --save-interval updates and --save-interval-minutes minutes),
+checkpoint_best.pt (the best validation at the update save points, by --best-metric), checkpoint_<epoch>_<update>.pt
+(with --keep-interval-updates K, the newest K) and log.jsonl (metrics every --log-interval updates, one line per
+validation).
 """
 import contextlib
 import os
@@ -72,7 +75,7 @@ class Progress:
     skipped: int = 0  # utterances left out so far (--skip-bad)
 
 
-def train(cfg: TrainConfig, ckpt: dict | None) -> None:
+def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # setup
     if cfg.threads:
@@ -172,7 +175,8 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
     # validation and checkpoints
     def validate() -> dict:
         """Greedy-decode the validation set (sharded over ranks); every rank gets the scores of all of it."""
-        rows = transcribe(model, valid_loader, vocab, device, autocast)
+        with cluster.signals_deferred():  # the loader forks its workers in there
+            rows = transcribe(model, valid_loader, vocab, device, autocast)
         return score([r for part in cluster.gather(rows, ddp, world) for r in part], vocab.units)
 
     def report(metrics: dict) -> None:
@@ -198,10 +202,11 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
         ckpt["model"].update({k: v for k, v in state.items() if k.startswith("lm_head.") or k == "masked_spec_embed"})
         for name in names:
             save_atomic(ckpt, os.path.join(cfg.save_dir, name))
+        cluster.prune_numbered(cfg.save_dir, cfg.keep_interval_updates)
 
     # ------------------------------------------------------------------------------------------------------------
     # the loop
-    with RunLog(cfg.save_dir, cfg.max_updates, progress.update, rank == 0) as out, cluster.StopSignal() as stop:
+    with RunLog(cfg.save_dir, cfg.max_updates, progress.update, rank == 0) as out:
         if rank == 0:
             n_params = sum(p.numel() for p in params)
             out.log({"event": "resume" if ckpt else "start", "update": progress.update, "world_size": world, **env,
@@ -215,12 +220,17 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
             out.write(f"nothing to do: {cfg.save_dir}/checkpoint_last.pt is at update {progress.update} "
                       f"(--max-updates {cfg.max_updates})")
             return
+        if cluster.any_rank(stop.requested, ddp, device):  # a signal during setup: nothing trained, nothing to save
+            out.warn("stopped by a signal before the first update")
+            return
         if cfg.validate_before and progress.update == 0 and valid_loader is not None:
             report(validate())  # where training starts (a fresh CTC head: about 100% error); not a best candidate
         acc, n_acc, t_log = torch.zeros(4, dtype=torch.float64), 0, time.perf_counter()  # since the last log line
+        t_save = time.monotonic()  # --save-interval-minutes counts from here and from every save
         while True:
             set_epoch(loader, progress.epoch, progress.offset)
-            batches = iter(loader)
+            with cluster.signals_deferred():  # iter() forks the DataLoader workers
+                batches = iter(loader)
             while group := list(islice(batches, cfg.update_freq)):
                 progress.offset += len(group)
                 seed_update(cfg.seed, rank, progress.update)
@@ -234,7 +244,7 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
                 loss_weight = world / max(float(total), 1.0)
                 net.train()
                 optimizer.zero_grad(set_to_none=True)
-                stats = torch.zeros(5, dtype=torch.float64)  # loss sum, sentences, audio seconds, skipped, stop
+                stats = torch.zeros(6, dtype=torch.float64)  # loss sum, sentences, audio s, skipped, stop, save due
                 for i, batch in enumerate(group):
                     for path, reason in batch["skipped"]:  # counted in log.jsonl; named here by the rank that met it
                         out.warn(f"skipped {path}: {reason}")
@@ -267,7 +277,8 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
                 # fp16 overflow: the scaler skipped the step and lowered the scale; as in fairseq, no update counted
                 overflow = loss_scale is not None and scaler.get_scale() < loss_scale
                 stats[4] = float(stop.requested)
-                if ddp:  # one small all-reduce: the log and a stop request (a signal on any rank stops them all)
+                stats[5] = float(0 < cfg.save_interval_minutes <= (time.monotonic() - t_save) / 60)
+                if ddp:  # one small all-reduce: the log, a stop request and a save due by time, agreed by all ranks
                     stats = stats.to(device)
                     dist.all_reduce(stats)
                 stats = stats.cpu()
@@ -292,14 +303,17 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
                 # As fairseq: validate every --validate-interval updates and at every save point; checkpoint_best.pt
                 # is chosen at save points only. A signal saves at once, validating only if it was due anyway.
                 interval = progress.update % cfg.save_interval == 0
-                saving, best = stopping or done or interval, False
+                saving, best = stopping or done or interval or bool(stats[5] > 0), False
                 if valid_loader is not None and (interval or done or progress.update % cfg.validate_interval == 0):
                     metrics = validate()
                     if saving and (progress.best is None or metrics[metric] < progress.best):
                         progress.best, best = metrics[metric], True
                     report(metrics)
                 if saving:
-                    save(["checkpoint_last.pt"] + (["checkpoint_best.pt"] if best else []))
+                    numbered = [cluster.numbered_name(progress.epoch + 1, progress.update)] if interval and \
+                        cfg.keep_interval_updates != 0 else []
+                    save(["checkpoint_last.pt"] + (["checkpoint_best.pt"] if best else []) + numbered)
+                    t_save = time.monotonic()
                 if stopping and rank == 0:
                     out.warn(f"stopped by a signal at update {progress.update}; the same command resumes")
                 if stopping or done:
@@ -310,8 +324,9 @@ def train(cfg: TrainConfig, ckpt: dict | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
-        cfg, ckpt = parse_config(argv)
-        train(cfg, ckpt)
+        with cluster.StopSignal() as stop:  # from the start: a signal during setup stops before the first update
+            cfg, ckpt = parse_config(argv)
+            train(cfg, ckpt, stop)
         code = 0
     except S3RError as e:
         rank = cluster.rank()

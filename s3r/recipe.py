@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import checkpoint_vocab, load_pretrained, torch_load
+from .checkpoint import checkpoint_vocab, load_pretrained
+from .cluster import load_last
 from .compact import fold_masks
 from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus
 from .errors import ConfigError, S3RError
@@ -154,6 +155,11 @@ class TrainConfig:
                                 "starting error rate")
     save_interval: int = opt(1000, "checkpoint.save_interval_updates (checkpoint_last.pt; checkpoint_best.pt is "
                              "chosen at these save points only, as fairseq)")
+    save_interval_minutes: float = opt(0.0, "(s3r) also write checkpoint_last.pt after every M minutes of "
+                                       "training, for preemptible machines; 0 = only every --save-interval updates")
+    keep_interval_updates: int = opt(0, "checkpoint.keep_interval_updates: also write checkpoint_<epoch>_<update>.pt "
+                                     "every --save-interval updates and keep the newest K; -1 = all (fairseq's "
+                                     "default), 0 = none")
     best_metric: str = opt("auto", "checkpoint.best_checkpoint_metric: wer, cer, uer (fairseq's, separators "
                            "counted) or per (phones); auto: uer for char/phone units, else wer")
     log_interval: int = opt(200, "common.log_interval (updates between log.jsonl lines)")
@@ -236,8 +242,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | Non
     """Defaults < saved config (when resuming) < --preset < explicit flags: (config, checkpoint_last or None)."""
     given = vars(build_parser().parse_args(argv))
     values = config_values(TrainConfig())
-    last = Path(given.get("save_dir", values["save_dir"])) / "checkpoint_last.pt"
-    ckpt = torch_load(last) if last.is_file() else None
+    ckpt = load_last(given.get("save_dir", values["save_dir"]))  # unreadable: names the newest numbered one
     if ckpt is not None:
         values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values})
     preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
