@@ -145,6 +145,7 @@ def test_dataloader_worker_dies_with_its_main_process(tmp_path):
     worker = int(proc.stdout.readline())
     proc.kill()
     proc.wait(timeout=30)
+
     def alive() -> bool:  # a zombie nobody reaps (PID 1 in a container may not) is dead too
         try:
             return Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
