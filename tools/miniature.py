@@ -356,7 +356,7 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
 CURVE_KINDS = [("omp", "OMP", "weight", False), ("prune", "S3-Router pruning", "weight", True),
                ("omp-nh", "OMP, neuron+head", "neuron+head", False),
                ("prune-nh", "S3-Router pruning, neuron+head", "neuron+head", True)]
-SPEED_ROUNDS = 7
+SPEED_ROUNDS = 15
 
 
 def curve_points(out: Path, lang: str, seed: int, rates) -> list[tuple[str, float, Path]]:
@@ -518,8 +518,6 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
     for kind, rate, ckpt in points:
         cell = ckpt.parent
         test = cell / ("compact_test.json" if kind == "prune-nh" else "test.json")
-        if kind == "dense":
-            test = cell.parent / "test.json"  # ft-s1/checkpoint_best.pt -> ft-s1/test.json
         kept, _ = routed_weight_counts(ckpt)
         r = ratios.get(str(ckpt))
         rows.append({"method": labels[kind][0], "kind": kind, "granularity": labels[kind][1], "prune_rate": rate,
@@ -531,7 +529,7 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
             rows[-1]["per_routed"] = cell_result(out, lang, cell.name)["per"]
     control = ratios.get(str(out / "cells" / lang / f"speed-control-s{seed}.pt"))
     return {"lang": lang, "seed": seed, "rows": rows, "speed_control": control,
-            "speed": {k: v for k, v in json.loads(speed_path.read_text()).items() if k != "ratios"}
+            "speed": {k: v for k, v in json.loads(speed_path.read_text()).items() if k not in ("ratios", "checkpoints")}
             if speed_path.exists() else None}
 
 
@@ -687,6 +685,7 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -701,7 +700,7 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
     fmt = lambda r, part: f"{r['speedup'][part]:.2f}" if r["speedup"] else "-"  # noqa: E731  table cells, 2 uses
     md = [f"# The miniature's pruning curve with structured routes ({lang})", "",
           f"Regenerate: `{command}` (resumable; cells cached under runs/miniature/cells). Commit {commit}. "
-          f"{cpu_min:.0f} CPU minutes of training and evaluation for its {len(cells)} trained cells (ft included).",
+          f"{cpu_min:.0f} CPU minutes of train.py for its {len(cells)} trained cells (ft included).",
           "",
           "Same backbone, corpus and recipe as the miniature (bench/results/miniature.md), seed "
           f"{seed}: the weight-finetuned model (`ft`) is pruned at each kept fraction (rate) of every attention and "
@@ -750,6 +749,11 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
                 text += (f"; the structured model runs {s_['speedup']['e2e']:.2f}x end to end "
                          f"({s_['speedup']['layers']:.2f}x in the layers)")
             lines.append(f"- {text}.")
+    same = [r for r in rows if "per_routed" in r]
+    if same:
+        equal = sum(r["per"] == r["per_routed"] for r in same)
+        md += ["", f"The compact models' PER equals the routed models' at {equal} of {len(same)} neuron+head "
+               "S3-Router points (compact() removes exactly the dropped neurons and heads)."]
     if lines:
         md += ["", f"What structure costs (PER points, against the dense finetuned model's {100 * dense['per']:.1f}%):",
                "", *lines]
@@ -764,16 +768,19 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
             if pts:
                 line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if kind.endswith("nh") else "s--",
                                 label=label)
-                for x, y, sp in pts:
+                for x, y, sp in pts if kind.endswith("nh") else []:  # the unstructured ones overlap at ~1.0x
                     ax.annotate(f"{100 * sp:.0f}%", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3),
                                 color=line.get_color())
         if dense["speedup"]:
             ax.plot([1.0], [100 * dense["per"]], "k*", ms=10, label="finetuned, dense")
-        ax.set(xlabel=f"measured speedup, {name} (x)", title=f"{lang}: PER vs speedup, {name}")
+        ax.set(xlabel=f"measured speedup, {name} (x)", title=f"{lang}: PER vs speedup, {name}", yscale="log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("PER (%)")
     axes[0].legend(fontsize=7)
-    fig.text(0.5, 0.005, "labels: sparsity of the attention + FFN weights", ha="center", fontsize=7)
+    fig.text(0.5, 0.005, "labels: sparsity of the attention + FFN weights (unstructured points, unlabelled: "
+             "1 - rate, in order along their line)", ha="center", fontsize=7)
     fig.tight_layout()
     fig.savefig(results / "miniature_pruning_structured.png", dpi=110)
     plt.close(fig)
