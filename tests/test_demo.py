@@ -75,3 +75,44 @@ def test_run_logged_counts_each_commands_own_cpu_time(tmp_path):
     assert (tmp_path / "0.3.log").read_text().startswith(f"$ OMP_NUM_THREADS=1 {sys.executable} -c ")
     with pytest.raises(RuntimeError, match="exit 3"):
         mini.run_logged([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.log", 1)
+
+
+def test_make_corpus_subset_makes_the_same_speech(tmp_path, monkeypatch):
+    """A language's corpus seed is its own (its place in CORPUS_LANGS), so `--corpus-langs es` makes the speech the
+    full corpus stage makes for es (the miniature's cached cells stay valid)."""
+    import tools.synth_corpus
+    calls = {}
+
+    def fake_synth(out, layout, num, *, lang, seed, release, **kw):
+        calls.setdefault(lang, []).append(seed)
+        folder = Path(out) / release / lang
+        folder.mkdir(parents=True)
+        for split in ("train", "dev", "test"):
+            (folder / f"{split}.tsv").write_text("path\tsentence\tphonemes\nx.mp3\tx\ta\n", encoding="utf-8")
+
+    monkeypatch.setattr(tools.synth_corpus, "synth_corpus", fake_synth)
+    monkeypatch.setattr(mini.text_sources, "sentences", lambda lang, num, seed: ["x"] * num)
+    mini.make_corpus(tmp_path / "full", ["nl", "es"])
+    mini.make_corpus(tmp_path / "one", ["es"])
+    assert calls["es"] == [1000 + mini.CORPUS_LANGS.index("es")] * 2
+    assert calls["nl"] == [1000 + mini.CORPUS_LANGS.index("nl")]
+
+
+def test_routed_weight_counts_as_deployed(tmp_path):
+    """Attention + FFN weight entries left in the model one would ship, against hand counts on the demo backbone
+    (4 layers, 192 channels, 4 heads, FFN 768): per weight the zeros of the folded masks, per neuron+head the
+    rows and columns compact() cut out."""
+    import torch
+
+    from s3r.checkpoint import s3r_checkpoint
+    from s3r.routes import omp
+    torch.set_num_threads(1)
+    dense = 4 * (4 * 192 * 192 + 2 * 192 * 768)
+    assert mini.routed_weight_counts(DEMO_BACKBONE) == (dense, dense)
+    torch.save(s3r_checkpoint(omp(load_pretrained(DEMO_BACKBONE), 0.5, route_granularity="neuron+head")),
+               tmp_path / "nh.pt")
+    half = 4 * (4 * 192 * 96 + 2 * 192 * 384)  # 2 of 4 heads, 384 of 768 neurons, every entry of them kept
+    assert mini.routed_weight_counts(tmp_path / "nh.pt") == (half, half)
+    torch.save(s3r_checkpoint(omp(load_pretrained(DEMO_BACKBONE), 0.3)), tmp_path / "w.pt")
+    kept = 4 * (4 * (192 * 192 - int(0.7 * 192 * 192)) + 2 * (192 * 768 - int(0.7 * 192 * 768)))  # kept_count
+    assert mini.routed_weight_counts(tmp_path / "w.pt") == (kept, dense)

@@ -43,11 +43,15 @@ def corpus_root(out: Path) -> Path:
     return out / "corpus"
 
 
+CORPUS_LANGS = text_sources.PRETRAIN + text_sources.HELD_OUT
+
+
 def make_corpus(out: Path, langs: list[str], workers: int = 2):
     """One CommonVoice-layout folder per language under out/corpus/cv-corpus-mini/<lang>, written atomically."""
     from tools.synth_corpus import synth_corpus
     release = corpus_root(out) / RELEASE
-    for i, lang in enumerate(langs):
+    for lang in langs:
+        i = CORPUS_LANGS.index(lang)  # the seed is the language's own: a subset makes the same speech
         final = release / lang
         num = PRETRAIN_UTTS if lang in text_sources.PRETRAIN else HELD_OUT_UTTS
         if (final / "DONE").exists() and json.loads((final / "DONE").read_text())["utterances"] == num:
@@ -346,38 +350,118 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
     return res
 
 
-def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES, jobs: int = 2) -> dict | None:
-    """Application 3: S3-Router pruning of the weight-finetuned model vs one-shot magnitude pruning (OMP).
+# The curve's kinds of point, in table order: (kind, label, route granularity, retrained). A structured (neuron+head)
+# route keeps the `rate` fraction of every layer's FFN neurons and of its attention heads, and is cut out of the model
+# (s3r/compact.py), so it runs faster; an unstructured one keeps every matrix's shape (folded: zeros no kernel skips).
+CURVE_KINDS = [("omp", "OMP", "weight", False), ("prune", "S3-Router pruning", "weight", True),
+               ("omp-nh", "OMP, neuron+head", "neuron+head", False),
+               ("prune-nh", "S3-Router pruning, neuron+head", "neuron+head", True)]
+SPEED_ROUNDS = 15
 
-    Step 1 is the grid's `ft` cell; step 2 routes its weights from init_score weight_magnitude_with_scale (the first
-    mask IS the OMP mask), attention included, and trains only the scores and the head.
-    """
+
+def curve_points(out: Path, lang: str, seed: int, rates) -> list[tuple[str, float, Path]]:
+    """(kind, rate, deployed checkpoint) of every finished point, the dense finetuned model first (rate 1.0)."""
     ft = cell_result(out, lang, f"ft-s{seed}")
-    if ft is None:
-        log(f"curve: needs the ft-s{seed} cell of {lang}")
-        return None
-    ft_ckpt = out / ft["checkpoint"]
-    for rate in rates:
-        omp_dir = out / "cells" / lang / f"omp-{rate}-s{seed}"
-        source = omp_dir / "finetuned.sha256"  # the finetuned model it pruned: a recomputed ft cell makes it stale
-        if source.exists() and source.read_text() != file_sha256(ft_ckpt):
-            shutil.rmtree(omp_dir)
-        omp_dir.mkdir(parents=True, exist_ok=True)
-        source.write_text(file_sha256(ft_ckpt))
-        pruned = omp_dir / "pruned.pt"
-        if not pruned.exists():
-            run_logged(python_cmd("-m", "s3r.routes", "omp", ft_ckpt, pruned, "--prune-rate", rate),
-                       omp_dir / "omp.log", 2)
-        evaluate(pruned, f"{lang}-test", out, omp_dir / "test.json", 2)
+    points = [("dense", 1.0, out / ft["checkpoint"])] if ft else []
+    for kind, _, _, retrained in CURVE_KINDS:
+        for rate in rates:
+            cell = out / "cells" / lang / f"{kind}-{rate}-s{seed}"
+            if retrained and (r := cell_result(out, lang, cell.name)):
+                points.append((kind, rate, cell / "compact.pt" if kind.endswith("-nh") else out / r["checkpoint"]))
+            elif not retrained and (cell / "test.json").exists():
+                points.append((kind, rate, cell / "pruned.pt"))
+    return points
+
+
+def prune_cell(out: Path, lang: str, seed: int, rate: float, kind: str, ft_ckpt: Path, threads: int) -> None:
+    """One point of the curve: S3-Router pruning (a train_cell) or one-shot magnitude pruning (OMP, evaluated as is);
+    neuron+head ones cut into a compact model, whose test PER is the one reported (the model one would deploy)."""
+    granularity = dict((k, g) for k, _, g, _ in CURVE_KINDS)[kind]
+    structured = ["--route-granularity", granularity] if granularity != "weight" else []
+    cell = out / "cells" / lang / f"{kind}-{rate}-s{seed}"
+    if kind.startswith("prune"):
+        train_cell(out, lang, kind, seed, ["--prune-rate", str(rate), "--no-fix-attn", "--init-score",
+                                           "weight_magnitude_with_scale", "--lr", ROUTE_LR, *structured], threads,
+                   init=ft_ckpt, tag=f"-{rate}")
+        if structured:
+            compact = cell / "compact.pt"
+            if not compact.exists():
+                run_logged(python_cmd("-m", "s3r.export", "--compact", compact, out / cell_result(out, lang, cell.name)
+                                      ["checkpoint"]), cell / "export.log", threads)
+            evaluate(compact, f"{lang}-test", out, cell / "compact_test.json", threads)
+        return
+    source = cell / "finetuned.sha256"  # the finetuned model it pruned: a recomputed ft cell makes it stale
+    if source.exists() and source.read_text() != file_sha256(ft_ckpt):
+        shutil.rmtree(cell)
+    cell.mkdir(parents=True, exist_ok=True)
+    source.write_text(file_sha256(ft_ckpt))
+    pruned = cell / "pruned.pt"
+    if not pruned.exists():
+        run_logged(python_cmd("-m", "s3r.routes", "omp", ft_ckpt, pruned, "--prune-rate", rate, *structured,
+                              *["--compact"] * bool(structured)), cell / "omp.log", threads)
+    evaluate(pruned, f"{lang}-test", out, cell / "test.json", threads)
+
+
+def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES, jobs: int = 2,
+              speed_rounds: int = SPEED_ROUNDS) -> dict | None:
+    """Application 3: S3-Router pruning of the weight-finetuned model vs one-shot magnitude pruning (OMP), per weight
+    and per FFN neuron + attention head; then every point's eval speedup against the finetuned model, measured.
+
+    Step 1 is the grid's `ft` cell (trained here if the grid has not); step 2 routes its weights from init_score
+    weight_magnitude_with_scale (the first mask IS the OMP mask, per weight or over each group's mean |W|),
+    attention included, and trains only the scores and the head.
+    """
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(jobs) as pool:  # `jobs` cells side by side, as in the grid
-        args = lambda rate: ["--prune-rate", str(rate), "--no-fix-attn", "--init-score",  # noqa: E731
-                             "weight_magnitude_with_scale", "--lr", ROUTE_LR]
-        cells = [pool.submit(train_cell, out, lang, "prune", seed, args(rate), max(1, 2 // jobs), init=ft_ckpt,
-                             tag=f"-{rate}") for rate in rates]
-        for cell in cells:
-            cell.result()
+    threads = max(1, 2 // jobs)
+    ft = train_cell(out, lang, "ft", seed, METHODS["ft"], threads)
+    ft_ckpt = out / ft["checkpoint"]
+    with ThreadPoolExecutor(jobs) as pool:  # `jobs` cells side by side, as in the grid; the slow ones first
+        kinds = sorted(CURVE_KINDS, key=lambda k: not k[3])
+        for f in [pool.submit(prune_cell, out, lang, seed, rate, k[0], ft_ckpt, threads) for k in kinds
+                  for rate in rates]:
+            f.result()
+    measure_speed(out, lang, seed, rates, speed_rounds)  # last, alone: timing
     return curve_rows(out, lang, seed, rates)
+
+
+def measure_speed(out: Path, lang: str, seed: int, rates, rounds: int) -> dict:
+    """Eval-forward CPU time of every point against the dense finetuned model (python -m bench.structured
+    --checkpoints: one process, one thread, `rounds` interleaved rounds in a fresh order each, medians of per-round
+    ratios). A copy of the finetuned model is timed as a point too: its ratio is the noise. Cached (curve_speed.json)
+    for exactly this set of checkpoints."""
+    points = curve_points(out, lang, seed, rates)
+    control = out / "cells" / lang / f"speed-control-s{seed}.pt"
+    shutil.copyfile(points[0][2], control)
+    paths = [str(p) for _, _, p in points] + [str(control)]
+    path = out / f"curve_speed-{lang}-s{seed}.json"
+    if path.exists() and (old := json.loads(path.read_text()))["checkpoints"] == paths and old["rounds"] == rounds:
+        return old
+    t0 = time.time()
+    run_logged(python_cmd("-m", "bench.structured", "--checkpoints", *paths, "--rounds", rounds, "--threads", 1,
+                          "--json", path.with_suffix(".tmp")), out / "curve_speed.log", 1)
+    ratios = json.loads(path.with_suffix(".tmp").read_text())
+    path.with_suffix(".tmp").unlink()
+    result = {"checkpoints": paths, "rounds": rounds, "wall_s": round(time.time() - t0, 1),
+              "load_average": os.getloadavg(), "ratios": ratios}
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"curve speed: {len(paths)} models, {rounds} rounds in {result['wall_s']:.0f} s")
+    return result
+
+
+def routed_weight_counts(path: Path) -> tuple[int, int]:
+    """(nonzero, all) entries of the attention and FFN weight matrices of a checkpoint as deployed: routes folded,
+    neuron/head routes compacted (the weights are the ones one would ship)."""
+    import torch
+
+    from s3r import load_pretrained
+    from s3r.compact import compact, fold_masks
+    model = load_pretrained(path)
+    if model.route_config is not None:
+        g = model.route_config.route_granularity
+        model = compact(model) if "neuron" in g or "head" in g else fold_masks(model)
+    mats = [p for n, p in model.named_parameters() if p.dim() == 2 and (".attention." in n or ".feed_forward." in n)]
+    with torch.no_grad():
+        return sum(int((p != 0).sum()) for p in mats), sum(p.numel() for p in mats)
 
 
 def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
@@ -420,21 +504,33 @@ def seed_control(out: Path, langs: list[str], method: str) -> dict | None:
 
 # ------------------------------------------------------------------------------------------------ report
 def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES) -> dict | None:
-    """The pruning curve from its cached cells: every point that has finished (all of them after run_curve)."""
-    ft = cell_result(out, lang, f"ft-s{seed}")
-    if ft is None:
+    """The pruning curve from its cached cells: every point that has finished (all of them after run_curve), with
+    its kind, measured sparsity (of the attention and FFN weights, as deployed), test PER and measured speedup
+    (dense time / its time, e2e and transformer layers alone; None until measure_speed has timed it)."""
+    points = curve_points(out, lang, seed, rates)
+    if not points:
         return None
-    rows = [{"method": "finetuned (dense)", "prune_rate": 1.0, "sparsity": 0.0, "per": ft["per"]}]
-    for rate in rates:
-        test = out / "cells" / lang / f"omp-{rate}-s{seed}" / "test.json"
-        if test.exists():
-            rows.append({"method": "OMP", "prune_rate": rate, "sparsity": round(1 - rate, 2),
-                         "per": json.loads(test.read_text())["per"]})
-    for rate in rates:
-        if r := cell_result(out, lang, f"prune-{rate}-s{seed}"):
-            rows.append({"method": "S3-Router pruning", "prune_rate": rate, "sparsity": round(1 - rate, 2),
-                         "per": r["per"]})
-    return {"lang": lang, "seed": seed, "rows": rows}
+    speed_path = out / f"curve_speed-{lang}-s{seed}.json"
+    ratios = json.loads(speed_path.read_text())["ratios"] if speed_path.exists() else {}
+    labels = {k: (label, g) for k, label, g, _ in CURVE_KINDS} | {"dense": ("finetuned (dense)", "weight")}
+    dense_count = routed_weight_counts(points[0][2])[1]
+    rows = []
+    for kind, rate, ckpt in points:
+        cell = ckpt.parent
+        test = cell / ("compact_test.json" if kind == "prune-nh" else "test.json")
+        kept, _ = routed_weight_counts(ckpt)
+        r = ratios.get(str(ckpt))
+        rows.append({"method": labels[kind][0], "kind": kind, "granularity": labels[kind][1], "prune_rate": rate,
+                     "sparsity": round(1 - kept / dense_count, 4), "per": json.loads(test.read_text())["per"],
+                     "checkpoint": str(ckpt.relative_to(out)), "params": r["params"] if r else None,
+                     "speedup": {p: 1 / r[p]["median"] for p in ("e2e", "layers")} if r else None,
+                     "time_ratio": {p: r[p] for p in ("e2e", "layers")} if r else None})
+        if kind == "prune-nh":  # the routed model's PER too: compact() must not change it (logits within 1e-5)
+            rows[-1]["per_routed"] = cell_result(out, lang, cell.name)["per"]
+    control = ratios.get(str(out / "cells" / lang / f"speed-control-s{seed}.pt"))
+    return {"lang": lang, "seed": seed, "rows": rows, "speed_control": control,
+            "speed": {k: v for k, v in json.loads(speed_path.read_text()).items() if k not in ("ratios", "checkpoints")}
+            if speed_path.exists() else None}
 
 
 COLLAPSED = 0.9  # a run whose test PER is above this emits (almost) only blanks: CTC training collapsed
@@ -469,7 +565,7 @@ def report(out: Path, a):
                             cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
-    curve = curve_rows(out)
+    curve = curve_rows(out, rates=a.curve_rates)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
     summary = {"command": "python -m tools.miniature", "commit": commit, "cells": cells, "per_mean": mean,
                "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
@@ -545,8 +641,10 @@ def report(out: Path, a):
     if curve:
         md += [f"## Application 3: pruning curve ({curve['lang']})", "", "| method | sparsity | PER (%) |",
                "|---|---|---|"]
-        md += [f"| {r['method']} | {100 * r['sparsity']:.0f}% | {100 * r['per']:.1f} |" for r in curve["rows"]]
-        md += ["", "![pruning curve](miniature_pruning.png)", ""]
+        md += [f"| {r['method']} | {100 * r['sparsity']:.0f}% | {100 * r['per']:.1f} |" for r in curve["rows"]
+               if r["granularity"] == "weight"]
+        md += ["", "![pruning curve](miniature_pruning.png)", "",
+               "Structured (neuron+head) pruning, PER against measured speedup: miniature_structured.md.", ""]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for m in ("OMP", "S3-Router pruning"):
             pts = [(r["sparsity"], 100 * r["per"]) for r in curve["rows"] if r["method"] == m]
@@ -581,35 +679,153 @@ def report(out: Path, a):
     log(f"report: {len(cells)} cells -> {results / 'miniature.md'}")
 
 
+def structured_report(out: Path, curve: dict, command: str) -> None:
+    """bench/results/miniature_structured.json + .md + miniature_pruning_structured.png: the pruning curve with its
+    structured rows, PER against measured speedup, and what structure costs in PER at each kept fraction."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    lang, seed, rows = curve["lang"], curve["seed"], curve["rows"]
+    cells = [cell_result(out, lang, f"ft-s{seed}")] + [cell_result(out, lang, f"{r['kind']}-{r['prune_rate']}-s{seed}")
+                                                       for r in rows if r["kind"].startswith("prune")]
+    cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
+    summary = {"command": command, "commit": commit, "curve": curve, "cell_cpu_minutes": round(cpu_min, 1)}
+    (results / "miniature_structured.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    speed, ctrl = curve.get("speed") or {}, curve.get("speed_control")
+    fmt = lambda r, part: f"{r['speedup'][part]:.2f}" if r["speedup"] else "-"  # noqa: E731  table cells, 2 uses
+    md = [f"# The miniature's pruning curve with structured routes ({lang})", "",
+          f"Regenerate: `{command}` (resumable; cells cached under runs/miniature/cells). Commit {commit}. "
+          f"{cpu_min:.0f} CPU minutes of train.py for its {len(cells)} trained cells (ft included).",
+          "",
+          "Same backbone, corpus and recipe as the miniature (bench/results/miniature.md), seed "
+          f"{seed}: the weight-finetuned model (`ft`) is pruned at each kept fraction (rate) of every attention and "
+          "FFN tensor's weights (unstructured) or of every layer's FFN neurons and attention heads (neuron+head). "
+          "OMP: one-shot magnitude pruning, no retraining (per weight by |W|; per neuron/head by the group's mean "
+          "|W|, i.e. its L1 norm). S3-Router pruning: scores initialised to those magnitudes "
+          "(weight_magnitude_with_scale, so its first mask is OMP's), attention included, then scores and head "
+          "trained for the recipe's 200 updates, the weights frozen. Neuron+head models are cut into a smaller "
+          "dense model (s3r/compact.py) and evaluated as such; unstructured ones are folded into dense matrices "
+          "with zeros. Sparsity is measured on the deployed model: the fraction of attention and FFN weight "
+          "entries that are gone or zero (the backbone has 4 heads per layer, so a head rate of 0.5 and 0.3 both "
+          "keep 2).", "",
+          "| method | rate | sparsity | params (M) | PER (%) | speedup, end to end | speedup, transformer layers |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['method']} | {r['prune_rate']:g} | {100 * r['sparsity']:.0f}% | "
+                  + (f"{r['params'] / 1e6:.2f}" if r["params"] else "-")
+                  + f" | {100 * r['per']:.1f} | {fmt(r, 'e2e')} | {fmt(r, 'layers')} |")
+    if speed:
+        md += ["", f"Speedup = dense eval-forward time / this model's, measured (python -m bench.structured "
+               f"--checkpoints): CPU time, one torch thread, a batch of 4 utterances of 8, 7, 6 and 5 s, "
+               f"{speed['rounds']} rounds with every model once per round in a fresh random order, median of the "
+               "per-round ratios. The machine was shared with other people's jobs (load average "
+               f"{speed['load_average'][0]:.1f} on 2 cores at the end), so small differences are noise: a copy of "
+               "the dense model timed as one more model gives "
+               + (f"{1 / ctrl['e2e']['median']:.2f} end to end and {1 / ctrl['layers']['median']:.2f} for the "
+                  "layers" if ctrl else "(no control)")
+               + ". End to end includes the convolutional feature encoder, which no route prunes here and which is "
+               "a large share of this small model's time."]
+    by = {(r["kind"], r["prune_rate"]): r for r in rows}
+    rates = sorted({r["prune_rate"] for r in rows if r["kind"] != "dense"}, reverse=True)
+    dense = rows[0]
+    lines = []
+    for rate in rates:
+        u, s_, o, on = (by.get((k, rate)) for k in ("prune", "prune-nh", "omp", "omp-nh"))
+        if u and s_:
+            text = (f"rate {rate:g}: neuron+head S3-Router pruning {100 * s_['per']:.1f}% PER vs "
+                    f"{100 * u['per']:.1f}% per weight ({100 * (s_['per'] - u['per']):+.1f} points for the "
+                    "structure)")
+            if o and on:
+                text += (f"; OMP {100 * on['per']:.1f}% per neuron/head vs {100 * o['per']:.1f}% per weight "
+                         f"({100 * (on['per'] - o['per']):+.1f})")
+            if on:
+                text += f"; retraining the structured scores changes PER by {100 * (s_['per'] - on['per']):+.1f}"
+            if s_["speedup"]:
+                text += (f"; the structured model runs {s_['speedup']['e2e']:.2f}x end to end "
+                         f"({s_['speedup']['layers']:.2f}x in the layers)")
+            lines.append(f"- {text}.")
+    same = [r for r in rows if "per_routed" in r]
+    if same:
+        equal = sum(r["per"] == r["per_routed"] for r in same)
+        md += ["", f"The compact models' PER equals the routed models' at {equal} of {len(same)} neuron+head "
+               "S3-Router points (compact() removes exactly the dropped neurons and heads)."]
+    if lines:
+        md += ["", f"What structure costs (PER points, against the dense finetuned model's {100 * dense['per']:.1f}%):",
+               "", *lines]
+    md += ["", "![PER against measured speedup](miniature_pruning_structured.png)", ""]
+    (results / "miniature_structured.md").write_text("\n".join(md) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, part, name in zip(axes, ("e2e", "layers"), ("end to end", "transformer layers"), strict=True):
+        for kind, label, _, _ in CURVE_KINDS:
+            pts = [(r["speedup"][part], 100 * r["per"], r["sparsity"]) for r in rows
+                   if r["kind"] == kind and r["speedup"]]
+            if pts:
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if kind.endswith("nh") else "s--",
+                                label=label)
+                for x, y, sp in pts if kind.endswith("nh") else []:  # the unstructured ones overlap at ~1.0x
+                    ax.annotate(f"{100 * sp:.0f}%", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3),
+                                color=line.get_color())
+        if dense["speedup"]:
+            ax.plot([1.0], [100 * dense["per"]], "k*", ms=10, label="finetuned, dense")
+        ax.set(xlabel=f"measured speedup, {name} (x)", title=f"{lang}: PER vs speedup, {name}", yscale="log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PER (%)")
+    axes[0].legend(fontsize=7)
+    fig.text(0.5, 0.005, "labels: sparsity of the attention + FFN weights (unstructured points, unlabelled: "
+             "1 - rate, in order along their line)", ha="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "miniature_pruning_structured.png", dpi=110)
+    plt.close(fig)
+    log(f"report: {len(rows)} curve points -> {results / 'miniature_structured.md'}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", default="all")
+    p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
+                   "grid, bundle, curve, similarity, report")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--langs", nargs="*", default=GRID_LANGS[:6], help="held-out languages of the grid, in order "
                    f"(default: the first six of {', '.join(GRID_LANGS)})")
     p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, help=f"subset of {', '.join(METHODS)}")
     p.add_argument("--seeds", nargs="*", type=int, default=SEEDS)
     p.add_argument("--jobs", type=int, default=2, help="cells trained side by side (one thread each with 2)")
+    p.add_argument("--corpus-langs", nargs="*", default=CORPUS_LANGS, help="languages the corpus stage makes "
+                   "(default: all, pretraining and held out; a subset makes the same speech)")
+    p.add_argument("--curve-rates", nargs="*", type=float, default=CURVE_RATES, help="kept fractions of the pruning "
+                   "curve (default: %(default)s)")
+    p.add_argument("--speed-rounds", type=int, default=SPEED_ROUNDS, help="interleaved timing rounds of the curve")
     a = p.parse_args(argv)
     out = Path(a.out)
-    if a.stage in ("corpus", "all"):
-        make_corpus(out, text_sources.PRETRAIN + text_sources.HELD_OUT)
-    if a.stage in ("demo", "all"):
+    stages = set(a.stage.split(","))
+    stage = lambda name: name in stages or "all" in stages  # noqa: E731  a predicate read 8 times below
+    if stage("corpus"):
+        make_corpus(out, a.corpus_langs)
+    if stage("demo"):
         make_demo(out)
-    if a.stage in ("backbone", "all") and not BACKBONE.exists():
+    if stage("backbone") and not BACKBONE.exists():
         run_logged(python_cmd("-m", "tools.pretrain_backbone", "--data-root", corpus_root(out),
                               "--out", out / "backbone",
                               "--save", BACKBONE), out / "backbone.log", 2)
-    if a.stage in ("grid", "all"):
+    if stage("grid"):
         run_grid(out, a.langs, a.methods, a.seeds, a.jobs)
-    if a.stage in ("bundle", "all"):
+    if stage("bundle"):
         run_bundle(out, a.langs)
-    if a.stage in ("curve", "all"):
-        run_curve(out, jobs=a.jobs)
-    if a.stage in ("similarity", "all"):
+    if stage("curve") and CURVE_LANG in a.langs:
+        curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds)
+        structured_report(out, curve, " ".join(["python -m tools.miniature", *(sys.argv[1:] if argv is None
+                                                                                else argv)]))
+    if stage("similarity"):
         for method in SIMILARITY_METHODS:
             run_similarity(out, a.langs, method)
-    if a.stage in ("report", "all"):
+    if stage("report"):
         report(out, a)
 
 
