@@ -35,7 +35,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -46,6 +45,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench.common import describe_machine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -361,19 +362,6 @@ def measure_ddp(path: Path, seconds, rounds: int, steps: int, log=print) -> dict
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def describe_machine(args) -> str:
-    if args.device == "cuda":
-        return f"{torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {args.threads} torch thread(s), {args.dtype}, torch {torch.__version__}"
-            f" ({torch.backends.cpu.get_cpu_capability()})")
 
 
 def markdown(result: dict) -> str:

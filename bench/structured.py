@@ -28,7 +28,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import describe_machine
 from s3r.checkpoint import architecture
 from s3r.compact import compact, fold_masks, parameter_counts, to_semi_structured
 from s3r.model import RouteConfig, Wav2Vec2ForCTC
@@ -185,18 +185,6 @@ def measure_memory(width: str, layers: int, variants: list[str], args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
-
-
-def describe_machine(args) -> str:
-    if args.device == "cuda":
-        return f"{torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {args.threads} torch thread(s), {args.dtype}, torch {torch.__version__}"
 
 
 def markdown(result: dict) -> str:
