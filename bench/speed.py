@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import describe_machine
+from bench.common import cpu_peak_mib, describe_machine, run_memory_worker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -240,13 +238,6 @@ def ratio_stats(num: list[float], den: list[float]) -> dict:
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_worker(spec: dict) -> dict:
     """Peak memory of one step (run in a fresh process): bytes above the resting process, see the docstring."""
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
@@ -262,25 +253,20 @@ def memory_worker(spec: dict) -> dict:
             runner.step(batch)
         torch.cuda.synchronize()
         return {"rest_mib": rest / 2**20, "peak_mib": (torch.cuda.max_memory_allocated() - rest) / 2**20}
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak RSS) to the current RSS
-    rest = _rss_kib("VmRSS")
-    for _ in range(2):  # the first step also allocates the optimizer state and any cache (masks, weights)
-        runner.step(batch)
-    return {"rest_mib": rest / 1024, "peak_mib": (_rss_kib("VmHWM") - rest) / 1024}
+
+    def two_steps():  # the first step also allocates the optimizer state and any cache (masks, weights)
+        for _ in range(2):
+            runner.step(batch)
+    rest, peak = cpu_peak_mib(two_steps)
+    return {"rest_mib": rest, "peak_mib": peak}
 
 
 def measure_memory(path: Path, seconds, runs, args) -> dict:
     out = {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for impl, mode in runs:
         spec = dict(impl=impl, mode=mode, path=str(path), seconds=seconds, device=args.device, dtype=args.dtype,
                     threads=args.threads)
-        proc = subprocess.run([sys.executable, "-m", "bench.speed", "--memory-worker", json.dumps(spec)], env=env,
-                              cwd=REPO, capture_output=True, text=True, timeout=900)
-        if proc.returncode:
-            raise RuntimeError(f"memory worker {impl} {mode} failed:\n{proc.stderr[-2000:]}")
-        out[f"{impl} {mode}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[f"{impl} {mode}"] = run_memory_worker("bench.speed", spec, f"{impl} {mode}", cwd=REPO)
     return out
 
 

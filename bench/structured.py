@@ -24,20 +24,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import describe_machine
+from bench.common import cpu_peak_mib, describe_machine, run_memory_worker
 from s3r.checkpoint import architecture
 from s3r.compact import compact, fold_masks, parameter_counts, to_semi_structured
 from s3r.model import RouteConfig, Wav2Vec2ForCTC
@@ -146,13 +142,6 @@ def ratio(num: list[float], den: list[float]) -> dict:
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def memory_worker(spec: dict) -> dict:
     """Peak memory of one forward of one variant and part, above the process with its model loaded (fresh process)."""
     torch.set_num_threads(spec["threads"])
@@ -162,25 +151,18 @@ def memory_worker(spec: dict) -> dict:
     del dense
     inputs = make_inputs(model, spec["seconds"], device, dtype)
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-    rest = _status_kib("VmRSS")
-    run_part(model, spec["part"], inputs)
-    return {"peak_mib": (_status_kib("VmHWM") - rest) / 1024}
+    _, peak = cpu_peak_mib(lambda: run_part(model, spec["part"], inputs))
+    return {"peak_mib": peak}
 
 
 def measure_memory(width: str, layers: int, variants: list[str], args) -> dict:
     out = {}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     for variant in variants:
         for part in PARTS:
             spec = dict(width=width, layers=layers, variant=variant, part=part, seconds=args.seconds,
                         device=args.device, dtype=args.dtype, threads=args.threads)
-            proc = subprocess.run([sys.executable, "-m", "bench.structured", "--memory-worker", json.dumps(spec)],
-                                  env=env, capture_output=True, text=True, timeout=900)
-            if proc.returncode:
-                raise RuntimeError(f"memory worker {width} {variant} {part} failed:\n{proc.stderr[-2000:]}")
-            out.setdefault(variant, {})[part] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"]
+            out.setdefault(variant, {})[part] = run_memory_worker("bench.structured", spec,
+                                                                  f"{width} {variant} {part}")["peak_mib"]
     return out
 
 
