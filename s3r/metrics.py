@@ -18,6 +18,7 @@ lower than fairseq's count over raw ids.
 import jiwer
 
 from .errors import S3RError
+from .text import split_units
 
 SEPARATOR = "|"  # fairseq's word boundary unit in .ltr labels and letter dictionaries
 
@@ -54,11 +55,9 @@ def error_rates(refs: list[str], hyps: list[str]) -> dict:
 
 def ctc_units(text: str, units: str = "letter") -> list[str]:
     """The units fairseq's CTC criterion compares: "HI YOU" -> H I | Y O U |; phones as given, `|` kept."""
-    if units == "phone":
-        return text.split()
-    if units in ("letter", "char"):
-        return [u for word in text.split() for u in [*word, SEPARATOR]]
-    raise S3RError(f"uer: units must be 'letter', 'char' or 'phone', not {units!r}")
+    if units not in ("letter", "char", "phone"):
+        raise S3RError(f"uer: units must be 'letter', 'char' or 'phone', not {units!r}")
+    return split_units(text, units, SEPARATOR)  # as Vocabulary.tokenize builds the training targets
 
 
 def uer(refs: list[str], hyps: list[str], units: str = "letter") -> float:

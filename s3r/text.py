@@ -71,6 +71,16 @@ def _read_text(path: str) -> str:
         raise S3RError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
 
 
+def split_units(text: str, units: str, word_sep: str | None = "|") -> list[str]:
+    """A (normalized) transcript as CTC units, fairseq .ltr style: letters and characters one by one with
+    `word_sep` after every word, the last included ("HI YOU" -> H I | Y O U |); phones as they are space
+    separated (they carry their own "|" between words)."""
+    if units == "phone":
+        return text.split()
+    sep = [word_sep] if word_sep else []
+    return [u for word in text.split() for u in [*word, *sep]]
+
+
 class Vocabulary:
     """CTC output units: `symbols[i]` is the label of logit i; index 0 is the blank."""
 
@@ -102,10 +112,7 @@ class Vocabulary:
         """Split a (normalized) transcript into units, fairseq .ltr style for letters and characters."""
         if self.units == "spm":
             return self._sp.encode(text, out_type=str)
-        if self.units == "phone":
-            return text.split()  # phone transcripts are space separated, with "|" between words
-        sep = [self.word_sep] if self.word_sep else []
-        return [u for word in text.split() for u in [*word, *sep]]  # "HI YOU" -> H I | Y O U |
+        return split_units(text, self.units, self.word_sep)
 
     def encode(self, text: str, where: str | None = None, allow_unk: bool = False) -> list[int]:
         """Unit ids of a transcript; an unknown unit raises OutOfVocabularyError naming it and `where`."""
