@@ -323,7 +323,7 @@ def _espeak() -> tuple[str, str, frozenset[str]]:
     return (exe, *_espeak_info(exe))
 
 
-def _ipa_phones(ipa: str) -> str:
+def ipa_phones(ipa: str) -> str:
     """espeak-ng `--ipa --sep=_` output -> "p h o n e s | p h o n e s": stress marks and language switches
     ("(en)") removed, as phonemizer does; espeak's lines (one per clause) joined."""
     words = []
@@ -350,7 +350,7 @@ def phonemize(sentences: list[str], voice: str) -> dict[str, str]:
                              capture_output=True, text=True)
         if res.returncode:
             raise DataError(f"espeak-ng -v {voice} failed on {text[:40]!r}: {res.stderr.strip()[:200]}")
-        return _ipa_phones(res.stdout)
+        return ipa_phones(res.stdout)
 
     if todo:
         with ThreadPoolExecutor(IO_THREADS) as pool:  # espeak-ng runs in child processes: threads overlap them

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from s3r.data import ipa_phones
 from s3r.text import normalize_text
 
 ESPEAK_RATE = 22050  # espeak-ng writes 22.05 kHz 16-bit mono
@@ -109,17 +110,6 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None
 
 
-def ipa_to_phones(ipa: str) -> str:
-    """espeak-ng `--ipa --sep=_` output -> "p h o n e s | p h o n e s" (stress and language switches removed)."""
-    ipa = re.sub(r"\([a-z-]+\)", " ", ipa)  # "(en)" marks where espeak switched language mid sentence
-    words = []
-    for word in ipa.split():
-        phones = [p.replace("ˈ", "").replace("ˌ", "") for p in word.split("_")]
-        if phones := [p for p in phones if p]:
-            words.append(" ".join(phones))
-    return " | ".join(words)
-
-
 def speak(text: str, voice: str, variant: str, speed: int, pitch: int) -> tuple[np.ndarray, str]:
     """One utterance: (float32 samples at 22.05 kHz, phone transcript). One espeak-ng process gives both."""
     if voice == "tone" or not espeak_available():
@@ -133,7 +123,7 @@ def speak(text: str, voice: str, variant: str, speed: int, pitch: int) -> tuple[
             raise RuntimeError(f"espeak-ng -v {voice} failed: {res.stderr.strip() or res.returncode}")
         audio, rate = sf.read(wav, dtype="float32")
     assert rate == ESPEAK_RATE, rate
-    return audio, ipa_to_phones(res.stdout)
+    return audio, ipa_phones(res.stdout)
 
 
 def tones(text: str, pitch: int) -> np.ndarray:
