@@ -48,6 +48,13 @@ def tiny_model(variant: str, seed: int = 0) -> Wav2Vec2ForCTC:
     return Wav2Vec2ForCTC(Wav2Vec2Config(**{**cfg, **VARIANTS[variant]}))
 
 
+@pytest.fixture(autouse=True)
+def speed_paths_on(monkeypatch):
+    """These tests exercise the speed paths (the `reference` fixture turns them off where a test compares), so they
+    run the same whether or not the suite itself runs with S3R_REFERENCE=1."""
+    monkeypatch.setattr(fast, "_enabled", True)
+
+
 @pytest.fixture
 def reference(monkeypatch):
     """Call with True to run the reference alone, False for the speed paths."""
