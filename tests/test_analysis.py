@@ -102,7 +102,6 @@ def cli(*args):
 
 
 def test_cli_similarity_with_reference_and_plot(route_files, tmp_path):
-    pytest.importorskip("matplotlib")
     from s3r.checkpoint import save_atomic
     from s3r.routes import omp, route_from_model
 

@@ -94,15 +94,24 @@ def test_vocabulary_errors_are_one_line(fairseq_ctc, tiny_init, corpus_root, tmp
     assert len(errors) == 3 and "--dict" in errors[0] and "symbols" in errors[1] and "no CTC head" in errors[2]
 
 
-def test_beam_search_needs_flashlight_text(fairseq_ctc, corpus_root, tmp_path, capsys):
-    try:
-        from torchaudio.models.decoder import ctc_decoder  # noqa: F401
-        pytest.skip("flashlight-text is installed")
-    except (ImportError, RuntimeError):
-        pass
+def test_beam_search_needs_flashlight_text(fairseq_ctc, corpus_root, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torchaudio.models.decoder", None)  # as on a machine without flashlight-text
     assert run_eval(tmp_path, fairseq_ctc, corpus_root, "--kenlm", tmp_path / "lm.bin")[0] == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "flashlight-text" in err[0]
+
+
+def test_lexicon_and_kenlm_beam_search(fairseq_ctc, corpus_root, tmp_path):
+    from test_decode import write_lexicon_and_lm
+    words = {"THE": -0.5, "BIRCH": -1.0, "CANOE": -1.0, "SLID": -1.0}
+    lexicon, lm = write_lexicon_and_lm(tmp_path, words)
+    code, out, rows = run_eval(tmp_path, fairseq_ctc, corpus_root, "--lexicon", lexicon, "--kenlm", lm, "--beam", 5)
+    assert code == 0 and out["decoder"] == "beam" and len(rows) == 4
+    hyp_words = {w for _, _, h in rows for w in h.split()}
+    assert hyp_words <= set(words)  # a lexicon beam search spells only lexicon words (random weights: any of them)
+    refs, hyps = [r for _, r, _ in rows], [h for _, _, h in rows]
+    assert out["wer"] == pytest.approx(rate(refs, hyps, str.split))
 
 
 @pytest.mark.slow

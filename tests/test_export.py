@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from s3r import Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
 from s3r.checkpoint import s3r_checkpoint, save_atomic
 from s3r.export import export_hf, main
-
-transformers = pytest.importorskip("transformers")
 
 VARIANTS = {  # our config overrides -> the transformers class that must reproduce it
     "wav2vec2-base": ({}, "Wav2Vec2ForCTC"),
