@@ -69,6 +69,10 @@ class Wav2Vec2Config:
     # per-layer sizes of a model cut down by s3r/compact.py (None: all alike); no fairseq or HF field. Head size stays.
     intermediate_sizes: tuple | None = None
     num_heads_per_layer: tuple | None = None
+    # utterance classification (s3r/classify.py); labels None: not a classifier
+    labels: tuple | None = None  # class names in output order; HF id2label of *ForSequenceClassification
+    classifier_proj_size: int = 256  # HF classifier_proj_size: the projector's width, before mean pooling
+    use_weighted_layer_sum: bool = False  # HF use_weighted_layer_sum: softmax(layer_weights) over all hidden states
 
     def __post_init__(self):
         self.conv_dim, self.conv_kernel, self.conv_stride = (
@@ -85,6 +89,8 @@ class Wav2Vec2Config:
             if (sizes := getattr(self, name)) is not None and (len(sizes) != self.num_hidden_layers or min(sizes) < 1):
                 raise ConfigError(f"{name} needs {self.num_hidden_layers} values >= 1, not {list(sizes)}")
             setattr(self, name, None if sizes is None else tuple(int(v) for v in sizes))
+        if self.labels is not None:
+            self.labels = tuple(str(v) for v in self.labels)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -435,7 +441,9 @@ class Encoder(nn.Module):
         self.layer_norm_first, self.layerdrop = c.layer_norm_first, c.layerdrop
         self.gradient_checkpointing = c.gradient_checkpointing
 
-    def forward(self, x, padding_mask=None):  # x (B, T, C); padding_mask (B, T) True at padded frames
+    def forward(self, x, padding_mask=None, hidden_states=None):  # x (B, T, C); padding_mask (B, T)
+        """padding_mask: True at padded frames; hidden_states: a list to collect each block's input and the
+        output in (HF output_hidden_states)."""
         key_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, T)
         if padding_mask is not None:  # padding must not leak into the positional conv
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -445,11 +453,16 @@ class Encoder(nn.Module):
         x = self.dropout(x)
         drop = self.layerdrop if self.training else 0.0  # LayerDrop (Fan et al. 2019): skip whole blocks at random
         layers = [layer for layer in self.layers if not (drop > 0 and torch.rand(()) < drop)]
-        if fast.packs_frames(x, padding_mask):  # fast.py: the blocks see only the valid frames, packed (N, C)
+        if fast.packs_frames(x, padding_mask) and hidden_states is None:  # fast.py: valid frames, packed
             x = fast.run_packed(layers, x, padding_mask, self.run)
         else:
-            for layer in layers:
-                x = self.run(layer, x, key_mask)
+            for layer in self.layers:
+                if hidden_states is not None:
+                    hidden_states.append(x)
+                if any(layer is kept for kept in layers):
+                    x = self.run(layer, x, key_mask)
+        if hidden_states is not None:  # the last block's output: pre-LN, before the final LayerNorm as in
+            hidden_states.append(x)  # transformers 5 (4.x recorded the normed output)
         if self.layer_norm_first:
             x = self.layer_norm(x)
         return x if padding_mask is None else x.masked_fill(padding_mask.unsqueeze(-1), 0.0)  # padded frames: 0
@@ -521,6 +534,13 @@ class Wav2Vec2ForCTC(nn.Module):
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
         """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,)."""
+        x, out_lengths, padding_mask = self.embed(wav, lengths)
+        out = x if self.lm_head is None else self.ctc_logits(self.lm_head(self.final_dropout(x)), padding_mask)
+        return out, out_lengths
+
+    def embed(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, hidden_states: list | None = None):
+        """The encoder without a head -> (B, T, C), out_lengths (B,), padding_mask (B, T) True at pads, or None.
+        `hidden_states`: a list that collects every block's input and the encoder output (see Encoder.forward)."""
         if wav.dim() != 2:
             raise ShapeError(f"expected a (batch, samples) waveform, got shape {tuple(wav.shape)}")
         if lengths is None:
@@ -534,9 +554,8 @@ class Wav2Vec2ForCTC(nn.Module):
         padding_mask = padding_mask if bool(padding_mask.any()) else None
         if self.training and self.config.apply_spec_augment:
             x = self.spec_augment(x, None if padding_mask is None else out_lengths)
-        x = self.encoder(x, padding_mask)  # (B, T, C)
-        out = x if self.lm_head is None else self.ctc_logits(self.lm_head(self.final_dropout(x)), padding_mask)
-        return out, out_lengths
+        x = self.encoder(x, padding_mask, hidden_states)  # (B, T, C)
+        return x, out_lengths, padding_mask
 
     def spec_augment(self, x, lengths):  # (B, T, C); lengths (B,) valid frames, None when none is padded
         """Time spans -> the learned mask embedding, then channel spans -> 0 (fairseq mask_channel_before False)."""
