@@ -42,26 +42,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from s3r import cluster
 from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
-from s3r.data import SAMPLE_RATE, make_loader, resolve_corpus, set_epoch
-from s3r.decode import transcribe
+from s3r.classify import is_head
+from s3r.data import SAMPLE_RATE, make_loader, set_epoch
 from s3r.errors import S3RError
-from s3r.metrics import score
 from s3r.recipe import (
     RunLog,
     TrainConfig,
-    best_metric,
-    build_model,
+    build_for,
     config_values,
-    ctc_loss_sum,
     default_valid,
+    improves,
     parse_config,
+    resolve_data,
     rng_state,
     runtime,
     seed_update,
     set_rng_state,
+    task_functions,
     tri_stage_lr,
 )
-from s3r.text import Vocabulary
 
 
 @dataclass
@@ -89,14 +88,15 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
     # model: the init checkpoint, rebuilt with the recipe's regularisation, a CTC head and (mask mode) routed
     torch.manual_seed(cfg.seed)  # the same fresh head and initial scores on every rank
     units = None if cfg.units == "auto" else cfg.units
-    corpus = resolve_corpus(cfg.data, cfg.data_root, cfg.skip_bad, units)
+    corpus = resolve_data(cfg.data, cfg.data_root, cfg.skip_bad, units)  # transcribed, or a classification set
     if not corpus.utterances:
         raise S3RError(f"{cfg.data}: no utterances under {cfg.data_root}")
-    model, vocab, pretrained = build_model(cfg, corpus, Vocabulary.from_dict(ckpt["vocab"]) if ckpt else None)
+    model, vocab, pretrained = build_for(cfg, corpus, ckpt)  # vocab: a Vocabulary (CTC) or the class Labels
     # The fingerprint of the frozen weights as loaded: with co_train or trainable_pos some of them train later.
     pretrained_sha = weights_fingerprint(model) if pretrained else None
     model = model.to(device)
-    metric = best_metric(cfg.best_metric, vocab.units)
+    task = task_functions(cfg, vocab)  # CTC or cross-entropy; WER-like or accuracy
+    metric = task.metric
 
     # ------------------------------------------------------------------------------------------------------------
     # data: every rank gets the same number of batches (TokenBatchSampler pads the epoch), DDP never waits forever
@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
     valid_loader = None
     if valid_name:
         try:
-            valid = resolve_corpus(valid_name, cfg.data_root, cfg.skip_bad, units)
+            valid = resolve_data(valid_name, cfg.data_root, cfg.skip_bad, units, getattr(vocab, "labels", None))
         except S3RError as e:
             if cfg.valid != "auto":
                 raise
@@ -174,14 +174,15 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
     # ------------------------------------------------------------------------------------------------------------
     # validation and checkpoints
     def validate() -> dict:
-        """Greedy-decode the validation set (sharded over ranks); every rank gets the scores of all of it."""
+        """Greedy-decode (classify) the validation set, sharded over ranks; every rank gets the scores of all."""
         with cluster.signals_deferred():  # the loader forks its workers in there
-            rows = transcribe(model, valid_loader, vocab, device, autocast)
-        return score([r for part in cluster.gather(rows, ddp, world) for r in part], vocab.units)
+            rows = task.predict(model, valid_loader, vocab, device, autocast)
+        return task.score([r for part in cluster.gather(rows, ddp, world) for r in part])
 
     def report(metrics: dict) -> None:
         out.log({"valid": valid_name, "update": progress.update, **metrics, "best": progress.best})
-        rates = " | ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("wer", "cer", "uer", "per") if k in metrics)
+        rates = " | ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("wer", "cer", "uer", "per", "accuracy")
+                          if k in metrics)
         best = "-" if progress.best is None else f"{100 * progress.best:.2f}"
         out.write(f"valid {valid_name} | update {progress.update} | {rates} | best {metric} {best} | "
                   f"{metrics['utterances']} utterances")
@@ -199,7 +200,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
         if ckpt["pretrained"] is not None:  # of the weights as loaded (trained ones are stored in "model" anyway)
             ckpt["pretrained"]["sha256"] = pretrained_sha
         state = model.state_dict()  # a fresh head or mask embedding is not in the pretrained file, trained or not
-        ckpt["model"].update({k: v for k, v in state.items() if k.startswith("lm_head.") or k == "masked_spec_embed"})
+        ckpt["model"].update({k: v for k, v in state.items() if is_head(k) or k == "masked_spec_embed"})
         for name in names:
             save_atomic(ckpt, os.path.join(cfg.save_dir, name))
         cluster.prune_numbered(cfg.save_dir, cfg.keep_interval_updates)
@@ -259,7 +260,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
                                      for k, v in batch.items()}
                             with autocast():
                                 logits, out_lengths = net(batch["wav"], batch["lengths"])  # (B, T, V), (B,)
-                            loss = ctc_loss_sum(logits, out_lengths, batch)
+                            loss = task.loss(logits, out_lengths, batch)
                             stats[0] += loss.item()
                             stats[1] += len(batch["ids"])
                             stats[2] += float(batch["lengths"].sum()) / SAMPLE_RATE
@@ -306,7 +307,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
                 saving, best = stopping or done or interval or bool(stats[5] > 0), False
                 if valid_loader is not None and (interval or done or progress.update % cfg.validate_interval == 0):
                     metrics = validate()
-                    if saving and (progress.best is None or metrics[metric] < progress.best):
+                    if saving and improves(task, metrics[metric], progress.best):
                         progress.best, best = metrics[metric], True
                     report(metrics)
                 if saving:

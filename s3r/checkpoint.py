@@ -460,7 +460,8 @@ def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab: Vocabulary | None = None, pretr
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     return {"format": S3R_FORMAT, "version": 1, "config": model.config.to_dict(),
             "route": asdict(model.route_config) if model.route_config is not None else None,
-            "vocab": vocab.to_dict() if vocab is not None else None, "pretrained": ref, "model": state, **extra}
+            "vocab": vocab.to_dict() if isinstance(vocab, Vocabulary) else None,  # a classifier's labels: config
+            "pretrained": ref, "model": state, **extra}
 
 
 def save_atomic(obj: object, path: str | Path) -> None:

@@ -99,8 +99,8 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
     from safetensors.torch import save_file  # only this export needs safetensors
 
     if model.lm_head is None and model.config.labels is None:
-        raise S3RError(f"{getattr(model, 'source', 'model')} has no head; the Hugging Face export is a *ForCTC or "
-                       f"*ForSequenceClassification model")
+        raise S3RError(f"{getattr(model, 'source', 'model')} has no CTC head (nor a classifier); the Hugging Face "
+                       f"export is a *ForCTC or *ForSequenceClassification model")
     model_type = model_type or hf_model_type(model.config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
