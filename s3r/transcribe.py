@@ -282,8 +282,8 @@ def transcribe_files(routes: Routes, files: list[tuple[str, str | None]], *, def
             raise S3RError(f"no route {route!r} in {routes.path}; it has {', '.join(routes.names)}")
         wanted.append(route)
     # disable=None: tqdm shows the bar only when stderr is a terminal
-    bar = tqdm(total=len(files) + wanted.count(AUTO), disable=True if not progress or len(files) < 2 else None, unit="file",
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(files) + wanted.count(AUTO), disable=True if not progress or len(files) < 2 else None,
+               unit="file", dynamic_ncols=True, file=sys.stderr)
     common = dict(chunk_s=chunk_s, stride_s=stride_s, device=routes.device, batch_size=batch_size,
                   progress=bar.update)
     auto = [i for i, r in enumerate(wanted) if r == AUTO]
