@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from torchaudio.functional import edit_distance
 
 import eval as s3r_eval
@@ -120,3 +121,23 @@ def test_cli_prints_wer(fairseq_ctc, corpus_root, run_cli, tmp_path):
                   "--json", str(tmp_path / "o.json"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("dev-other: WER ") and json.loads((tmp_path / "o.json").read_text())["utterances"] == 4
+
+
+@pytest.mark.slow
+def test_scores_do_not_depend_on_the_batch_size(tmp_path):
+    """The demo backbone has a group-norm first conv: padding an utterance into a longer batch must not change its
+    logits, so the hypotheses and scores are the same at any --batch-seconds (1 utterance a batch up to all 24)."""
+    from s3r.recipe import DEMO_BACKBONE
+    vocab = Vocabulary.from_fairseq_dict(str(DEMO_BACKBONE.parent / "dict.phn.txt"))
+    torch.manual_seed(0)
+    model = load_pretrained(DEMO_BACKBONE, vocab_size=len(vocab))  # a random head: many frames near a tie
+    model.vocab = vocab
+    save_atomic(s3r_checkpoint(model), tmp_path / "demo.pt")
+    runs = []
+    for seconds in (5, 25, 200):
+        code = s3r_eval.main(["--checkpoint", str(tmp_path / "demo.pt"), "--data", "demo-test", "--num-workers", "0",
+                              "--batch-seconds", str(seconds), "--hyp", str(tmp_path / "hyp.tsv")])
+        assert code == 0
+        runs.append((tmp_path / "hyp.tsv").read_text(encoding="utf-8"))
+    assert len(runs[0].splitlines()) == 24 and any(line.split("\t")[2] for line in runs[0].splitlines())
+    assert runs[0] == runs[1] == runs[2]
