@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-s", type=float, default=30.0, help="longer recordings are cut into windows of this many "
                    "seconds (0: never)")
     p.add_argument("--stride-s", type=float, default=None, help="overlap on each side of a window (default chunk-s/6)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (padded; group-norm feature "
-                   "extractors, as wav2vec2-base's, then see the padding, as in fairseq and transformers)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (zero-padded to the longest; "
+                   "padding changes no output)")
     p.add_argument("--dict", default=None, help="vocabulary of a checkpoint that has none inside")
     p.add_argument("--lexicon", action="append", metavar="[ROUTE=]FILE", help="word lexicon for beam search (per "
                    "route with ROUTE=; repeatable)")
