@@ -593,9 +593,13 @@ class Wav2Vec2ForCTC(nn.Module):
     def route(self, cfg: RouteConfig, init_scores: bool = True) -> Wav2Vec2ForCTC:
         """Mask mode: scores for the routed layers, everything `cfg` does not train frozen. `init_scores=False` only
         makes score tensors (to be loaded); weight-based inits read the weights present now (load them first)."""
-        for name, module in self.routable_layers(cfg).items():
+        layers = self.routable_layers(cfg)
+        for name, module in layers.items():
             module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale,
                          *self._groups(name, module, cfg.route_granularity))
+        for module in self.routed().values():  # routed before (an installed route), not by `cfg`: dense again
+            if all(module is not m for m in layers.values()):
+                module._init_routing()
         self.route_config = cfg
         for name, p in self.named_parameters():
             p.requires_grad_(self._trains_in_mask_mode(name, cfg))
