@@ -58,11 +58,12 @@ LANGUAGES = {  # espeak-ng voice -> a few everyday sentences in that language
 }
 
 
-def _say(jobs: list[tuple], workers: int) -> list[np.ndarray]:
-    """[(text, voice, variant, speed, pitch)] -> 16 kHz float32 audio of each."""
+def _say(jobs: list[tuple], workers: int, tone: bool = False) -> list[np.ndarray]:
+    """[(text, voice, variant, speed, pitch)] -> 16 kHz float32 audio of each; `tone`: synth_corpus's tone stand-in
+    (fast; enough for layout tests, not for learning)."""
     def run(job):
         text, voice, variant, speed, pitch = job
-        return resample(speak(text, voice, variant, speed, pitch)[0], RATE)
+        return resample(speak(text, "tone" if tone else voice, variant, speed, pitch)[0], RATE)
     with ThreadPoolExecutor(workers) as pool:  # espeak-ng runs in child processes
         return list(pool.map(run, jobs))
 
@@ -77,7 +78,8 @@ def _speakers(rng: random.Random, n: int) -> list[tuple[str, int]]:
     return [(VARIANTS[k % len(VARIANTS)], 25 + (k * 37 + rng.randint(0, 9)) % 50) for k in range(n)]
 
 
-def keywords(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4) -> Path:
+def keywords(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4,
+             tone: bool = False) -> Path:
     """Speech Commands v0.01 layout; speakers 0-5 train, 6 dev, 7 test (per word, `per_class` files in all)."""
     rng, folder = random.Random(seed), out / "speech_commands_v0.01"
     speakers = _speakers(rng, 8)
@@ -89,7 +91,7 @@ def keywords(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4) -> 
             jobs.append((word, "en-us", variant, rng.randint(150, 200), pitch))
             names.append((word, f"{spk:08x}_nohash_{n}.wav", spk))
     dev, test = [], []
-    for (word, name, spk), audio in zip(names, _say(jobs, workers), strict=True):
+    for (word, name, spk), audio in zip(names, _say(jobs, workers, tone), strict=True):
         clip = np.zeros(RATE, dtype=np.float32)  # 1 s, the word somewhere inside, as the real clips
         audio = audio[:RATE]
         start = rng.randint(0, RATE - len(audio))
@@ -109,7 +111,8 @@ def keywords(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4) -> 
     return folder
 
 
-def voices(out: Path, speakers: int = 4, per_class: int = 8, seed: int = 0, workers: int = 4) -> Path:
+def voices(out: Path, speakers: int = 4, per_class: int = 8, seed: int = 0, workers: int = 4,
+           tone: bool = False) -> Path:
     """VoxCeleb1 identification layout: per speaker `per_class` utterances over 4 videos; iden_split 1/2/3."""
     rng, folder = random.Random(seed), out / "VoxCeleb1"
     styles = _speakers(rng, speakers)
@@ -119,13 +122,14 @@ def voices(out: Path, speakers: int = 4, per_class: int = 8, seed: int = 0, work
             jobs.append((SENTENCES[(s + 3 * n) % len(SENTENCES)], "en-us", variant, rng.randint(150, 190), pitch))
             split = "2" if n == per_class - 2 else "3" if n == per_class - 1 else "1"
             rows.append((split, f"id{10001 + s}/vid{n % 4:02d}/{n + 1:05d}.wav"))
-    for (_, rel), audio in zip(rows, _say(jobs, workers), strict=True):
+    for (_, rel), audio in zip(rows, _say(jobs, workers, tone), strict=True):
         _write(folder / "wav" / rel, audio)
     (folder / "iden_split.txt").write_text("".join(f"{split} {rel}\n" for split, rel in rows))
     return folder
 
 
-def intents(out: Path, per_class: int = 6, seed: int = 0, workers: int = 4) -> Path:
+def intents(out: Path, per_class: int = 6, seed: int = 0, workers: int = 4,
+            tone: bool = False) -> Path:
     """Fluent Speech Commands layout: per intent `per_class` utterances; the last two speakers are valid / test."""
     rng, folder = random.Random(seed), out / "fluent_speech_commands_dataset"
     styles = _speakers(rng, per_class)
@@ -137,7 +141,7 @@ def intents(out: Path, per_class: int = 6, seed: int = 0, workers: int = 4) -> P
             split = "valid" if n == per_class - 2 else "test" if n == per_class - 1 else "train"
             rows.append((split, f"wavs/speakers/spk{n:02d}/{i:03d}-{n:02d}.wav", f"spk{n:02d}", text, action, obj,
                          location))
-    for row, audio in zip(rows, _say(jobs, workers), strict=True):
+    for row, audio in zip(rows, _say(jobs, workers, tone), strict=True):
         _write(folder / row[1], audio)
     for split in ("train", "valid", "test"):
         lines = [",path,speakerId,transcription,action,object,location\n"]
@@ -148,7 +152,8 @@ def intents(out: Path, per_class: int = 6, seed: int = 0, workers: int = 4) -> P
     return folder
 
 
-def languages(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4) -> Path:
+def languages(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4,
+              tone: bool = False) -> Path:
     """Language ID manifest: per language `per_class` utterances (sentences x speakers); two each for valid, test."""
     rng, folder = random.Random(seed), out / "lid"
     styles = _speakers(rng, per_class)
@@ -159,7 +164,7 @@ def languages(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4) ->
             jobs.append((sentences[n % len(sentences)], lang, variant, rng.randint(150, 190), pitch))
             split = "valid" if n == per_class - 2 else "test" if n == per_class - 1 else "train"
             rows.append((split, f"audio/{lang}/{n:03d}.wav", lang))
-    for row, audio in zip(rows, _say(jobs, workers), strict=True):
+    for row, audio in zip(rows, _say(jobs, workers, tone), strict=True):
         _write(folder / row[1], audio)
     for split in ("train", "valid", "test"):
         (folder / f"{split}.tsv").write_text("path\tlabel\n" + "".join(
@@ -176,8 +181,9 @@ def main(argv=None):
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--per-class", type=int, default=8, help="utterances per class (the last two: dev and test)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tone", action="store_true", help="tones instead of espeak-ng speech (layout tests only)")
     a = p.parse_args(argv)
-    folder = TASKS[a.task](Path(a.out), per_class=a.per_class, seed=a.seed)
+    folder = TASKS[a.task](Path(a.out), per_class=a.per_class, seed=a.seed, tone=a.tone)
     print(f"wrote {a.task} under {folder}")
 
 
