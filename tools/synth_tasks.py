@@ -19,15 +19,13 @@ intents), the same speakers where it does not (VoxCeleb1 identification: a speak
 """
 import argparse
 import random
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.synth_corpus import SENTENCES, VARIANTS, resample, speak  # noqa: E402
+from tools.synth_corpus import SENTENCES, VARIANTS, resample, speak
 
 RATE = 16000
 UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "happy", "house")
