@@ -811,7 +811,7 @@ def main(argv=None):
     if stage("demo"):
         make_demo(out)
     if stage("backbone") and not BACKBONE.exists():
-        run_logged(python_cmd("-m", "tools.pretrain_backbone", "--data-root", corpus_root(out),
+        run_logged(python_cmd("-m", "tools.pretrain_supervised", "--data-root", corpus_root(out),
                               "--out", out / "backbone",
                               "--save", BACKBONE), out / "backbone.log", 2)
     if stage("grid"):
