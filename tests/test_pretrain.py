@@ -66,10 +66,12 @@ def test_pretraining_without_transcripts_gives_a_hubert_checkpoint_s3r_loads(unl
 
 
 @pytest.mark.slow
-def test_interrupted_pretraining_resumes_to_the_same_weights(unlabelled, tmp_path):
+def test_interrupted_pretraining_resumes_to_the_same_weights_export_now_included(unlabelled, tmp_path):
     pretrain(unlabelled, tmp_path / "whole", "--max-updates", "3")
     pretrain(unlabelled, tmp_path / "parts", "--max-updates", "3", "--max-minutes", "0")  # stops after update 1
     assert torch.load(tmp_path / "parts" / "state.pt", weights_only=False)["step"] == 1
+    pretrain(unlabelled, tmp_path / "parts", "--max-updates", "3", "--export-now")  # a checkpoint of update 1
+    assert json.loads((tmp_path / "parts" / "report.json").read_text())["updates"] == 1
     pretrain(unlabelled, tmp_path / "parts", "--max-updates", "3")
     a = torch.load(tmp_path / "whole" / "state.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "parts" / "state.pt", weights_only=False)["model"]

@@ -303,12 +303,12 @@ def main(argv=None):
     p.add_argument("--label-layer", type=int, default=2, help="iteration 2: which layer (0: before the transformer)")
     p.add_argument("--units", type=int, default=UNITS, help="k-means clusters (HuBERT iteration 1: 100)")
     p.add_argument("--kmeans-frames", type=int, default=200000, help="frames sampled to fit k-means")
-    p.add_argument("--max-updates", type=int, default=6000)
+    p.add_argument("--max-updates", type=int, default=1600)
     p.add_argument("--max-minutes", type=float, default=1e9, help="stop (resumably) after this much wall time")
     p.add_argument("--batch-seconds", type=float, default=16.0, help="padded audio seconds per batch")
     p.add_argument("--crop-seconds", type=float, default=5.0, help="longer clips are cut at a random offset")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=400)
+    p.add_argument("--warmup", type=int, default=160)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--valid-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
@@ -316,6 +316,8 @@ def main(argv=None):
                    help="JSON of Wav2Vec2Config fields to change (tests: a tiny transformer); keep the conv stack, "
                         "whose 20 ms frames the targets are computed for")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-now", action="store_true",
+                   help="stop training where the saved state is: validate and write the checkpoint as it is")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     out, data = Path(a.out), Path(a.data)
@@ -349,30 +351,32 @@ def main(argv=None):
         return a.lr * max(0.05, 1 - (step - a.warmup) / max(1, a.max_updates - a.warmup))
 
     state_path = out / "state.pt"
-    step, epoch, pos, seconds, log = 0, 0, 0, 0.0, []
+    step, epoch, pos, seconds, cpu, log = 0, 0, 0, 0.0, 0.0, []
     rng = random.Random(a.seed)
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
         head.load_state_dict(st["head"])
         opt.load_state_dict(st["opt"])
-        step, epoch, pos, seconds, log = st["step"], st["epoch"], st["pos"], st["seconds"], st["log"]
+        step, epoch, pos, seconds, cpu, log = (st["step"], st["epoch"], st["pos"], st["seconds"], st["cpu"],
+                                               st["log"])
         rng.setstate(st["py_rng"])
         torch.set_rng_state(st["torch_rng"])
-        print(f"resumed at update {step} (epoch {epoch}, {seconds / 60:.1f} min of training)", flush=True)
+        print(f"resumed at update {step} (epoch {epoch}, {cpu / 60:.1f} CPU min of training)", flush=True)
 
     def save_state():
         save_atomic({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(), "step": step,
-                     "epoch": epoch, "pos": pos, "seconds": seconds, "log": log, "py_rng": rng.getstate(),
+                     "epoch": epoch, "pos": pos, "seconds": seconds, "cpu": cpu, "log": log, "py_rng": rng.getstate(),
                      "torch_rng": torch.get_rng_state(), "args": vars(a)}, state_path)
 
     lengths = [len(c) for c in train]
     crop = int(a.crop_seconds * 16000)
+    max_updates = step if a.export_now else a.max_updates
     model.train()
-    while step < a.max_updates:
+    while step < max_updates:
         order = batches(lengths, a.batch_seconds, random.Random(a.seed * 1000 + epoch))
-        while pos < len(order) and step < a.max_updates:
-            t0 = time.time()
+        while pos < len(order) and step < max_updates:
+            t0, c0 = time.time(), time.process_time()
             idx = order[pos]
             wav, lens, offsets = collate(train, idx, crop, rng)
             tgts = [targets["train"][i][o:] for i, o in zip(idx, offsets, strict=True)]
@@ -384,10 +388,11 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             step, pos = step + 1, pos + 1
-            seconds += time.time() - t0
+            seconds, cpu = seconds + time.time() - t0, cpu + time.process_time() - c0
             if step % 20 == 0:
                 print(f"update {step} epoch {epoch} loss {loss.item():.3f} acc_m {acc.item():.3f} pen {pen.item():.3f} "
-                      f"lr {lr_at(step):.2e} {lens.sum().item() / 16000 / (time.time() - t0):.1f} audio-s/s",
+                      f"lr {lr_at(step):.2e} {lens.sum().item() / 16000 / (time.time() - t0):.1f} audio-s/s "
+                      f"cpu {cpu / 60:.1f} min",
                       flush=True)
                 log.append({"step": step, "loss": round(loss.item(), 4), "acc_m": round(acc.item(), 4)})
             if step % a.valid_every == 0:
@@ -406,7 +411,8 @@ def main(argv=None):
     val = validate(model, head, valid, targets["valid"])
     report = {"objective": "HuBERT masked prediction of k-means units (no transcripts)",
               "iteration": 2 if a.label_model else 1, "targets": info, "updates": step, "epochs": epoch,
-              "train_cpu_minutes": round(seconds / 60, 1), "train_hours": round(hours, 2),
+              "train_cpu_minutes": round(cpu / 60, 1), "train_wall_minutes": round(seconds / 60, 1),
+              "train_hours": round(hours, 2),
               "params": sum(p.numel() for p in model.parameters()), **val,
               "command": " ".join(["python -m tools.pretrain_backbone", *(sys.argv[1:] if argv is None else argv)])}
     ckpt = hubert_checkpoint(model, head, {"miniature": report})
