@@ -29,7 +29,7 @@ from .checkpoint import checkpoint_vocab, load_pretrained
 from .cluster import load_last
 from .compact import fold_masks
 from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus
-from .errors import ConfigError, S3RError
+from .errors import ArgumentParser, ConfigError, S3RError, warn
 from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .text import OutOfVocabularyError, Vocabulary
 
@@ -193,6 +193,9 @@ PRESETS = {
                  validate_interval=50, save_interval=50, validate_before=True, mask_prob=0.3, mask_channel_prob=0.1,
                  mask_channel_length=16, layerdrop=0.05, log_interval=10),
 }
+# (s3r) what a preset changes for --finetune-weights: the demo's lr 1e-2 (S3-Router's, for scores) makes 2M weights
+# diverge, so the head learns alone for the first updates (fairseq freeze_finetune_updates), then everything at 3e-3
+PRESETS_FINETUNE_WEIGHTS = {"demo": dict(lr=3e-3, freeze_finetune_updates=50)}
 _NESTED = ("route", "encoder")
 
 
@@ -217,16 +220,22 @@ def config_from_values(values: dict) -> TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, named as its fairseq option (help texts say which); all default to SUPPRESS."""
-    p = argparse.ArgumentParser(description="Finetune wav2vec 2.0 for CTC with S3-Router masks (or weight "
-                                "finetuning)", epilog="Defaults are base_1h as the upstream README runs it; --preset "
-                                "fills another recipe; flags given explicitly win.")
+    p = ArgumentParser(description="Finetune wav2vec 2.0 for CTC with S3-Router masks (or weight "
+                       "finetuning)", epilog="Defaults are base_1h as the upstream README runs it. --data demo (the "
+                       "default) applies the demo preset unless --preset is given: its values are shown as 'demo: "
+                       "...' ('demo --finetune-weights: ...' where weight finetuning differs). --preset fills another "
+                       "recipe; flags given explicitly win. A resumed run keeps its saved values: no preset applies, "
+                       "flags given again win and are named in one warning line.")
     defaults = config_values(TrainConfig())
     helps = {f.name: f.metadata.get("help") for f in fields(TrainConfig)} | {n: f.help for n, f in MODEL_FLAGS.items()}
+    demo, demo_ft = PRESETS["demo"], PRESETS_FINETUNE_WEIGHTS["demo"]
     groups = {RouteConfig: p.add_argument_group("S3-Router (RouteConfig; its defaults are upstream's README command)"),
               Wav2Vec2Config: p.add_argument_group("encoder regularisation (overrides of the init checkpoint's "
                                                    "Wav2Vec2Config)")}
     for name, default in defaults.items():
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps[name]} (default: {default!r})".replace("%", "%%"))
+        shown = f"default: {default!r}" + (f"; demo: {demo[name]!r}" if name in demo else "") + (
+            f"; demo --finetune-weights: {demo_ft[name]!r}" if name in demo_ft else "")
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps[name]} ({shown})".replace("%", "%%"))
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
@@ -239,16 +248,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | None]:
-    """Defaults < saved config (when resuming) < --preset < explicit flags: (config, checkpoint_last or None)."""
+    """(config, checkpoint_last or None). A new run: defaults < --preset (`--data demo` without one: the demo
+    preset) < explicit flags. A resumed run (checkpoint_last.pt in --save-dir): the config it was started with <
+    explicit flags; no preset applies, and the values the flags change are named in one warning line."""
     given = vars(build_parser().parse_args(argv))
     values = config_values(TrainConfig())
     ckpt = load_last(given.get("save_dir", values["save_dir"]))  # unreadable: names the newest numbered one
-    if ckpt is not None:
-        values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values})
-    preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
-    values.update(PRESETS[preset] if preset else {})
-    values.update(given)
-    return config_from_values(values), ckpt
+    if ckpt is None:
+        preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
+        if preset:
+            values.update(PRESETS[preset])
+            if given.get("finetune_weights", values["finetune_weights"]):
+                values.update(PRESETS_FINETUNE_WEIGHTS.get(preset, {}))
+        return config_from_values({**values, **given}), None
+    # where it was found, whatever folder it was saved in (a run directory may be moved)
+    values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values and k != "save_dir"})
+    values["save_dir"] = given.get("save_dir", values["save_dir"])
+    last = Path(values["save_dir"]) / "checkpoint_last.pt"
+    if given.get("preset", values["preset"]) != values["preset"]:
+        raise ConfigError(f"--preset {given['preset']}: {last} resumes a run started with --preset "
+                          f"{values['preset'] or '(none)'}; a preset does not apply on resume (pass its values as "
+                          f"flags, or use another --save-dir)")
+    norm = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  checkpoints hold tuples as lists
+    changed = [k for k, v in given.items() if norm(v) != norm(values[k])]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {norm(values[k])} -> {norm(given[k])}" for k in changed)
+        warn(f"resuming {last} (update {ckpt['train_state'].get('update', '?')}) with changed values: {flags}")
+    return config_from_values({**values, **given}), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------
