@@ -25,8 +25,8 @@ then the two steps of pruning):
     ... --finetune-weights --final-lr-scale 0.05 --save-dir ft
     ... --init ft/checkpoint_best.pt --prune-rate 0.3 --no-fix-attn \
         --init-score weight_magnitude_with_scale
-Resume: run the same command again with the same --save-dir; flags given again override the
-saved ones.
+Resume: run the same command again with the same --save-dir: the saved config, no preset; a flag
+that changes a saved value wins, and one warning line names every change.
 SIGTERM / Ctrl-C: the current update finishes, checkpoint_last.pt is written, every rank exits 0
 (torchrun itself, signalled, still reports the signal; it waits 30 s for its workers before
 killing them). A rank that dies: the others exit with one line, and under
@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from s3r import cluster
+from s3r import cluster, errors
 from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.data import SAMPLE_RATE, make_loader, resolve_corpus, set_epoch
 from s3r.decode import transcribe
@@ -425,6 +425,7 @@ def start(run: Run, progress: Progress, resumed: bool, out: RunLog,
     if cluster.any_rank(stop.requested, run.ddp, run.device):
         out.warn("stopped by a signal before the first update")
         return False
+    errors.setup_phase(False)  # from here on an error may be one rank's own (its data)
     if cfg.validate_before and progress.update == 0 and run.valid_loader is not None:
         # where training starts (a fresh CTC head: about 100% error); not a best candidate
         report(run, progress, validate(run), out)
@@ -500,6 +501,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
 
 def main(argv: list[str] | None = None) -> int:
     code = 1
+    errors.setup_phase(True)
     try:
         # from the start: a signal during setup stops before the first update
         with cluster.StopSignal() as stop:
@@ -507,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg, ckpt, stop)
         code = 0
     except S3RError as e:
-        rank = cluster.rank()
-        print(f"error: {e}" + (f" (rank {rank})" if rank is not None else ""), file=sys.stderr)
+        # set-up errors once (rank 0), later ones by the rank that met them
+        errors.report(e, cluster.rank())
         code = 2
     except (dist.DistError, RuntimeError) as e:
         # another rank failed (its own message is above) and its connection closed
