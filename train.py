@@ -495,8 +495,21 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
             if step.stop and run.rank == 0:
                 out.warn(f"stopped by a signal at update {progress.update}; "
                          "the same command resumes")
+            if done and not step.stop:
+                out.write(saved_message(cfg, run.valid_name, run.metric, progress.best))
             if step.stop or done:
                 return
+
+
+def saved_message(cfg: TrainConfig, valid_name: str, metric: str, best: float | None) -> str:
+    """The last line of a run: where it saved, and the command that evaluates it."""
+    if best is None:
+        return f"saved {os.path.join(cfg.save_dir, 'checkpoint_last.pt')}"
+    path = os.path.join(cfg.save_dir, "checkpoint_best.pt")
+    data_root = f" --data-root {cfg.data_root}" if cfg.data_root != "." else ""
+    return (f"saved {path} (best {metric} {100 * best:.2f} on {valid_name}) and "
+            f"checkpoint_last.pt; evaluate: "
+            f"python eval.py --checkpoint {path} --data {valid_name}{data_root}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,10 +111,15 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
         if symbols[:4] == ["<s>", "<pad>", "</s>", "<unk>"]:
             symbols[:4] = HF_SPECIALS  # same indices; HF's CTC tokenizer calls the blank (index 0) <pad>
         write_json("vocab.json", {s: i for i, s in enumerate(symbols)})
-        write_json("tokenizer_config.json", {
-            "tokenizer_class": "Wav2Vec2CTCTokenizer", "processor_class": "Wav2Vec2Processor",
-            "unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
-            "word_delimiter_token": vocab.word_sep or "|", "do_lower_case": False})
+        specials = {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+        if vocab.units == "phone":  # phones joined by spaces, "|" kept between words: s3r's decoding (text.py)
+            write_json("tokenizer_config.json", {
+                "tokenizer_class": "Wav2Vec2PhonemeCTCTokenizer", "processor_class": "Wav2Vec2Processor",
+                **specials, "phone_delimiter_token": " ", "word_delimiter_token": None, "do_phonemize": False})
+        else:
+            write_json("tokenizer_config.json", {
+                "tokenizer_class": "Wav2Vec2CTCTokenizer", "processor_class": "Wav2Vec2Processor",
+                **specials, "word_delimiter_token": vocab.word_sep or "|", "do_lower_case": False})
     return directory
 
 
