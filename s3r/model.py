@@ -538,8 +538,9 @@ class Wav2Vec2ForCTC(nn.Module):
         """Freeze the conv feature extractor (fairseq feature_grad_mult 0); it then runs without autograd."""
         self.feature_extractor.requires_grad_(False)
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
-        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,)."""
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, detach_encoder: bool = False):
+        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,).
+        `detach_encoder`: no gradient reaches the encoder, only the head learns (freeze_finetune_updates)."""
         if wav.dim() != 2:
             raise ShapeError(f"expected a (batch, samples) waveform, got shape {tuple(wav.shape)}")
         if lengths is None:
@@ -554,6 +555,8 @@ class Wav2Vec2ForCTC(nn.Module):
         if self.training and self.config.apply_spec_augment:
             x = self.spec_augment(x, None if padding_mask is None else out_lengths)
         x = self.encoder(x, padding_mask)  # (B, T, C)
+        if detach_encoder:
+            x = x.detach()
         out = x if self.lm_head is None else self.ctc_logits(self.lm_head(self.final_dropout(x)), padding_mask)
         return out, out_lengths
 
