@@ -76,13 +76,16 @@ class Wav2Vec2ForSequenceClassification(Wav2Vec2ForCTC):
             raise ConfigError("a classification model has no CTC head (vocab_size must stay 0)")
         super().set_vocab_size(0)
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
-        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> logits (B, num_labels), valid frames (B,)."""
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, detach_encoder: bool = False):
+        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> logits (B, num_labels), valid frames (B,).
+        `detach_encoder`: no gradient reaches the encoder, only the head learns (freeze_finetune_updates)."""
         hidden = [] if self.config.use_weighted_layer_sum else None
         x, out_lengths, padding_mask = self.embed(wav, lengths, hidden)  # (B, T, C)
         if hidden is not None:  # HF: stack (B, L + 1, T, C), weight by softmax(layer_weights), sum over layers
             weights = self.layer_weights.softmax(-1).to(x.dtype)
             x = (torch.stack(hidden, dim=1) * weights.view(-1, 1, 1)).sum(dim=1)
+        if detach_encoder:
+            x = x.detach()
         x = self.projector(x)  # (B, T, P)
         if padding_mask is None:
             pooled = x.mean(dim=1)

@@ -551,15 +551,18 @@ class Wav2Vec2ForCTC(nn.Module):
         """Freeze the conv feature extractor (fairseq feature_grad_mult 0); it then runs without autograd."""
         self.feature_extractor.requires_grad_(False)
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
-        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,)."""
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, detach_encoder: bool = False):
+        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,).
+        `detach_encoder`: no gradient reaches the encoder, only the head learns (freeze_finetune_updates)."""
         x, out_lengths, padding_mask = self.embed(wav, lengths)
+        if detach_encoder:
+            x = x.detach()
         out = x if self.lm_head is None else self.ctc_logits(self.lm_head(self.final_dropout(x)), padding_mask)
         return out, out_lengths
 
     def embed(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, hidden_states: list | None = None):
-        """The encoder without a head -> (B, T, C), out_lengths (B,), padding_mask (B, T) True at pads, or None.
-        `hidden_states`: a list that collects every block's input and the encoder output (see Encoder.forward)."""
+        """The encoder without a head -> (B, T, C), out_lengths (B,), padding_mask (B, T) True at pads, or
+        None. `hidden_states`: a list to collect every block's input and the last block's output in."""
         if wav.dim() != 2:
             raise ShapeError(f"expected a (batch, samples) waveform, got shape {tuple(wav.shape)}")
         if lengths is None:
