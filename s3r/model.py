@@ -1,26 +1,20 @@
 """wav2vec 2.0 (XLS-R, data2vec-audio, HuBERT) with S3-Router's score-masked layers: the configs,
-S3-Router's core, then the encoder in the order a waveform (B, S) meets it:
+S3-Router's core, then the encoder in the order a waveform (B, S) meets it (fairseq's names right):
 
-    FeatureExtractor   7 strided convs, 320x down   fairseq ConvFeatureExtractionModel
-    FeatureProjection  LayerNorm + Linear 512 -> C  fairseq layer_norm + post_extract_proj
-    spec_augment       time / channel span masks    fairseq apply_mask (specaugment.py)
-    Encoder            positional conv + N blocks   fairseq TransformerEncoder (post-LN base,
-                                                    pre-LN large / XLS-R)
-    lm_head            CTC logits                   fairseq Wav2VecEncoder.proj, Wav2VecCtc
+    FeatureExtractor   7 strided convs, 320x down   ConvFeatureExtractionModel
+    FeatureProjection  LayerNorm + Linear 512 -> C  layer_norm + post_extract_proj
+    spec_augment       time / channel span masks    apply_mask (specaugment.py)
+    Encoder            positional conv + N blocks   TransformerEncoder (post-LN base, pre-LN large)
+    lm_head            CTC logits                   Wav2VecEncoder.proj, Wav2VecCtc
 
-Numerics follow fairseq (models/wav2vec/wav2vec2.py, wav2vec2_asr.py), module names Hugging Face's
-`modeling_wav2vec2.py` (checkpoint.py maps fairseq's keys and config names). data2vec-audio differs
-in its positional conv (5 small convs), HuBERT in having no LayerNorm before the projection.
-
-S3-Router (Fu et al., NeurIPS 2022, Sec. 3; upstream `operation_st.py`) keeps each pretrained
-weight W frozen and learns `scores` of its shape: the forward pass uses W * mask, the mask keeping
-the `kept_count` largest |scores|; the backward pass takes the hard top-k as the identity
-(straight-through): dL/ds = dL/dW_eff * W * sign(s). Scores covering groups of weights (rows,
-neurons, heads, n:m) extend this in structured.py.
-
-This file is the reference, in plain PyTorch. Where a CPU forward runs faster code instead, the
-branch reads `if fast....` beside the plain code (fast.py lists them); `S3R_REFERENCE=1` or
-`s3r.fast.set_enabled(False)` turns them all off.
+Numerics follow fairseq, module names Hugging Face (checkpoint.py maps fairseq's keys and config
+names). data2vec-audio differs in its positional conv (a stack of 5), HuBERT in having no LayerNorm
+before the projection. S3-Router (Fu et al., NeurIPS 2022, Sec. 3; upstream `operation_st.py`)
+keeps each pretrained weight W frozen and learns `scores` of its shape: the forward pass uses
+W * mask, the mask keeping the `kept_count` largest |scores|; the backward pass takes the hard
+top-k as the identity (straight-through). structured.py extends it to scores for groups of weights.
+This file is the reference, in plain PyTorch. Where a CPU forward runs faster code, the branch
+reads `if fast....` beside the plain code; `S3R_REFERENCE=1` turns them all off (see fast.py).
 """
 from __future__ import annotations
 
@@ -85,22 +79,19 @@ class Wav2Vec2Config:
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
         if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
             raise ConfigError("conv_dim, conv_kernel and conv_stride must have the same length")
-        if self.feat_extract_norm not in ("group", "layer"):
-            raise ConfigError(f"feat_extract_norm must be 'group' or 'layer', "
-                              f"not {self.feat_extract_norm!r}")
+        for name, choices in (("feat_extract_norm", ("group", "layer")),
+                              ("blank_mode", ("add", "set"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by "
                               f"{self.num_attention_heads} heads")
-        if self.blank_mode not in ("add", "set"):
-            raise ConfigError(f"blank_mode must be 'add' or 'set', not {self.blank_mode!r}")
         for name in ("intermediate_sizes", "num_heads_per_layer"):
-            sizes = getattr(self, name)
-            if sizes is None:
-                continue
-            if len(sizes) != self.num_hidden_layers or min(sizes) < 1:
-                raise ConfigError(f"{name} needs {self.num_hidden_layers} values >= 1, "
-                                  f"not {list(sizes)}")
-            setattr(self, name, tuple(int(v) for v in sizes))
+            if (sizes := getattr(self, name)) is not None:
+                if len(sizes) != self.num_hidden_layers or min(sizes) < 1:
+                    raise ConfigError(f"{name} needs {self.num_hidden_layers} values >= 1, "
+                                      f"not {list(sizes)}")
+                setattr(self, name, tuple(int(v) for v in sizes))
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -165,22 +156,21 @@ class RouteConfig:
 
 # ------------------------------------------------------------ S3-Router: the score-masked layers
 def kept_count(numel: int, prune_rate: float) -> int:
-    """Entries a mask keeps of a tensor of `numel`: upstream GetSubnet's
-    `numel - int((1 - prune_rate) * numel)`."""
+    """How many of `numel` entries a mask keeps, by upstream GetSubnet's formula."""
     return numel - int((1 - prune_rate) * numel)
 
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly the k largest entries of `values`; ties: the first by position."""
     flat = values.detach().flatten()
-    order = flat.argsort(descending=True, stable=True)
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:k]] = True
+    mask[flat.argsort(descending=True, stable=True)[:k]] = True
     return mask.view_as(values)
 
 
 class StraightThrough(torch.autograd.Function):
-    """W * mask forward; the backward passes dL/dW_eff through the hard top-k to the scores."""
+    """W * mask forward; the backward takes the hard top-k as the identity: dL/ds = dL/dW_eff * W
+    * sign(s) (as upstream: d|s|/ds = sign(s), so a score at exactly 0 stays there)."""
     @staticmethod
     def forward(ctx, scores, weight, mask):
         ctx.save_for_backward(scores, weight, mask)
@@ -190,11 +180,8 @@ class StraightThrough(torch.autograd.Function):
     def backward(ctx, grad):
         scores, weight, mask = ctx.saved_tensors
         grad_scores = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            # dL/d|s| = dL/dW_eff * W (the top-k taken as the identity), summed over the weights a
-            # score covers (structured.py); d|s|/ds = sign(s), as upstream: a 0 score stays put.
-            grad_abs = (grad * weight).sum_to_size(scores.shape)
-            grad_scores = grad_abs * scores.sign()
+        if ctx.needs_input_grad[0]:  # summed over the weights a score covers (structured.py)
+            grad_scores = (grad * weight).sum_to_size(scores.shape) * scores.sign()
         if ctx.needs_input_grad[1]:  # co_train: W learns where it is kept
             grad_weight = grad * mask
         return grad_scores, grad_weight, None
@@ -202,26 +189,20 @@ class StraightThrough(torch.autograd.Function):
 
 def initial_scores(weight: torch.Tensor, prune_rate: float, init_score: str = "weight_rank",
                    scale: float = 1.0) -> torch.Tensor:
-    """fp32 scores for `weight`, by upstream's init_score (one of INIT_SCORES)."""
-    scores = torch.empty_like(weight)
-    if init_score in ("kaiming_uniform", "weight_rank"):
-        nn.init.kaiming_uniform_(scores, a=math.sqrt(5))  # nn.Linear's init: |s| <= 1/sqrt(fan_in)
-        if init_score == "weight_rank":  # the first mask is magnitude pruning, at kaiming scale
-            rank_like(scores, weight.abs())
-        return scores
+    """fp32 scores for `weight` by upstream's init_score: kaiming_uniform (nn.Linear's init),
+    weight_rank (those reordered so that the first mask is magnitude pruning), W / scale, or
+    weight_magnitude (1 kept, 0 pruned: a 0 never gets a gradient, so the mask never changes)."""
     if init_score == "weight_magnitude_with_scale":
         return weight / scale
     if init_score == "weight_magnitude":
-        # Scores of exactly 1 (kept) and 0 (pruned). A 0 score never gets a gradient (sign(0) = 0)
-        # and the kept ones stay above it, so this mask cannot change: kept for fidelity only.
         return topk_mask(weight.abs(), kept_count(weight.numel(), prune_rate)).float()
-    raise ConfigError(f"unknown init_score {init_score!r}; choose from {', '.join(INIT_SCORES)}")
-
-
-def rank_like(scores: torch.Tensor, magnitudes: torch.Tensor) -> None:
-    """Reorder `scores` in place so that rank(|s|) == rank(magnitudes) (ties by position)."""
-    flat = scores.flatten()
-    flat[magnitudes.flatten().argsort(stable=True)] = flat[flat.abs().argsort(stable=True)]
+    if init_score not in ("kaiming_uniform", "weight_rank"):
+        raise ConfigError(f"unknown init_score {init_score!r}; choose from {INIT_SCORES}")
+    scores = nn.init.kaiming_uniform_(torch.empty_like(weight), a=math.sqrt(5))
+    if init_score == "weight_rank":  # rank(|s|) == rank(|W|), ties by position
+        flat = scores.view(-1)
+        flat[weight.abs().flatten().argsort(stable=True)] = flat[flat.abs().argsort(stable=True)]
+    return scores
 
 
 class Routable:
@@ -234,8 +215,7 @@ class Routable:
     def drop_scores(self):
         """Dense: no scores, the whole weight."""
         self.register_parameter("scores", None)
-        self.prune_rate = 1.0
-        self.view = self.n_of_m = None  # set by structured.py
+        self.prune_rate, self.view, self.n_of_m = 1.0, None, None  # view, n_of_m: structured.py
         self._mask_cache.clear()
 
     def dense_weight(self) -> torch.Tensor:
@@ -244,10 +224,9 @@ class Routable:
     @torch.no_grad()
     def add_scores(self, prune_rate: float, init_score: str = "weight_rank", scale: float = 1.0):
         """Mask mode: an fp32 score per weight; the mask keeps `prune_rate` of the weights."""
-        weight = self.dense_weight().detach().float()
+        scores = initial_scores(self.dense_weight().detach().float(), prune_rate, init_score, scale)
         self.drop_scores()
-        self.scores = nn.Parameter(initial_scores(weight, prune_rate, init_score, scale))
-        self.prune_rate = prune_rate
+        self.scores, self.prune_rate = nn.Parameter(scores), prune_rate
 
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask: the kept_count(numel, prune_rate) largest |scores|."""
@@ -265,8 +244,7 @@ class Routable:
         if self.scores is None:
             return weight
         view = self.view or weight.shape  # structured.py: group scores broadcast onto this view
-        masked = StraightThrough.apply(self.scores, weight.view(view), self.mask())
-        return masked.view_as(weight)
+        return StraightThrough.apply(self.scores, weight.view(view), self.mask()).view_as(weight)
 
 
 class MaskedLinear(Routable, nn.Linear):
@@ -278,25 +256,10 @@ class MaskedLinear(Routable, nn.Linear):
 class MaskedConv1d(Routable, nn.Conv1d):
     """nn.Conv1d whose weight S3-Router can mask."""
     def forward(self, x):  # (B, C_in, T) -> (B, C_out, T')
+        weight = self.routed_weight()
         if fast.grouped_conv_applies(self, x):  # fast.py: the backward as forward convs (CPU)
-            return fast.grouped_conv1d(x, self.routed_weight(), self.bias, self.padding[0],
-                                       self.groups)
-        return self._conv_forward(x, self.routed_weight(), self.bias)
-
-
-class WeightNormConv1d(MaskedConv1d):
-    """The positional conv: g * v / ||v|| per kernel position; fairseq's weight_g (1, 1, K),
-    weight_v (C, C/g, K)."""
-    def __init__(self, channels: int, kernel_size: int, groups: int):
-        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups)
-        v = self.weight.detach()
-        del self.weight
-        self.weight_v = nn.Parameter(v)
-        self.weight_g = nn.Parameter(v.norm(dim=(0, 1), keepdim=True))
-
-    def dense_weight(self):
-        # g * v / ||v||_(0,1), by the fused kernel torch.nn.utils.weight_norm runs (6x faster)
-        return torch._weight_norm(self.weight_v, self.weight_g, dim=2)
+            return fast.grouped_conv1d(x, weight, self.bias, self.padding[0], self.groups)
+        return self._conv_forward(x, weight, self.bias)
 
 
 # --------------------------- feature extractor: waveform (B, S) -> (B, T, 512), 49 frames a second
@@ -342,8 +305,7 @@ class ConvLayer(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """fairseq ConvFeatureExtractionModel: base normalises only the first conv (group norm), large
-    every conv (layer norm)."""
+    """fairseq ConvFeatureExtractionModel: base normalises conv 0 (group norm), large every conv."""
     def __init__(self, c: Wav2Vec2Config):
         super().__init__()
         shapes = zip((1, *c.conv_dim[:-1]), c.conv_dim, c.conv_kernel, c.conv_stride, strict=True)
@@ -354,7 +316,7 @@ class FeatureExtractor(nn.Module):
         self.conv_layers = nn.ModuleList(layers)
 
     def forward(self, wav, lengths=None):  # (B, S), lengths (B,) or None -> (B, T, C)
-        if fast.enabled() and wav.device.type == "cpu":  # fast.py: channels-last, padding skipped
+        if fast.enabled() and wav.device.type == "cpu":  # fast.py: channels-last, no padding
             return fast.extract_features(self.conv_layers, wav, lengths)
         x = wav.unsqueeze(1)  # (B, 1, S)
         for layer in self.conv_layers:
@@ -366,13 +328,12 @@ class FeatureExtractor(nn.Module):
 
 
 class FeatureProjection(nn.Module):
-    """LayerNorm over the 512-d conv features, then a Linear to the model width (fairseq
-    post_extract_proj)."""
+    """LayerNorm over the conv features, then a Linear to the model width (post_extract_proj)."""
     def __init__(self, c: Wav2Vec2Config):
         super().__init__()
         dim = c.conv_dim[-1]
-        self.layer_norm = nn.LayerNorm(dim, c.layer_norm_eps) if c.feat_proj_layer_norm else \
-            nn.Identity()
+        norm = nn.LayerNorm(dim, c.layer_norm_eps) if c.feat_proj_layer_norm else nn.Identity()
+        self.layer_norm = norm
         self.projection = MaskedLinear(dim, c.hidden_size)
         self.dropout = nn.Dropout(c.feat_proj_dropout)
 
@@ -381,6 +342,20 @@ class FeatureProjection(nn.Module):
 
 
 # -------------------------------------------------------------------------- transformer encoder
+class WeightNormConv1d(MaskedConv1d):
+    """The positional conv: g * v / ||v|| per kernel position; weight_g (1, 1, K), v (C, C/g, K)."""
+    def __init__(self, channels: int, kernel_size: int, groups: int):
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups)
+        v = self.weight.detach()
+        del self.weight
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(v.norm(dim=(0, 1), keepdim=True))
+
+    def dense_weight(self):
+        # g * v / ||v||_(0,1), by the fused kernel torch.nn.utils.weight_norm runs (6x faster)
+        return torch._weight_norm(self.weight_v, self.weight_g, dim=2)
+
+
 class PositionalConvLayer(nn.Module):
     """One data2vec positional conv: Conv1d -> LayerNorm without affine -> GELU."""
     def __init__(self, channels: int, kernel: int, groups: int):
@@ -395,8 +370,7 @@ class PositionalConvLayer(nn.Module):
 
 
 class PositionalConvEmbedding(nn.Module):
-    """Relative position by convolution: one wide weight-normed conv (wav2vec 2.0, HuBERT) or a
-    stack of plain ones (data2vec)."""
+    """Relative position by convolution: one wide weight-normed conv, or a stack (data2vec)."""
     def __init__(self, c: Wav2Vec2Config):
         super().__init__()
         args = c.hidden_size, c.conv_pos_kernel, c.conv_pos_groups
@@ -486,8 +460,7 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Positional conv, then the transformer layers, with fairseq's placement of the outer
-    LayerNorm."""
+    """Positional conv, then the transformer layers, with fairseq's place for the outer norm."""
     def __init__(self, c: Wav2Vec2Config):
         super().__init__()
         self.pos_conv_embed = PositionalConvEmbedding(c)
@@ -534,8 +507,7 @@ class Encoder(nn.Module):
 
 # ------------------------------------------------------------------------------------- the model
 class Wav2Vec2ForCTC(nn.Module):
-    """wav2vec 2.0 and a CTC head: model(wav, lengths) -> (logits, lengths); vocab_size 0: no
-    head, hidden states."""
+    """wav2vec 2.0 and a CTC head: model(wav, lengths) -> (logits or hidden states, lengths)."""
     def __init__(self, config: Wav2Vec2Config):
         super().__init__()
         c = self.config = config
@@ -552,24 +524,20 @@ class Wav2Vec2ForCTC(nn.Module):
         (fairseq wav2vec2_asr.py `Linear()`), trained unless the route freezes it."""
         if vocab_size != self.config.vocab_size:
             self.config = replace(self.config, vocab_size=vocab_size)
-        self.lm_head = None
-        if vocab_size:
-            self.lm_head = nn.Linear(self.config.hidden_size, vocab_size)
+        self.lm_head = nn.Linear(self.config.hidden_size, vocab_size) if vocab_size else None
+        if self.lm_head is not None:
             nn.init.xavier_uniform_(self.lm_head.weight)
             nn.init.zeros_(self.lm_head.bias)
-            trains = self.route_config is None or self.route_config.trainable_proj
-            self.lm_head.requires_grad_(trains)
+            self.lm_head.requires_grad_(getattr(self.route_config, "trainable_proj", True))
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Frames from `lengths` samples through the valid (unpadded) strided convs:
-        floor((L - k) / s) + 1 each."""
+        """Frames from `lengths` samples through the valid strided convs: (L - k) // s + 1 each."""
         for k, s in zip(self.config.conv_kernel, self.config.conv_stride, strict=True):
             lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
         return lengths.clamp(min=0)
 
     def freeze_feature_encoder(self):
-        """Freeze the conv feature extractor (fairseq feature_grad_mult 0); it runs without
-        autograd."""
+        """Freeze the conv feature extractor (feature_grad_mult 0): it runs without autograd."""
         self.feature_extractor.requires_grad_(False)
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None,
@@ -601,17 +569,14 @@ class Wav2Vec2ForCTC(nn.Module):
         return self.ctc_logits(logits, padding_mask), out_lengths
 
     def spec_augment(self, x, lengths):  # (B, T, C); lengths (B,) valid frames, None: no padding
-        """Time spans -> the learned mask embedding, then channel spans -> 0 (fairseq
-        mask_channel_before False)."""
+        """Time spans -> the mask embedding, then channel spans -> 0 (mask_channel_before False)."""
         c, (B, T, C) = self.config, x.shape
         if c.mask_time_prob > 0:
-            m = compute_mask_indices((B, T), lengths, c.mask_time_prob, c.mask_time_length,
-                                     min_masks=2)
-            x = torch.where(m.to(x.device).unsqueeze(-1), self.masked_spec_embed.to(x.dtype), x)
+            m = compute_mask_indices((B, T), lengths, c.mask_time_prob, c.mask_time_length, 2)
+            x = torch.where(m.to(x.device)[..., None], self.masked_spec_embed.to(x.dtype), x)
         if c.mask_feature_prob > 0:  # one channel mask per utterance, the same for all its frames
-            m = compute_mask_indices((B, C), None, c.mask_feature_prob, c.mask_feature_length,
-                                     min_masks=0)
-            x = x.masked_fill(m.to(x.device).unsqueeze(1), 0.0)
+            m = compute_mask_indices((B, C), None, c.mask_feature_prob, c.mask_feature_length)
+            x = x.masked_fill(m.to(x.device)[:, None], 0.0)
         return x
 
     def ctc_logits(self, logits, padding_mask):  # (B, T, V)
@@ -620,10 +585,8 @@ class Wav2Vec2ForCTC(nn.Module):
         the blank, -inf elsewhere)."""
         c, blank = self.config, logits[..., :1]
         if c.blank_weight != 0:
-            if c.blank_mode == "add":
-                blank = blank + c.blank_weight
-            else:
-                blank = torch.full_like(blank, c.blank_weight)
+            add = c.blank_mode == "add"
+            blank = blank + c.blank_weight if add else torch.full_like(blank, c.blank_weight)
             logits = torch.cat([blank, logits[..., 1:]], dim=-1)
         if padding_mask is not None:
             others = logits.new_full((logits.shape[-1] - 1,), float("-inf"))
@@ -633,8 +596,7 @@ class Wav2Vec2ForCTC(nn.Module):
 
     # -------------------------------------------------------------------------------- mask mode
     def routable_layers(self, cfg: RouteConfig) -> dict[str, Routable]:
-        """The layers `cfg` routes, by name: attention q/k/v/out and FFN fc1/fc2 unless fixed,
-        the others on request."""
+        """The layers `cfg` routes, by name: attention and FFN unless fixed, others on request."""
         wanted = {".attention.": not cfg.fix_attn, ".feed_forward.": not cfg.fix_fc,
                   "feature_extractor.": cfg.route_feature_extractor,
                   "encoder.pos_conv_embed.": cfg.route_pos_conv,

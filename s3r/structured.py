@@ -12,7 +12,7 @@ straight-through gradient can cover groups instead (RouteConfig.route_granularit
 A layer routed here keeps two attributes model.py's Routable reads: `view`, the shape its weight is
 seen as so that the group scores broadcast onto it (None: the weight's own), and `n_of_m`. The
 straight-through backward sums dL/dW_eff * W over each group (StraightThrough's sum_to_size).
-model.py imports this module; the functions that need model.py's classes import them when called.
+model.py imports this module, which reads model.py's layers by attribute only.
 """
 from __future__ import annotations
 
@@ -58,14 +58,12 @@ def layer_groups(model, name: str, layer, granularity: str) -> tuple:
     would zero (its activation would be act(0) = 0). `extra`: (sum of |W| in the other layers that
     belong to each group, their count), so the group's weight-based score is its mean |W|.
     """
-    from .model import Attention, FeedForward  # model.py imports this module
-
     block = model.get_submodule(name.rpartition(".")[0])
-    if "neuron" in granularity and isinstance(block, FeedForward):
+    if "neuron" in granularity and hasattr(block, "intermediate_dense"):  # a FeedForward
         fc1 = block.intermediate_dense  # its rows and biases belong to the neurons too
         sums = fc1.weight.abs().sum(1) + fc1.bias.abs()
         return "column", None, (sums, fc1.in_features + 1)
-    if "head" in granularity and isinstance(block, Attention):  # its q/k/v rows and biases too
+    if "head" in granularity and hasattr(block, "q_proj"):  # an Attention; its q/k/v rows too
         H, D = block.heads, layer.in_features // block.heads
         sums = 0
         for proj in (block.q_proj, block.k_proj, block.v_proj):
@@ -94,8 +92,6 @@ def add_group_scores(layer, prune_rate: float, init_score: str = "weight_rank", 
     """fp32 scores whose mask keeps `prune_rate` of the `row`s / `column`s of the layer's weight
     seen as `view` ((C, H, D): heads), or n of every m weights (`n:m`). The inits follow model.py's
     initial_scores with a group's mean |W| in place of a weight's |W|."""
-    from .model import INIT_SCORES, kept_count, rank_like, topk_mask  # (model.py imports us)
-
     weight = layer.dense_weight().detach().float()
     view, nm = tuple(view or weight.shape), n_of_m(granularity)
     m = nm[1] if nm else 1
@@ -114,19 +110,18 @@ def add_group_scores(layer, prune_rate: float, init_score: str = "weight_rank", 
         nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
         if scores.shape != weight.shape:  # one per group, at the per-weight scale
             scores.uniform_(-1, 1).div_(math.sqrt(weight[0].numel()))
-        if init_score == "weight_rank":
-            rank_like(scores, norms)
+        if init_score == "weight_rank":  # rank(|s|) == rank(mean |W|), ties by position
+            flat = scores.view(-1)
+            flat[norms.flatten().argsort(stable=True)] = flat[flat.abs().argsort(stable=True)]
     elif init_score == "weight_magnitude_with_scale":
         scores.copy_((weight if scores.shape == weight.shape else norms) / scale)
-    elif init_score == "weight_magnitude":
-        if nm:
-            scores.copy_(n_of_m_mask(norms, *nm))
-        else:
-            scores.copy_(topk_mask(norms, kept_count(norms.numel(), prune_rate)))
+    elif init_score == "weight_magnitude":  # the mask of the mean |W|s, below as 1 and 0
+        scores.copy_(norms)
     else:
-        choices = ", ".join(INIT_SCORES)
-        raise ConfigError(f"unknown init_score {init_score!r}; choose from {choices}")
+        raise ConfigError(f"unknown init_score {init_score!r}")
     layer.drop_scores()
     layer.scores = nn.Parameter(scores)
     layer.prune_rate, layer.n_of_m = prune_rate, nm
     layer.view = view if view != weight.shape else None
+    if init_score == "weight_magnitude":
+        scores.copy_(layer.mask())
