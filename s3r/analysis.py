@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .routes import RouteError, masks_of, parse_named
 
 __all__ = ["compare", "pearson", "print_sparsity", "read_reference", "run_similarity", "similarity", "spearman"]
@@ -203,7 +203,7 @@ def print_sparsity(path: str | Path, trust_checkpoint: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m s3r.analysis", description=__doc__,
+    p = ArgumentParser(prog="python -m s3r.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("similarity", help="pairwise mask similarity of routes or checkpoints")

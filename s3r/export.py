@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
 from .compact import compact, fold_masks
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .model import Wav2Vec2Config, Wav2Vec2ForCTC
 
 HF_CLASSES = {"wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2."), "hubert": ("HubertForCTC", "hubert."),
@@ -124,7 +124,7 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m s3r.export", description=__doc__,
+    p = ArgumentParser(prog="python -m s3r.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --route")
     p.add_argument("--hf", metavar="DIR", help="write a Hugging Face model directory")
