@@ -158,8 +158,7 @@ def init_for_pretraining(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
     defaults, being meant for loading checkpoints): kaiming-normal conv weights in the feature extractor
     (ConvFeatureExtractionModel), and init_bert_params for the transformer's linear layers (normal, std 0.02, zero
     bias). With PyTorch's default conv init the variance shrinks ~6x per conv layer, so the 7-layer stack's output
-    is ~1e-7 in mean square: below LayerNorm's eps, the transformer then barely sees the audio, and masked
-    prediction stays at the units' marginal distribution."""
+    starts at ~1e-7 in mean square, below LayerNorm's eps (1e-5), where the transformer barely sees the audio."""
     for layer in model.feature_extractor.conv_layers:
         nn.init.kaiming_normal_(layer.conv.weight)
     for m in model.encoder.layers.modules():
