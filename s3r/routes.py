@@ -36,7 +36,7 @@ from .checkpoint import (
     weights_fingerprint,
 )
 from .compact import compact, fold_masks
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import (
     BIT_ORDER,
@@ -153,7 +153,7 @@ class RouteBundle:
     def use(self, name: str) -> Wav2Vec2ForCTC:
         if name not in self.routes:
             raise RouteError(f"no route {name!r} in the bundle; it has {', '.join(self.routes)}")
-        state = self.model.state_dict()
+        state = self.model.state_dict() if self._shared else {}
         for key, tensor in self._shared.items():
             state[key].copy_(tensor)
         apply_route(self.model, self.routes[name], fingerprint=self.fingerprint)
@@ -312,7 +312,7 @@ def parse_named(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m s3r.routes", description=__doc__,
+    p = ArgumentParser(prog="python -m s3r.routes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("export", help="the route of a mask-mode checkpoint, one bit per routed weight")

@@ -96,6 +96,9 @@ def test_a_finished_run_says_where_it_saved_and_how_to_evaluate(tiny_init, corpu
     assert last == (f"saved {tmp_path}/checkpoint_best.pt (best wer {100 * best:.2f} on dev-other) and "
                     f"checkpoint_last.pt; evaluate: python eval.py --checkpoint {tmp_path}/checkpoint_best.pt "
                     f"--data dev-other --data-root {corpus_root}")
+    assert train.main(argv) == 0  # again: nothing to do, said in one line, no progress bar
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].startswith("nothing to do: ") and "train:" not in err and "it/s" not in err
 
 
 def test_demo_weight_finetuning_gets_its_own_lr_and_a_head_start(tmp_path):
@@ -114,3 +117,19 @@ def test_help_shows_the_demo_values_beside_the_defaults():
     assert "optimization.lr (peak) (default: 5e-05; demo: 0.01; demo --finetune-weights: 0.003)" in text
     assert "only the head trains) for this many updates (default: 0; demo --finetune-weights: 50)" in text
     assert "--data demo (the default) applies the demo preset unless --preset is given" in text
+
+
+@pytest.mark.parametrize("module, argv", [("s3r.routes", ["omp", "a.pt", "b.pt", "--prune-rat", "0.3"]),
+                                          ("s3r.analysis", ["similarity", "a.route", "b.route", "--jso", "s.json"]),
+                                          ("s3r.export", ["--dens", "d.pt", "c.pt"]),
+                                          ("s3r.data", ["--data", "demo", "--chec"]),
+                                          ("s3r.transcribe", ["m.bundle", "x.wav", "--jso", "o.json"])])
+def test_library_command_lines_refuse_abbreviations_in_one_line(module, argv, capsys, monkeypatch):
+    import importlib
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"python -m {module}"), err
+    flag = next(a for a in argv if a in ("--prune-rat", "--jso", "--dens", "--chec"))  # or the real one is missing
+    assert ("unrecognized arguments" in err[0] and flag in err[0]) or "are required" in err[0], err
