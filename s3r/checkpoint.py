@@ -19,12 +19,13 @@ import re
 import tempfile
 import types
 import zipfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .classify import new_model, with_head
 from .errors import ConfigError, S3RError
 from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import ROUTE_FORMAT, check_route, describe, install_route
@@ -366,7 +367,7 @@ def config_from_hf(hf: dict, normalize: bool | None = None, source: str = "confi
     if model_type not in HF_MODEL_TYPES:
         raise CheckpointError(f"{source}: unsupported Hugging Face model_type {model_type!r}; s3r reads "
                               f"{', '.join(HF_MODEL_TYPES)}")
-    for flag in ("conv_pos_batch_norm", "add_adapter", "use_weighted_layer_sum"):
+    for flag in ("conv_pos_batch_norm", "add_adapter"):
         if hf.get(flag):
             raise CheckpointError(f"{source}: unsupported Hugging Face option {flag}=true")
     if hf.get("adapter_attn_dim") is not None:  # MMS: a small adapter in every layer, one set per language
@@ -400,6 +401,12 @@ def config_from_hf(hf: dict, normalize: bool | None = None, source: str = "confi
         mask_feature_prob=g("mask_feature_prob", 0.0), mask_feature_length=g("mask_feature_length", 64),
         apply_spec_augment=bool(g("apply_spec_augment", True)),
     )
+
+
+def hf_labels(hf: dict, count: int) -> tuple[str, ...]:
+    """The class names of a transformers classifier: config.json's id2label by index (LABEL_i where it has none)."""
+    id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+    return tuple(id2label.get(i, f"LABEL_{i}") for i in range(count))
 
 
 def _read_json(path: Path) -> dict:
@@ -446,7 +453,11 @@ def load_hf(directory: Path) -> Wav2Vec2ForCTC:
         raise CheckpointError(f"{directory}: MMS adapter weights ({adapter}) are not supported (Hugging Face option "
                               f"adapter_attn_dim)")
     config.vocab_size = state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 0
-    model = Wav2Vec2ForCTC(config)
+    if "classifier.weight" in state:  # *ForSequenceClassification: projector, classifier, maybe layer_weights
+        config = replace(config, labels=hf_labels(hf, state["classifier.weight"].shape[0]),
+                         classifier_proj_size=state["classifier.weight"].shape[1],
+                         use_weighted_layer_sum="layer_weights" in state)
+    model = new_model(config)
     _load_state(model, _rename(state, HF_KEYS, HF_DROPPED, model, str(directory)), str(directory))
     if (directory / "vocab.json").is_file():
         model.vocab = Vocabulary.from_hf_vocab(directory / "vocab.json")
@@ -493,7 +504,8 @@ def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab: Vocabulary | None = None, pretr
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     return {"format": S3R_FORMAT, "version": 1, "config": model.config.to_dict(),
             "route": asdict(model.route_config) if model.route_config is not None else None,
-            "vocab": vocab.to_dict() if vocab is not None else None, "pretrained": ref, "model": state, **extra}
+            "vocab": vocab.to_dict() if isinstance(vocab, Vocabulary) else None,  # a classifier's labels: config
+            "pretrained": ref, "model": state, **extra}
 
 
 def save_atomic(obj: object, path: str | Path) -> None:
@@ -524,15 +536,13 @@ def load_s3r(ckpt: dict, path: str | Path, trust_checkpoint: bool = False) -> Wa
     config = Wav2Vec2Config.from_dict(ckpt["config"])
     ref = ckpt.get("pretrained")
     if ref is not None:  # frozen weights live in the pretrained checkpoint this one was trained from
-        model = load_pretrained(ref["path"], trust_checkpoint=trust_checkpoint)
-        if model.config.vocab_size != config.vocab_size:
-            model.set_vocab_size(config.vocab_size)
+        model = with_head(load_pretrained(ref["path"], trust_checkpoint=trust_checkpoint), config)
         if weights_fingerprint(model) != ref["sha256"]:
             raise CheckpointError(f"{path}: the weights at {ref['path']} are not the ones this checkpoint was "
                                   f"trained on")
         model.config = config
     else:
-        model = Wav2Vec2ForCTC(config)
+        model = new_model(config)
     if ckpt.get("route") is not None:
         model.route(RouteConfig(**ckpt["route"]), init_scores=False)
     _load_state(model, ckpt["model"], str(path), partial=ref is not None)
@@ -598,7 +608,8 @@ def load_pretrained(path: str | Path, prune_rate: float | None = None, init_scor
     if vocab_size is not None and vocab_size != model.config.vocab_size:
         model.set_vocab_size(vocab_size)
     if route is not None:
-        install_route(model, check_route(torch_load(route), str(route)), weights_fingerprint(model), str(route))
+        model = install_route(model, check_route(torch_load(route), str(route)), weights_fingerprint(model),
+                              str(route))
     if prune_rate is not None:
         unknown = sorted(set(route_options) - {f.name for f in fields(RouteConfig)})
         if unknown:

@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from .classify import new_model
 from .errors import S3RError
 from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, WeightNormConv1d
 from .structured import n_of_m
@@ -116,7 +117,7 @@ def compact(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
                      num_heads_per_layer=None if heads_per_layer == [h for h, _ in full] else tuple(heads_per_layer),
                      intermediate_sizes=None if widths == [f for _, f in full] else tuple(widths))
     param = next(model.parameters())
-    small = Wav2Vec2ForCTC(config).to(param.device, param.dtype)
+    small = new_model(config).to(param.device, param.dtype)  # a classifier stays one
     small.load_state_dict(state)
     small.vocab, small.source = getattr(model, "vocab", None), f"compact({source})"
     return small.requires_grad_(False).train(model.training)
