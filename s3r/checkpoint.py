@@ -159,6 +159,9 @@ CONFIG_NAMES: dict[str, tuple[str | None, str | None]] = {
     "gradient_checkpointing": ("checkpoint_activations", "model.gradient_checkpointing_enable()"),
     "intermediate_sizes": (None, None),  # s3r/compact.py's per-layer sizes
     "num_heads_per_layer": (None, None),
+    "labels": (None, "id2label"),  # utterance classification (s3r/classify.py)
+    "classifier_proj_size": (None, "classifier_proj_size"),
+    "use_weighted_layer_sum": (None, "use_weighted_layer_sum"),
 }
 
 
