@@ -215,6 +215,21 @@ def test_train_and_eval_on_a_classification_set(tasks_root, tiny_init, tmp_path,
     assert sum(result["predicted"].values()) == 6 and result["per_class"]["de"][1] == 1
 
 
+def test_weight_finetuning_a_classifier(tasks_root, tiny_init, tmp_path):
+    """--finetune-weights: no masks; the encoder's weights (not the extractor's) and the head train."""
+    save = tmp_path / "run"
+    assert train.main(["--init", str(tiny_init), "--data", str(tasks_root / "lid" / "train.tsv"), "--save-dir",
+                       str(save), "--max-tokens", "200000", "--num-workers", "0", "--max-updates", "2",
+                       "--finetune-weights", "--lr", "1e-3", "--valid", ""]) == 0
+    model, init = load_pretrained(save / "checkpoint_last.pt"), load_pretrained(tiny_init)
+    assert isinstance(model, Wav2Vec2ForSequenceClassification) and model.route_config is None
+    state, before = model.state_dict(), init.state_dict()
+    ffn = "encoder.layers.0.feed_forward.intermediate_dense.weight"
+    assert not torch.equal(state[ffn], before[ffn])
+    conv = "feature_extractor.conv_layers.0.conv.weight"
+    assert torch.equal(state[conv], before[conv])
+
+
 def test_a_ctc_run_does_not_resume_as_classification(tasks_root, tiny_init, tmp_path, corpus_root):
     save = tmp_path / "run"
     assert train.main(["--init", str(tiny_init), "--data", "train-1h", "--data-root", str(corpus_root), "--save-dir",
