@@ -45,7 +45,6 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from itertools import islice
 
@@ -199,7 +198,7 @@ def make_loaders(run: Run) -> None:
                              max_sample_size=cfg.max_sample_size or None, **common)
     run.loader.worker_init_fn = cluster.worker_init_fn
     run.bad = run.corpus.skipped + run.loader.dataset.skipped
-    run.valid_name = cfg.valid if cfg.valid != "auto" else default_valid(cfg.data)
+    run.valid_name = cfg.valid if cfg.valid != "auto" else default_valid(cfg.data, cfg.data_root)
     if not run.valid_name:
         return
     units = None if cfg.units == "auto" else cfg.units
@@ -261,10 +260,9 @@ def wrap(run: Run, progress: Progress) -> torch.nn.Module:
         return net
     # DDP must look for parameters without a gradient only where some go unused: LayerDrop skips
     # whole blocks, a frozen encoder (freeze_finetune_updates) leaves all but the head without one.
+    # (An update where LayerDrop skips nothing makes DDP warn once: see the README.)
     layerdrop = run.cfg.encoder["layerdrop"] > 0
     find_unused = layerdrop or run.cfg.freeze_finetune_updates > progress.update
-    if layerdrop:  # some updates drop no block; DDP's warning about that says nothing wrong
-        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
     ids = [run.device.index] if run.device.type == "cuda" else None
     return DDP(net, device_ids=ids, find_unused_parameters=find_unused)
 

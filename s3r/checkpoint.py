@@ -119,6 +119,53 @@ def torch_load(path: str | Path, trust_checkpoint: bool = False) -> object:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Config names
+
+# Every Wav2Vec2Config field (model.py says what each does) -> (its fairseq name, its Hugging Face name); None where
+# that side has no such field. config_from_fairseq and config_from_hf below read them.
+CONFIG_NAMES: dict[str, tuple[str | None, str | None]] = {
+    "conv_dim": ("conv_feature_layers[i][0]", "conv_dim"),
+    "conv_kernel": ("conv_feature_layers[i][1]", "conv_kernel"),
+    "conv_stride": ("conv_feature_layers[i][2]", "conv_stride"),
+    "conv_bias": ("conv_bias", "conv_bias"),
+    "feat_extract_norm": ("extractor_mode (default | layer_norm)", "feat_extract_norm (group | layer)"),
+    "hidden_size": ("encoder_embed_dim", "hidden_size"),
+    "num_hidden_layers": ("encoder_layers", "num_hidden_layers"),
+    "num_attention_heads": ("encoder_attention_heads", "num_attention_heads"),
+    "intermediate_size": ("encoder_ffn_embed_dim", "intermediate_size"),
+    "hidden_act": ("activation_fn", "hidden_act"),
+    "layer_norm_first": ("layer_norm_first", "do_stable_layer_norm"),
+    "layer_norm_eps": (None, "layer_norm_eps"),  # fairseq: torch's default, 1e-5
+    "feat_proj_layer_norm": (None, "HubertConfig.feat_proj_layer_norm"),  # fairseq wav2vec 2.0: always on
+    "conv_pos_kernel": ("conv_pos (data2vec: max(3, conv_pos // pos_conv_depth))",
+                        "num_conv_pos_embeddings (data2vec: conv_pos_kernel_size)"),
+    "conv_pos_groups": ("conv_pos_groups", "num_conv_pos_embedding_groups"),
+    "conv_pos_depth": ("pos_conv_depth", "data2vec: num_conv_pos_embeddings"),
+    "vocab_size": ("the CTC head's output size", "vocab_size"),
+    "normalize": ("task.normalize", "do_normalize (feature extractor)"),
+    "blank_weight": ("Wav2Vec2CtcConfig.blank_weight", None),
+    "blank_mode": ("Wav2Vec2CtcConfig.blank_mode", None),
+    "hidden_dropout": ("dropout", "hidden_dropout"),
+    "attention_dropout": ("attention_dropout", "attention_dropout"),
+    "activation_dropout": ("activation_dropout", "activation_dropout"),
+    "feat_proj_dropout": ("dropout_input", "feat_proj_dropout"),
+    "final_dropout": ("final_dropout", "final_dropout"),
+    "layerdrop": ("layerdrop (pretraining: encoder_layerdrop)", "layerdrop"),
+    "apply_spec_augment": ("apply_mask", "apply_spec_augment"),
+    "mask_time_prob": ("mask_prob", "mask_time_prob"),
+    "mask_time_length": ("mask_length", "mask_time_length"),
+    "mask_feature_prob": ("mask_channel_prob", "mask_feature_prob"),
+    "mask_feature_length": ("mask_channel_length", "mask_feature_length"),
+    "gradient_checkpointing": ("checkpoint_activations", "model.gradient_checkpointing_enable()"),
+    "intermediate_sizes": (None, None),  # s3r/compact.py's per-layer sizes
+    "num_heads_per_layer": (None, None),
+    "labels": (None, "id2label"),  # utterance classification (s3r/classify.py)
+    "classifier_proj_size": (None, "classifier_proj_size"),
+    "use_weighted_layer_sum": (None, "use_weighted_layer_sum"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # fairseq
 
 

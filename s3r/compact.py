@@ -1,6 +1,6 @@
 """A trained route made dense: its masks folded into real zeros (`fold_masks`), its kept fraction changed
 (`set_prune_rate`), and structured routes made physically smaller, so that pruning with S3-Router makes the model
-faster (issue 14).
+faster.
 
 An unstructured route zeroes single weights, which no dense kernel skips. A route with granularity `neuron`
 (one bit per FFN hidden unit) or `head` (one bit per attention head) drops whole rows and columns instead:

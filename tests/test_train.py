@@ -520,7 +520,7 @@ def test_torchrun_error_on_one_rank_stops_both(tiny_init, corpus_root, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Determinism: the same command, seed and thread count give the same bits (issue 12)
+# Determinism: the same command, seed and thread count give the same bits
 
 
 def tensors(obj, path: str = "") -> dict:
