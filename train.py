@@ -46,6 +46,7 @@ from s3r.data import SAMPLE_RATE, make_loader, resolve_corpus, set_epoch
 from s3r.decode import transcribe
 from s3r.errors import S3RError
 from s3r.metrics import score
+from s3r.prune import PRUNED_NAME, reprune, reprune_due, save_pruned
 from s3r.recipe import (
     RunLog,
     TrainConfig,
@@ -287,6 +288,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
                 if overflow and not stopping:
                     continue
                 progress.update += not overflow
+                if cfg.parp and reprune_due(progress.update, cfg.reprune_interval, cfg.max_updates):
+                    out.log({"update": progress.update, "revived": reprune(model)})  # PARP: masks by |W|
                 acc, n_acc, wall = acc + stats[:4], n_acc + 1, time.perf_counter() - t_log
                 out.bar.update(1)
                 out.bar.set_postfix(loss=f"{stats[0] / max(stats[1], 1):.3f}", lr=f"{lr:.2e}",
@@ -312,6 +315,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
                 if saving:
                     numbered = [cluster.numbered_name(progress.epoch + 1, progress.update)] if interval and \
                         cfg.keep_interval_updates != 0 else []
+                    if cfg.parp and done and rank == 0:  # PARP's result; written first, it marks the end
+                        save_pruned(model, vocab, os.path.join(cfg.save_dir, PRUNED_NAME))
                     save(["checkpoint_last.pt"] + (["checkpoint_best.pt"] if best else []) + numbered)
                     t_save = time.monotonic()
                 if stopping and rank == 0:

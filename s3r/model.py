@@ -172,8 +172,9 @@ def n_of_m_mask(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
 class StraightThrough(torch.autograd.Function):
     """W * mask forward; backward passes dL/dW_eff through the hard top-k to the scores unchanged."""
     @staticmethod
-    def forward(ctx, scores, weight, mask):
+    def forward(ctx, scores, weight, mask, revive=False):
         ctx.save_for_backward(scores, weight, mask)
+        ctx.revive = revive
         return weight * mask
 
     @staticmethod
@@ -182,8 +183,10 @@ class StraightThrough(torch.autograd.Function):
         # dL/d|s| = dL/dW_eff * W (top-k taken as the identity), summed over a score's group (structured routes);
         # d|s|/ds = sign(s), as upstream, so a score at exactly 0 gets no gradient (`weight_magnitude`, see route).
         grad_scores = (grad * weight).sum_to_size(scores.shape).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
-        grad_weight = grad * mask if ctx.needs_input_grad[1] else None  # co_train: W learns where it is kept
-        return grad_scores, grad_weight, None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # co_train: W learns where it is kept; revive (PARP): everywhere
+            grad_weight = grad if ctx.revive else grad * mask
+        return grad_scores, grad_weight, None, None
 
 
 class Routable:
@@ -196,6 +199,7 @@ class Routable:
         self.register_parameter("scores", None)
         self.prune_rate = 1.0
         self.view, self.n_of_m = None, None  # structured routes (see route)
+        self.revive = False  # PARP (s3r/prune.py): pruned weights get gradients too, so they can grow back
         self._mask_cache = fast.MaskCache()
 
     def dense_weight(self) -> torch.Tensor:
@@ -253,7 +257,7 @@ class Routable:
         if self.scores is None:
             return weight
         view = self.view or weight.shape  # structured: the scores broadcast onto the weight seen as `view`
-        return StraightThrough.apply(self.scores, weight.view(view), self.mask()).view_as(weight)
+        return StraightThrough.apply(self.scores, weight.view(view), self.mask(), self.revive).view_as(weight)
 
 
 class MaskedLinear(Routable, nn.Linear):
