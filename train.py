@@ -19,7 +19,8 @@ The upstream README commands, one for one:
     ... --preset xlsr --init xlsr2_300m.pt --data zh-TW-train --valid zh-TW-test                       # XLS-R, 6%
     ... --finetune-weights --final-lr-scale 0.05 --save-dir ft                                         # pruning step 1
     ... --init ft/checkpoint_best.pt --prune-rate 0.3 --no-fix-attn --init-score weight_magnitude_with_scale  # step 2
-Resume: run the same command again with the same --save-dir; flags given again override the saved ones.
+Resume: run the same command again with the same --save-dir: the saved config, no preset; a flag that changes a
+saved value wins, and one warning line names every change.
 SIGTERM / Ctrl-C: the current update finishes, checkpoint_last.pt is written, every rank exits 0 (torchrun itself,
 signalled, still reports the signal; it waits 30 s for its workers before killing them). A rank that dies: the
 others exit with one line, and under `torchrun --max-restarts N` the new group resumes from checkpoint_last.pt.
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from s3r import cluster
+from s3r import cluster, errors
 from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.data import SAMPLE_RATE, make_loader, resolve_corpus, set_epoch
 from s3r.decode import transcribe
@@ -224,6 +225,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
         if cluster.any_rank(stop.requested, ddp, device):  # a signal during setup: nothing trained, nothing to save
             out.warn("stopped by a signal before the first update")
             return
+        errors.setup_phase(False)  # from here on an error may be one rank's own (its data)
         if cfg.validate_before and progress.update == 0 and valid_loader is not None:
             report(validate())  # where training starts (a fresh CTC head: about 100% error); not a best candidate
         acc, n_acc, t_log = torch.zeros(4, dtype=torch.float64), 0, time.perf_counter()  # since the last log line
@@ -328,14 +330,14 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
 
 def main(argv: list[str] | None = None) -> int:
     code = 1
+    errors.setup_phase(True)
     try:
         with cluster.StopSignal() as stop:  # from the start: a signal during setup stops before the first update
             cfg, ckpt = parse_config(argv)
             train(cfg, ckpt, stop)
         code = 0
     except S3RError as e:
-        rank = cluster.rank()
-        print(f"error: {e}" + (f" (rank {rank})" if rank is not None else ""), file=sys.stderr)
+        errors.report(e, cluster.rank())  # set-up errors once (rank 0), later ones by the rank that met them
         code = 2
     except (dist.DistError, RuntimeError) as e:
         if cluster.peer_lost(e):  # another rank failed (its own message is above) and its connection closed

@@ -29,7 +29,7 @@ from .checkpoint import checkpoint_vocab, load_pretrained
 from .cluster import load_last
 from .compact import fold_masks
 from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus
-from .errors import ConfigError, S3RError
+from .errors import ArgumentParser, ConfigError, S3RError, warn
 from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .prune import load_dense, start_parp
 from .text import OutOfVocabularyError, Vocabulary
@@ -234,7 +234,7 @@ def config_from_values(values: dict) -> TrainConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, named as its fairseq option (help texts say which); all default to SUPPRESS."""
-    p = argparse.ArgumentParser(description="Finetune wav2vec 2.0 for CTC with S3-Router masks (or weight "
+    p = ArgumentParser(description="Finetune wav2vec 2.0 for CTC with S3-Router masks (or weight "
                                 "finetuning)", epilog="Defaults are base_1h as the upstream README runs it; --preset "
                                 "fills another recipe; flags given explicitly win.")
     defaults = config_values(TrainConfig())
@@ -256,16 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | None]:
-    """Defaults < saved config (when resuming) < --preset < explicit flags: (config, checkpoint_last or None)."""
+    """(config, checkpoint_last or None). A new run: defaults < --preset (`--data demo` without one: the demo
+    preset) < explicit flags. A resumed run (checkpoint_last.pt in --save-dir): the config it was started with <
+    explicit flags; no preset applies, and the values the flags change are named in one warning line."""
     given = vars(build_parser().parse_args(argv))
     values = config_values(TrainConfig())
     ckpt = load_last(given.get("save_dir", values["save_dir"]))  # unreadable: names the newest numbered one
-    if ckpt is not None:
-        values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values})
-    preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
-    values.update(PRESETS[preset] if preset else {})
-    values.update(given)
-    return config_from_values(values), ckpt
+    if ckpt is None:
+        preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
+        return config_from_values({**values, **(PRESETS[preset] if preset else {}), **given}), None
+    # where it was found, whatever folder it was saved in (a run directory may be moved)
+    values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values and k != "save_dir"})
+    values["save_dir"] = given.get("save_dir", values["save_dir"])
+    last = Path(values["save_dir"]) / "checkpoint_last.pt"
+    if given.get("preset", values["preset"]) != values["preset"]:
+        raise ConfigError(f"--preset {given['preset']}: {last} resumes a run started with --preset "
+                          f"{values['preset'] or '(none)'}; a preset does not apply on resume (pass its values as "
+                          f"flags, or use another --save-dir)")
+    norm = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  checkpoints hold tuples as lists
+    changed = [k for k, v in given.items() if norm(v) != norm(values[k])]
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {norm(values[k])} -> {norm(given[k])}" for k in changed)
+        warn(f"resuming {last} (update {ckpt['train_state'].get('update', '?')}) with changed values: {flags}")
+    return config_from_values({**values, **given}), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------

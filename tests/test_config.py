@@ -1,0 +1,85 @@
+"""The command line of train.py and eval.py: what a resumed run keeps, the demo preset, one-line errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from s3r.errors import ArgumentParser, ConfigError
+from s3r.recipe import PRESETS, config_values, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def save_run(save_dir, argv: list[str], update: int = 200):
+    """checkpoint_last.pt as train.py leaves it after `argv` (its train_state's config and update)."""
+    cfg, _ = parse_config(["--save-dir", str(save_dir), *argv])
+    torch.save({"train_state": {"config": config_values(cfg), "update": update}}, save_dir / "checkpoint_last.pt")
+    return cfg
+
+
+def test_demo_run_resumed_without_its_lr_keeps_it(tmp_path, capsys):
+    demo_ft = ["--data", "demo", "--finetune-weights", "--lr", "3e-3"]
+    started = save_run(tmp_path, demo_ft)
+    assert started.lr == 3e-3 and started.max_updates == PRESETS["demo"]["max_updates"]
+    capsys.readouterr()
+    cfg, ckpt = parse_config(["--save-dir", str(tmp_path), "--data", "demo", "--finetune-weights"])
+    assert ckpt is not None and cfg == started  # nothing of the implicit demo preset is applied again
+    assert capsys.readouterr().err == ""  # flags repeating the saved values are no change
+
+
+def test_resume_with_a_changed_flag_applies_it_and_says_so_in_one_line(tmp_path, capsys):
+    save_run(tmp_path, ["--prune-rate", "0.9", "--lr", "1e-3", "--max-updates", "100"])
+    capsys.readouterr()
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--prune-rate", "0.7", "--lr", "1e-3", "--max-updates",
+                           "300"])
+    assert (cfg.route.prune_rate, cfg.lr, cfg.max_updates) == (0.7, 1e-3, 300)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: resuming ") and "(update 200)" in err[0]
+    assert "--prune-rate 0.9 -> 0.7" in err[0] and "--max-updates 100 -> 300" in err[0] and "--lr" not in err[0]
+
+
+def test_presets_never_override_a_resumed_run(tmp_path):
+    started = save_run(tmp_path, ["--preset", "xlsr", "--mask-prob", "0.5"])
+    assert started.encoder["mask_time_prob"] == 0.5 and started.route.prune_rate == 0.94
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--preset", "xlsr"])
+    assert cfg == started  # the preset's mask_prob 0.75 does not come back
+    with pytest.raises(ConfigError, match=r"--preset 10h: .* resumes a run started with --preset xlsr"):
+        parse_config(["--save-dir", str(tmp_path), "--preset", "10h"])
+
+
+def test_resume_reads_the_folder_it_was_found_in(tmp_path):
+    (tmp_path / "old").mkdir()
+    save_run(tmp_path / "old", ["--lr", "1e-3"])
+    (tmp_path / "old").rename(tmp_path / "moved")
+    cfg, ckpt = parse_config(["--save-dir", str(tmp_path / "moved")])
+    assert ckpt is not None and cfg.save_dir == str(tmp_path / "moved") and cfg.lr == 1e-3
+
+
+def test_argument_parser_refuses_abbreviations_in_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    p = ArgumentParser(prog="train.py")
+    p.add_argument("--prune-rate", type=float)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--prune-rat", "0.9"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["train.py: error: unrecognized arguments: --prune-rat 0.9 "
+                                                    "(see --help)"]
+    monkeypatch.setenv("RANK", "1")  # torchrun's other ranks stay silent: rank 0 says it once
+    with pytest.raises(SystemExit):
+        p.parse_args(["--prune-rat", "0.9"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_torchrun_prints_a_configuration_error_once(tmp_path):
+    """Every rank meets it; rank 0 says it (torchrun's own failure report follows, which s3r cannot change)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--save-dir", str(tmp_path), "--init", "missing.pt"]
+    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    ours = [line for line in res.stderr.splitlines() if "error:" in line and "torch.distributed" not in line]
+    assert ours == ["error: checkpoint not found: missing.pt"], res.stderr[-3000:]
