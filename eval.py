@@ -5,6 +5,9 @@
         --json out.json --hyp out.tsv
     python eval.py --checkpoint facebook-wav2vec2-base-960h/ --data dev-clean --data-root /data \
         --lexicon librispeech_lexicon.lst --kenlm 4-gram.bin --beam 500
+    python eval.py --checkpoint checkpoints/checkpoint_best.pt --data demo-test        # after train.py --data demo
+    python eval.py --init xlsr2_300m.pt --route nl.route --data nl-test --data-root /data   # a route file
+    python eval.py --bundle langs.bundle --route nl --data nl-test --data-root /data        # a route of a bundle
 
 Reads s3r checkpoints (config, route and vocabulary inside), CTC-finetuned fairseq checkpoints (vocabulary from the
 dict.ltr.txt next to them, or --dict) and Hugging Face model folders (vocab.json). Prints WER and CER; for
@@ -12,9 +15,9 @@ character and phone units also UER (fairseq's unit error rate, word separators c
 metric), for phones PER (separators not counted). --hyp writes id<TAB>reference<TAB>hypothesis per utterance,
 --json the scores.
 """
-import argparse
 import contextlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,13 +27,35 @@ from s3r import S3RError, load_pretrained
 from s3r.checkpoint import checkpoint_vocab
 from s3r.data import SAMPLE_RATE, make_loader, resolve_corpus
 from s3r.decode import BeamSearchDecoder, transcribe
+from s3r.errors import ArgumentParser, warn
 from s3r.metrics import score
 
 
+def load_model(a):
+    """The model --checkpoint, --init with --route (a route file) or --bundle with --route (a name) names."""
+    given = [flag for flag in ("checkpoint", "init", "bundle") if getattr(a, flag)]
+    if len(given) != 1:
+        raise S3RError("give one of --checkpoint CKPT, --init PRETRAINED --route FILE, --bundle FILE --route NAME")
+    if a.route is None and not a.checkpoint:
+        raise S3RError(f"--{given[0]} needs --route ({'a route file' if a.init else 'the name of one of its routes'})")
+    if a.checkpoint:
+        if a.route is not None:
+            raise S3RError("--route goes with --init PRETRAINED (a route file) or --bundle (a route name), not with "
+                           "--checkpoint")
+        return load_pretrained(a.checkpoint, trust_checkpoint=a.trust_checkpoint)
+    if a.init:
+        return load_pretrained(a.init, route=a.route, trust_checkpoint=a.trust_checkpoint)
+    from s3r.routes import load_bundle
+    return load_bundle(a.bundle).use(a.route)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="s3r or CTC-finetuned fairseq checkpoint, or a HF folder")
-    p.add_argument("--data", required=True, help="corpus name: test-clean, dev-other, pl-test, demo-dev, x.tsv")
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", help="s3r or CTC-finetuned fairseq checkpoint, or a HF folder")
+    p.add_argument("--init", metavar="PRETRAINED", help="the pretrained checkpoint a --route file was learned on")
+    p.add_argument("--bundle", help="a route bundle (python -m s3r.routes bundle); --route names the route")
+    p.add_argument("--route", help="with --init: a route file (python -m s3r.routes export); with --bundle: a name")
+    p.add_argument("--data", required=True, help="corpus name: test-clean, dev-other, pl-test, demo-test, x.tsv")
     p.add_argument("--data-root", default=".", help="folder holding LibriSpeech/, librispeech_finetuning/, "
                    "cv-corpus-*/")
     p.add_argument("--json", default=None, metavar="OUT", help="write the scores as JSON")
@@ -52,15 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda" if cuda else "cpu")
-        model = load_pretrained(a.checkpoint, trust_checkpoint=a.trust_checkpoint).to(device)
+        model = load_model(a).to(device)
+        name = a.checkpoint or a.route  # for messages; the vocabulary may lie beside the file
         if model.lm_head is None:
-            raise S3RError(f"{a.checkpoint} has no CTC head: it is a pretrained checkpoint, finetune it first")
-        vocab = checkpoint_vocab(model, a.checkpoint, a.dict)
+            raise S3RError(f"{name} has no CTC head: it is a pretrained checkpoint, finetune it first")
+        vocab = checkpoint_vocab(model, a.checkpoint or (a.route if a.init else a.bundle), a.dict)
         if vocab is None:
-            raise S3RError(f"{a.checkpoint}: no vocabulary inside or beside it; pass --dict dict.ltr.txt or vocab.json")
+            raise S3RError(f"{name}: no vocabulary inside or beside it; pass --dict dict.ltr.txt or vocab.json")
         if len(vocab) != model.config.vocab_size:
-            raise S3RError(f"vocabulary has {len(vocab)} symbols but the CTC head of {a.checkpoint} "
+            raise S3RError(f"vocabulary has {len(vocab)} symbols but the CTC head of {name} "
                            f"{model.config.vocab_size}")
+        if a.data == "demo" or re.search(r"(^|-)train($|-)", a.data):
+            warn(f"{a.data} is a training split: its error rate says how well the model fits what it learned from"
+                 + (", not how it does on new speech (the demo's test split is demo-test)" if a.data.startswith("demo")
+                    else ""))
         decode = None
         if a.lexicon or a.kenlm:
             decode = BeamSearchDecoder(vocab, a.lexicon, a.kenlm, a.beam, a.lm_weight, a.word_score)
@@ -76,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = corpus.skipped + loader.dataset.skipped
-    result = {"checkpoint": a.checkpoint, "data": a.data, **metrics, "units": vocab.units,
+    result = {"checkpoint": a.checkpoint, "init": a.init, "bundle": a.bundle, "route": a.route,
+              "data": a.data, **metrics, "units": vocab.units,
               "decoder": "beam" if decode else "greedy", "skipped": [{"path": p, "reason": r} for p, r in skipped]}
     if a.hyp:
         Path(a.hyp).write_text("".join(f"{i}\t{r}\t{h}\n" for i, r, h in rows), encoding="utf-8")

@@ -323,9 +323,21 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
                     t_save = time.monotonic()
                 if stopping and rank == 0:
                     out.warn(f"stopped by a signal at update {progress.update}; the same command resumes")
+                if done and not stopping:
+                    out.write(saved_message(cfg, valid_name, metric, progress.best))
                 if stopping or done:
                     return
             progress.epoch, progress.offset = progress.epoch + 1, 0
+
+
+def saved_message(cfg: TrainConfig, valid_name: str, metric: str, best: float | None) -> str:
+    """The last line of a run: where it saved, and the command that evaluates it."""
+    if best is None:
+        return f"saved {os.path.join(cfg.save_dir, 'checkpoint_last.pt')}"
+    path = os.path.join(cfg.save_dir, "checkpoint_best.pt")
+    data_root = f" --data-root {cfg.data_root}" if cfg.data_root != "." else ""
+    return (f"saved {path} (best {metric} {100 * best:.2f} on {valid_name}) and checkpoint_last.pt; evaluate: "
+            f"python eval.py --checkpoint {path} --data {valid_name}{data_root}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -540,7 +540,8 @@ def load_pretrained(path: str | Path, prune_rate: float | None = None, init_scor
             model = load_fairseq(ckpt, path)
         elif kind == ROUTE_FORMAT:
             raise CheckpointError(f"{path} is a route, not a checkpoint: load the pretrained checkpoint it was "
-                                  f"learned on with route={str(path)!r} (--route)")
+                                  f"learned on with route={str(path)!r} (eval.py --init PRETRAINED --route "
+                                  f"{path})")
         else:
             raise CheckpointError(f"{path}: neither an s3r nor a fairseq checkpoint (it holds {describe(ckpt)})")
     if not hasattr(model, "vocab"):

@@ -484,7 +484,13 @@ def resolve_corpus(name: str, root: str | None = None, skip_bad: bool = False, u
         tsv = DEMO_DIR / f"{split}.tsv"
         if units is None and (DEMO_DIR / "dict.phn.txt").exists():
             units = "phone"  # the demo is scored by phone error rate (espeak-ng phone transcripts only)
-        return resolve_corpus(str(tsv) if tsv.exists() else split, str(DEMO_DIR), skip_bad, units)
+        if tsv.exists():
+            return resolve_corpus(str(tsv), str(DEMO_DIR), skip_bad, units)
+        try:
+            return resolve_corpus(split, str(DEMO_DIR), skip_bad, units)
+        except DataError:
+            names = ", ".join(["demo (= demo-train)"] + [f"demo-{p.stem}" for p in sorted(DEMO_DIR.glob("*.tsv"))])
+            raise DataError(f"unknown corpus name {name!r}: the demo's splits are {names}") from None
     cv = re.fullmatch(r"(.+)-(train|dev|test|validated)", name)
     cv_list = re.fullmatch(r"(.+)-((?:train|dev|test)-[15]h)", name)
     if name in LIBRISPEECH_SPLITS:

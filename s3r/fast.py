@@ -123,13 +123,12 @@ def extract_features(conv_layers, wav: torch.Tensor, lengths: torch.Tensor | Non
     """Replaces FeatureExtractor.forward on CPU: (B, S) -> (B, T, C), the padded frames of the output zero.
 
     Channels-last throughout (no transposes around the layer norms), each conv as matrix products
-    (`strided_conv`), norms and GELU in place when autograd is off. A group norm's statistics span the whole
-    padded row (fairseq and HF compute them so), so the layers up to the last group norm run on the padded batch;
-    every later frame depends only on its own window of samples, so there each utterance runs on its valid frames
-    alone: padding is neither computed nor kept.
+    (`strided_conv`), norms and GELU in place when autograd is off. A group norm's statistics are each utterance's
+    own (model.group_norm_over_valid) and every other frame depends only on its own window of samples, so in a
+    padded batch each utterance runs on its valid samples alone: padding is neither computed nor kept.
     """
     x = wav.unsqueeze(-1)  # (B, S, 1)
-    shared = max((n + 1 for n, layer in enumerate(conv_layers) if layer.norm == "group"), default=0)
+    shared = 0 if lengths is not None and not bool((lengths >= wav.shape[1]).all()) else len(conv_layers)
     for layer in conv_layers[:shared]:
         x = conv_layer(layer, x)
     rest = conv_layers[shared:]

@@ -289,6 +289,21 @@ class WeightNormConv1d(MaskedConv1d):
 
 
 # ----------------------------------------- Feature extractor: waveform (B, S) -> (B, T, 512), 49 frames a second
+def group_norm_over_valid(x: torch.Tensor, lengths: torch.Tensor | None, norm: nn.GroupNorm) -> torch.Tensor:
+    """`norm` (nn.GroupNorm(C, C): each channel over time) of x (B, C, T), every utterance's statistics taken over
+    its own `lengths` (B,) valid frames, so that padding never changes a result (s3r; fairseq and HF include the
+    padding: a padded batch gives other numbers than each utterance alone). Frames past the end are normalised with
+    the same statistics; nothing valid reads them (the later convs are valid convolutions)."""
+    if lengths is None or bool((lengths >= x.shape[-1]).all()):
+        return norm(x)
+    valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).unsqueeze(1)  # (B, 1, T)
+    n = lengths.clamp(min=1)[:, None, None].to(x.dtype)
+    mean = x.masked_fill(~valid, 0.0).sum(-1, keepdim=True) / n  # (B, C, 1)
+    var = (x - mean).masked_fill(~valid, 0.0).square().sum(-1, keepdim=True) / n
+    x = (x - mean) * torch.rsqrt(var + norm.eps)
+    return x * norm.weight[:, None] + norm.bias[:, None]
+
+
 class ConvLayer(nn.Module):
     """Conv1d -> optional norm -> GELU. `norm`: 'group' (per channel over time), 'layer' (per frame) or None."""
     def __init__(self, in_dim: int, out_dim: int, kernel: int, stride: int, bias: bool, norm: str | None):
@@ -300,10 +315,10 @@ class ConvLayer(nn.Module):
         elif norm == "layer":
             self.layer_norm = nn.LayerNorm(out_dim)
 
-    def forward(self, x):  # (B, C_in, S) -> (B, C_out, S')
+    def forward(self, x, lengths=None):  # (B, C_in, S), lengths (B,) valid output frames -> (B, C_out, S')
         x = self.conv(x)
         if self.norm == "group":  # fairseq Fp32GroupNorm: statistics in fp32 whatever the autocast dtype
-            x = self.layer_norm(x.float()).type_as(x)
+            x = group_norm_over_valid(x.float(), lengths, self.layer_norm).type_as(x)
         elif self.norm == "layer":  # fairseq Fp32LayerNorm over the channels of each frame
             x = self.layer_norm(x.float().transpose(1, 2)).transpose(1, 2).type_as(x)
         return F.gelu(x)
@@ -323,7 +338,9 @@ class FeatureExtractor(nn.Module):
             return fast.extract_features(self.conv_layers, wav, lengths)
         x = wav.unsqueeze(1)  # (B, 1, S)
         for layer in self.conv_layers:
-            x = layer(x)
+            k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
+            lengths = None if lengths is None else torch.div(lengths - k, s, rounding_mode="floor") + 1  # valid frames
+            x = layer(x, lengths)
         return x.transpose(1, 2)
 
 
@@ -362,12 +379,14 @@ class PositionalConvEmbedding(nn.Module):
         else:
             self.layers = nn.ModuleList(PositionalConvLayer(*args) for _ in range(c.conv_pos_depth))
 
-    def forward(self, x):  # (B, T, C) -> (B, T, C)
+    def forward(self, x, padding_mask=None):  # (B, T, C), zero at padded frames; padding_mask (B, T) -> (B, T, C)
         x = x.transpose(1, 2)
         if hasattr(self, "conv"):
             return F.gelu(self.conv(x)[..., : x.shape[-1]]).transpose(1, 2)  # SamePad: see PositionalConvLayer
         for layer in self.layers:
             x = layer(x)
+            if padding_mask is not None:  # zero past the end again, as each utterance alone sees (s3r; not so in
+                x = x.masked_fill(padding_mask[:, None, :], 0.0)  # fairseq and HF: the next conv reads the bias)
         return x.transpose(1, 2)
 
 
@@ -443,7 +462,7 @@ class Encoder(nn.Module):
         key_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, T)
         if padding_mask is not None:  # padding must not leak into the positional conv
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        x = x + self.pos_conv_embed(x)
+        x = x + self.pos_conv_embed(x, padding_mask)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
@@ -578,9 +597,13 @@ class Wav2Vec2ForCTC(nn.Module):
     def route(self, cfg: RouteConfig, init_scores: bool = True) -> Wav2Vec2ForCTC:
         """Mask mode: scores for the routed layers, everything `cfg` does not train frozen. `init_scores=False` only
         makes score tensors (to be loaded); weight-based inits read the weights present now (load them first)."""
-        for name, module in self.routable_layers(cfg).items():
+        layers = self.routable_layers(cfg)
+        for name, module in layers.items():
             module.route(cfg.prune_rate, cfg.init_score if init_scores else "kaiming_uniform", cfg.score_scale,
                          *self._groups(name, module, cfg.route_granularity))
+        for module in self.routed().values():  # routed before (an installed route), not by `cfg`: dense again
+            if all(module is not m for m in layers.values()):
+                module._init_routing()
         self.route_config = cfg
         for name, p in self.named_parameters():
             p.requires_grad_(self._trains_in_mask_mode(name, cfg))

@@ -210,6 +210,9 @@ PRESETS = {
                  validate_interval=50, save_interval=50, validate_before=True, mask_prob=0.3, mask_channel_prob=0.1,
                  mask_channel_length=16, layerdrop=0.05, log_interval=10),
 }
+# (s3r) what a preset changes for --finetune-weights: the demo's lr 1e-2 (S3-Router's, for scores) makes 2M weights
+# diverge, so the head learns alone for the first updates (fairseq freeze_finetune_updates), then everything at 3e-3
+PRESETS_FINETUNE_WEIGHTS = {"demo": dict(lr=3e-3, freeze_finetune_updates=50)}
 _NESTED = ("route", "encoder")
 
 
@@ -235,15 +238,21 @@ def config_from_values(values: dict) -> TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of train.py, named as its fairseq option (help texts say which); all default to SUPPRESS."""
     p = ArgumentParser(description="Finetune wav2vec 2.0 for CTC with S3-Router masks (or weight "
-                                "finetuning)", epilog="Defaults are base_1h as the upstream README runs it; --preset "
-                                "fills another recipe; flags given explicitly win.")
+                       "finetuning)", epilog="Defaults are base_1h as the upstream README runs it. --data demo (the "
+                       "default) applies the demo preset unless --preset is given: its values are shown as 'demo: "
+                       "...' ('demo --finetune-weights: ...' where weight finetuning differs). --preset fills another "
+                       "recipe; flags given explicitly win. A resumed run keeps its saved values: no preset applies, "
+                       "flags given again win and are named in one warning line.")
     defaults = config_values(TrainConfig())
     helps = {f.name: f.metadata.get("help") for f in fields(TrainConfig)} | {n: f.help for n, f in MODEL_FLAGS.items()}
+    demo, demo_ft = PRESETS["demo"], PRESETS_FINETUNE_WEIGHTS["demo"]
     groups = {RouteConfig: p.add_argument_group("S3-Router (RouteConfig; its defaults are upstream's README command)"),
               Wav2Vec2Config: p.add_argument_group("encoder regularisation (overrides of the init checkpoint's "
                                                    "Wav2Vec2Config)")}
     for name, default in defaults.items():
-        kw = dict(default=argparse.SUPPRESS, help=f"{helps[name]} (default: {default!r})".replace("%", "%%"))
+        shown = f"default: {default!r}" + (f"; demo: {demo[name]!r}" if name in demo else "") + (
+            f"; demo --finetune-weights: {demo_ft[name]!r}" if name in demo_ft else "")
+        kw = dict(default=argparse.SUPPRESS, help=f"{helps[name]} ({shown})".replace("%", "%%"))
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
@@ -264,7 +273,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, dict | Non
     ckpt = load_last(given.get("save_dir", values["save_dir"]))  # unreadable: names the newest numbered one
     if ckpt is None:
         preset = given.get("preset") or ("demo" if given.get("data", values["data"]) == "demo" else "")
-        return config_from_values({**values, **(PRESETS[preset] if preset else {}), **given}), None
+        if preset:
+            values.update(PRESETS[preset])
+            if given.get("finetune_weights", values["finetune_weights"]):
+                values.update(PRESETS_FINETUNE_WEIGHTS.get(preset, {}))
+        return config_from_values({**values, **given}), None
     # where it was found, whatever folder it was saved in (a run directory may be moved)
     values.update({k: v for k, v in ckpt["train_state"]["config"].items() if k in values and k != "save_dir"})
     values["save_dir"] = given.get("save_dir", values["save_dir"])

@@ -32,6 +32,7 @@ class RouteError(S3RError):
 
 
 _BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+_BYTE_BITS = (torch.arange(256, dtype=torch.uint8)[:, None] & _BIT_VALUES).ne(0)  # (256, 8): byte -> its 8 bits
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,9 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> tor
     n = math.prod(shape)
     if packed.numel() != (n + 7) // 8:
         raise RouteError(f"{packed.numel()} packed bytes cannot hold a mask of shape {tuple(shape)}")
-    return (packed.view(-1, 1) & _BIT_VALUES).ne(0).flatten()[:n].view(*shape)
+    # A table lookup per byte: 5x faster than masking each byte with the 8 bit values (route switching unpacks
+    # every routed weight of the model, 85M for wav2vec2-base).
+    return _BYTE_BITS.index_select(0, packed.flatten().int()).view(-1)[:n].view(*shape)
 
 
 def describe(obj: object) -> str:
@@ -73,15 +76,21 @@ def check_route(obj: object, name: str) -> dict:
 
 
 @torch.no_grad()
-def fix_mask(module: Routable, mask: torch.Tensor, view: tuple | None = None) -> None:
-    """Route `module` with a given keep-mask, for inference: frozen 0/1 scores whose top-k is exactly `mask`."""
+def fix_mask(module: Routable, mask: torch.Tensor, view: tuple | None = None, kept: int | None = None) -> None:
+    """Route `module` with a given keep-mask, for inference: frozen 0/1 scores whose top-k is exactly `mask`.
+
+    The scores are the mask's own bytes seen as uint8 (1 byte per weight, no copy; fp32 would take 4 and a
+    conversion), so a bundle switches routes in a few hundredths of a second at wav2vec2-base size. uint8 cannot
+    require a gradient: training a route goes through `Wav2Vec2ForCTC.route`, which makes fp32 scores.
+    """
     module._init_routing()
-    module.scores = nn.Parameter(mask.to(module.dense_weight().device, torch.float32), requires_grad=False)
-    kept, n = int(mask.sum()), mask.numel()
+    mask = mask.to(module.dense_weight().device, torch.bool).contiguous()
+    module.scores = nn.Parameter(mask.view(torch.uint8), requires_grad=False)
+    kept, n = int(torch.count_nonzero(mask)) if kept is None else kept, mask.numel()  # a route records `kept`
     module.prune_rate = kept / n
     while kept_count(n, module.prune_rate) != kept:  # a float ulp at a time until kept_count gives back `kept`
         module.prune_rate = math.nextafter(module.prune_rate, 1.0 if kept_count(n, module.prune_rate) < kept else 0.0)
-    module._mask_cache.install(module.scores, kept, module.scores.detach() > 0)  # switching routes: no selection
+    module._mask_cache.install(module.scores, kept, mask)  # switching routes: no selection
     module.view = tuple(view) if view is not None and tuple(view) != module.dense_weight().shape else None
 
 
@@ -112,7 +121,7 @@ def install_route(model: Wav2Vec2ForCTC, route: dict, fingerprint: str, name: st
                     or any(s not in (1, v) for s, v in zip(shape, view, strict=True))):
                 raise RouteError(f"{name}: route layer {weight} of shape {shape} does not fit its weight "
                                  f"{tuple(module.dense_weight().shape)}")
-            fix_mask(module, unpack_bits(entry["bits"], shape), entry.get("view"))
+            fix_mask(module, unpack_bits(entry["bits"], shape), entry.get("view"), entry["kept"])
         elif module.scores is not None:  # routed by an earlier route, not by this one: dense again
             module.scores = None
             module._init_routing()

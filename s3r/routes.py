@@ -50,9 +50,9 @@ from .route_format import (
     unpack_bits,
 )
 
-__all__ = ["BIT_ORDER", "RouteBundle", "RouteError", "apply_route", "export_route", "load_bundle", "load_route",
-           "make_bundle", "masks_of", "omp", "pack_bits", "paper_storage", "route_from_model", "route_summary",
-           "storage", "unpack_bits"]
+__all__ = ["BIT_ORDER", "RouteBundle", "RouteError", "apply_route", "bundle_from_dict", "export_route", "load_bundle",
+           "load_route", "make_bundle", "masks_of", "omp", "pack_bits", "paper_storage", "route_from_model",
+           "route_summary", "storage", "unpack_bits"]
 
 UPSTREAM_REDUCTION = -88.5  # percent, upstream README: 11 languages on XLS-R 300M
 
@@ -158,7 +158,11 @@ class RouteBundle:
 
 def load_bundle(path: str | Path) -> RouteBundle:
     """Read a bundle written by `python -m s3r.routes bundle`; call `.use(name)` before running the model."""
-    bundle = torch_load(path)
+    return bundle_from_dict(torch_load(path), path)
+
+
+def bundle_from_dict(bundle: object, path: str | Path) -> RouteBundle:
+    """`load_bundle` on what torch_load read from `path` (for callers that read the file to see what it holds)."""
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise RouteError(f"{path} is not an s3r route bundle (it holds {describe(bundle)}); "
                          f"make one with `python -m s3r.routes bundle OUT --pretrained P ROUTE...`")

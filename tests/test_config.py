@@ -83,3 +83,34 @@ def test_torchrun_prints_a_configuration_error_once(tmp_path):
     assert res.returncode != 0
     ours = [line for line in res.stderr.splitlines() if "error:" in line and "torch.distributed" not in line]
     assert ours == ["error: checkpoint not found: missing.pt"], res.stderr[-3000:]
+
+
+def test_a_finished_run_says_where_it_saved_and_how_to_evaluate(tiny_init, corpus_root, tmp_path, capsys):
+    import train
+    argv = ["--init", str(tiny_init), "--data", "train-1h", "--data-root", str(corpus_root), "--save-dir",
+            str(tmp_path), "--max-tokens", "80000", "--num-workers", "0", "--max-updates", "1", "--update-freq", "1",
+            "--save-interval", "1"]
+    assert train.main(argv) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    best = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)["train_state"]["best"]
+    assert last == (f"saved {tmp_path}/checkpoint_best.pt (best wer {100 * best:.2f} on dev-other) and "
+                    f"checkpoint_last.pt; evaluate: python eval.py --checkpoint {tmp_path}/checkpoint_best.pt "
+                    f"--data dev-other --data-root {corpus_root}")
+
+
+def test_demo_weight_finetuning_gets_its_own_lr_and_a_head_start(tmp_path):
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--data", "demo", "--finetune-weights"])
+    assert (cfg.lr, cfg.freeze_finetune_updates, cfg.max_updates) == (3e-3, 50, 200)
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--data", "demo"])  # S3-Router: the scores' lr, no freezing
+    assert (cfg.lr, cfg.freeze_finetune_updates) == (1e-2, 0)
+    cfg, _ = parse_config(["--save-dir", str(tmp_path), "--preset", "1h", "--finetune-weights"])
+    assert (cfg.lr, cfg.freeze_finetune_updates) == (5e-5, 0)  # upstream's presets are the same for both methods
+
+
+def test_help_shows_the_demo_values_beside_the_defaults():
+    from s3r.recipe import build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "optimization.max_update (default: 15000; demo: 200)" in text
+    assert "optimization.lr (peak) (default: 5e-05; demo: 0.01; demo --finetune-weights: 0.003)" in text
+    assert "only the head trains) for this many updates (default: 0; demo --finetune-weights: 50)" in text
+    assert "--data demo (the default) applies the demo preset unless --preset is given" in text

@@ -147,6 +147,10 @@ def test_demo_name(tiny_corpus, monkeypatch, tmp_path):
     assert len(resolve_corpus("demo").utterances) == 4  # demo = demo-train = <demo>/train.tsv
     monkeypatch.setattr(data, "DEMO_DIR", tiny_corpus("librispeech", split="dev-clean"))
     assert resolve_corpus("demo-dev-clean").kind == "librispeech"
+    monkeypatch.undo()
+    with pytest.raises(DataError, match=r"unknown corpus name 'demo-dev': the demo's splits are demo \(= demo-train\), "
+                       "demo-test, demo-train$"):
+        resolve_corpus("demo-dev")
 
 
 def test_unknown_name():

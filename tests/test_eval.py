@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from torchaudio.functional import edit_distance
 
 import eval as s3r_eval
@@ -120,3 +121,70 @@ def test_cli_prints_wer(fairseq_ctc, corpus_root, run_cli, tmp_path):
                   "--json", str(tmp_path / "o.json"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("dev-other: WER ") and json.loads((tmp_path / "o.json").read_text())["utterances"] == 4
+
+
+@pytest.mark.slow
+def test_scores_do_not_depend_on_the_batch_size(tmp_path):
+    """The demo backbone has a group-norm first conv: padding an utterance into a longer batch must not change its
+    logits, so the hypotheses and scores are the same at any --batch-seconds (1 utterance a batch up to all 24)."""
+    from s3r.recipe import DEMO_BACKBONE
+    vocab = Vocabulary.from_fairseq_dict(str(DEMO_BACKBONE.parent / "dict.phn.txt"))
+    torch.manual_seed(0)
+    model = load_pretrained(DEMO_BACKBONE, vocab_size=len(vocab))  # a random head: many frames near a tie
+    model.vocab = vocab
+    save_atomic(s3r_checkpoint(model), tmp_path / "demo.pt")
+    runs = []
+    for seconds in (5, 25, 200):
+        code = s3r_eval.main(["--checkpoint", str(tmp_path / "demo.pt"), "--data", "demo-test", "--num-workers", "0",
+                              "--batch-seconds", str(seconds), "--hyp", str(tmp_path / "hyp.tsv")])
+        assert code == 0
+        runs.append((tmp_path / "hyp.tsv").read_text(encoding="utf-8"))
+    assert len(runs[0].splitlines()) == 24 and any(line.split("\t")[2] for line in runs[0].splitlines())
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_a_route_and_a_bundle_entry_evaluate_as_their_checkpoint(tiny_init, corpus_root, tmp_path, capsys):
+    from s3r.routes import export_route, make_bundle
+    model = load_pretrained(tiny_init, prune_rate=0.5, init_score="kaiming_uniform", vocab_size=len(LETTERS))
+    model.vocab = LETTERS
+    save_atomic(s3r_checkpoint(model, pretrained=str(tiny_init)), tmp_path / "s3r.pt")
+    export_route(tmp_path / "s3r.pt", tmp_path / "a.route")
+    save_atomic(make_bundle(tiny_init, {"a": tmp_path / "a.route"}), tmp_path / "ab.bundle")
+    code, whole, rows = run_eval(tmp_path, tmp_path / "s3r.pt", corpus_root)
+    assert code == 0 and len(rows) == 4
+    for how in (["--init", tiny_init, "--route", tmp_path / "a.route"], ["--bundle", tmp_path / "ab.bundle",
+                                                                          "--route", "a"]):
+        code, result, got = run_eval_with(tmp_path, corpus_root, *how)
+        assert code == 0 and got == rows and result["wer"] == whole["wer"], how
+    capsys.readouterr()
+    bad = [["--checkpoint", tmp_path / "a.route"], ["--init", tiny_init], ["--bundle", tmp_path / "ab.bundle"],
+           ["--checkpoint", tmp_path / "s3r.pt", "--route", tmp_path / "a.route"],
+           ["--bundle", tmp_path / "ab.bundle", "--route", "b"]]
+    assert [run_eval_with(tmp_path, corpus_root, *b)[0] for b in bad] == [2] * 5
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
+    assert "--init PRETRAINED --route" in err[0] and "--init needs --route (a route file)" in err[1]
+    assert "--bundle needs --route" in err[2] and "not with --checkpoint" in err[3] and "no route 'b'" in err[4]
+
+
+def run_eval_with(tmp_path, root, *model_flags) -> tuple[int, dict, list]:
+    """run_eval with other model flags than --checkpoint."""
+    out, hyp = tmp_path / "out.json", tmp_path / "hyp.tsv"
+    code = s3r_eval.main(["--data", "dev-other", "--data-root", str(root), "--json", str(out), "--hyp", str(hyp),
+                          "--num-workers", "0", *map(str, model_flags)])
+    if code:
+        return code, {}, []
+    return code, json.loads(out.read_text()), [line.split("\t") for line in hyp.read_text().splitlines()]
+
+
+def test_scoring_a_training_split_says_so(tiny_init, corpus_root, tmp_path, capsys):
+    model = load_pretrained(tiny_init, vocab_size=len(LETTERS))
+    model.vocab = LETTERS
+    save_atomic(s3r_checkpoint(model), tmp_path / "ctc.pt")
+    for data in ("train-1h", "dev-other"):
+        capsys.readouterr()
+        code = s3r_eval.main(["--checkpoint", str(tmp_path / "ctc.pt"), "--data", data, "--data-root",
+                              str(corpus_root), "--num-workers", "0"])
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert code == 0 and warnings == ([] if data == "dev-other" else [
+            "warning: train-1h is a training split: its error rate says how well the model fits what it learned from"])
