@@ -2,6 +2,8 @@
 
     python -m tools.miniature                 # all: corpus, backbone, grid, bundle, curve, similarity, report
     python -m tools.miniature --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
+    python -m tools.miniature --stage curve --langs es --curve-kinds omp prune parp imp --curve-rates 0.3
+                                              # the pruning curve with PARP and IMP beside OMP and S3-Router pruning
 
 Every stage is resumable: the corpus is written one language at a time (a finished language has a DONE file),
 each experiment cell caches its result as JSON under runs/miniature/cells/, and a stage skips what is cached.
