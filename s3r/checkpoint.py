@@ -453,11 +453,15 @@ def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab: Vocabulary | None = None, pretr
 
 
 def save_atomic(obj: object, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file.
+    The file gets the mode a plain open() would give it (0666 less the umask; mkstemp's own is 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0o022)  # reading the umask means setting it; put back at once
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -479,7 +479,9 @@ class RunLog:
         if enabled:
             Path(save_dir).mkdir(parents=True, exist_ok=True)
             self.file = open(Path(save_dir) / "log.jsonl", "a", encoding="utf-8")  # closed by __exit__
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train")
+        # no bar when there is nothing left to do (a finished run started again)
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled or initial >= total, dynamic_ncols=True,
+                        desc="train")
 
     def log(self, obj: dict) -> None:
         """One JSON line in log.jsonl."""

@@ -140,6 +140,11 @@ class RouteBundle:
         state = model.state_dict()
         self._shared = {k: state[k].clone() for r in routes.values() for k in r["tensors"]
                         if k in state and not k.startswith("lm_head.")}
+        model.register_forward_pre_hook(self._check_route)  # no route yet: no head, so no logits either
+
+    def _check_route(self, module, args):
+        if self.current is None:
+            raise RouteError(f"the bundle runs no route yet: call .use(name) first (it has {', '.join(self.routes)})")
 
     @property
     def names(self) -> list[str]:

@@ -6,6 +6,8 @@ weights (cfg and args styles, pretraining and CTC, upstream S3-Router `wav2vec_c
 """
 import ast
 import json
+import os
+import stat
 import sys
 import types
 from pathlib import Path
@@ -806,3 +808,17 @@ def test_no_import_circles():
         if module not in state:
             visit(module, [module])
     assert graph["s3r.checkpoint"] >= {"s3r.route_format"} and "s3r.routes" not in graph["s3r.checkpoint"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_files_follow_the_umask(tmp_path, umask, mode):
+    """A checkpoint (and a route or bundle, written the same way) is readable by whoever the user's umask lets read
+    it, as with a plain open(), not always 0600 (mkstemp's mode)."""
+    old = os.umask(umask)
+    try:
+        save_atomic({"x": torch.zeros(1)}, tmp_path / "c.pt")
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == mode

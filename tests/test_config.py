@@ -96,6 +96,9 @@ def test_a_finished_run_says_where_it_saved_and_how_to_evaluate(tiny_init, corpu
     assert last == (f"saved {tmp_path}/checkpoint_best.pt (best wer {100 * best:.2f} on dev-other) and "
                     f"checkpoint_last.pt; evaluate: python eval.py --checkpoint {tmp_path}/checkpoint_best.pt "
                     f"--data dev-other --data-root {corpus_root}")
+    assert train.main(argv) == 0  # again: nothing to do, said in one line, no progress bar
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1].startswith("nothing to do: ") and "train:" not in err and "it/s" not in err
 
 
 def test_demo_weight_finetuning_gets_its_own_lr_and_a_head_start(tmp_path):

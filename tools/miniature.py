@@ -2,6 +2,7 @@
 
     python -m tools.miniature                 # all: corpus, backbone, grid, bundle, curve, similarity, report
     python -m tools.miniature --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
+    python -m tools.miniature --stage ssl-pilot --init CKPT --pilot-tag NAME  # a backbone's pilot (es, ru; 3 methods)
     python -m tools.miniature --stage curve --langs es --curve-kinds omp prune parp imp --curve-rates 0.3
                                               # the pruning curve with PARP and IMP beside OMP and S3-Router pruning
 
@@ -266,7 +267,7 @@ def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], th
     name = f"{method}{tag}-s{seed}"
     cell = out / "cells" / lang / name
     result_path = cell / "result.json"
-    backbone = file_sha256(BACKBONE)
+    backbone = file_sha256(init)  # the cache is keyed by the backbone a cell starts from
     if result_path.exists():
         result = json.loads(result_path.read_text())
         if result.get("backbone_sha256") == backbone and result.get("recipe") == RECIPE + args:
@@ -301,6 +302,47 @@ def run_grid(out: Path, langs: list[str], methods: list[str], seeds: list[int], 
                 f.result()
             except RuntimeError as e:
                 log(f"error: {e}")
+
+
+# ------------------------------------------------------------------------------------------------ SSL pilot
+SSL_BACKBONE = ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"
+PILOT_LANGS, PILOT_METHODS = ["es", "ru"], ["head", "ft", "s3r-0.9"]
+PILOT_RESULTS = ROOT / "bench" / "results" / "backbone_pilot"
+
+
+def run_pilot(out: Path, init: Path, tag: str, jobs: int, seed: int = SEEDS[0]) -> dict:
+    """The paper's regime on a backbone, one seed: head only, weight finetuning and S3-Router 0.9 on es and ru, with
+    the grid's recipe. Cells are cached like the grid's (keyed by the backbone file); the table collects every
+    backbone piloted so far, by tag, in bench/results/backbone_pilot.{json,md}."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, 2 // jobs)
+    cells = [(lang, m) for lang in PILOT_LANGS for m in PILOT_METHODS]
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda c: train_cell(out, c[0], c[1], seed, METHODS[c[1]], threads, init=init,
+                                                     tag=f"-{tag}"), cells))
+    path = PILOT_RESULTS.with_suffix(".json")
+    table = json.loads(path.read_text()) if path.exists() else {"backbones": {}}
+    table["backbones"][tag] = {
+        "init": str(Path(init).resolve().relative_to(ROOT)) if Path(init).resolve().is_relative_to(ROOT) else str(init),
+        "backbone_sha256": file_sha256(init), "seed": seed,
+        "per": {r["lang"]: {} for r in results}, "cpu_minutes": round(sum(r["train_cpu_s"] for r in results) / 60, 1)}
+    for r in results:
+        table["backbones"][tag]["per"][r["lang"]][r["method"].removesuffix(f"-{tag}")] = round(100 * r["per"], 2)
+    table["recipe"], table["methods"] = RECIPE, {m: METHODS[m] for m in PILOT_METHODS}
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    lines = ["# Backbone pilot: head only vs weight finetuning vs S3-Router", "",
+             f"PER (%) on the test split, seed {seed}, the miniature's recipe (200 updates; tools/miniature.py RECIPE, "
+             f"METHODS). The paper's regime: head only clearly behind both others. Regenerate one row: "
+             f"`python -m tools.miniature --stage ssl-pilot --init CHECKPOINT --pilot-tag TAG`.", "",
+             "| backbone | " + " | ".join(f"{lg} {m}" for lg in PILOT_LANGS for m in PILOT_METHODS) + " | CPU min |",
+             "|---|" + "---:|" * (len(PILOT_LANGS) * len(PILOT_METHODS) + 1)]
+    for name, row in table["backbones"].items():
+        cols = [row["per"].get(lg, {}).get(m) for lg in PILOT_LANGS for m in PILOT_METHODS]
+        lines.append(f"| {name} (`{row['init']}`) | " + " | ".join("" if v is None else f"{v:.1f}" for v in cols)
+                     + f" | {row['cpu_minutes']} |")
+    PILOT_RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    log(f"pilot {tag}: " + json.dumps(table["backbones"][tag]["per"]))
+    return table
 
 
 # ------------------------------------------------------------------------------------------------ applications 2-4
@@ -829,7 +871,7 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
-                   "grid, bundle, curve, similarity, report")
+                   "grid, bundle, curve, similarity, report; or ssl-pilot (see --init)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--langs", nargs="*", default=GRID_LANGS[:6], help="held-out languages of the grid, in order "
                    f"(default: the first six of {', '.join(GRID_LANGS)})")
@@ -840,6 +882,8 @@ def main(argv=None):
                    "(default: all, pretraining and held out; a subset makes the same speech)")
     p.add_argument("--curve-rates", nargs="*", type=float, default=CURVE_RATES, help="kept fractions of the pruning "
                    "curve (default: %(default)s)")
+    p.add_argument("--init", default=str(SSL_BACKBONE), help="ssl-pilot: the backbone to pilot")
+    p.add_argument("--pilot-tag", default="ssl", help="ssl-pilot: its name in the table and in the cell names")
     p.add_argument("--speed-rounds", type=int, default=SPEED_ROUNDS, help="interleaved timing rounds of the curve")
     p.add_argument("--curve-kinds", nargs="*", default=DEFAULT_CURVE_KINDS, choices=[k for k, *_ in CURVE_KINDS],
                    help="pruning methods of the curve (default: %(default)s; parp and imp retrain the weights, imp "
@@ -853,7 +897,7 @@ def main(argv=None):
     if stage("demo"):
         make_demo(out)
     if stage("backbone") and not BACKBONE.exists():
-        run_logged(python_cmd("-m", "tools.pretrain_backbone", "--data-root", corpus_root(out),
+        run_logged(python_cmd("-m", "tools.pretrain_supervised", "--data-root", corpus_root(out),
                               "--out", out / "backbone",
                               "--save", BACKBONE), out / "backbone.log", 2)
     if stage("grid"):
@@ -869,6 +913,8 @@ def main(argv=None):
             run_similarity(out, a.langs, method)
     if stage("report"):
         report(out, a)
+    if "ssl-pilot" in stages:  # not part of "all": it pilots a backbone other than the grid's
+        run_pilot(out, Path(a.init), a.pilot_tag, a.jobs)
 
 
 if __name__ == "__main__":

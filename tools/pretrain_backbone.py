@@ -1,239 +1,406 @@
-"""Train the miniature's small wav2vec 2.0 backbone, the stand-in for a self-supervised checkpoint (issue 6).
+"""Pretrain the miniature's backbone self-supervised, as HuBERT does: no transcript is ever read.
 
-    python -m tools.pretrain_backbone --data-root runs/miniature/corpus --out runs/miniature/backbone \
-        --save s3r/assets/demo/backbone.pt
+    python -m tools.pretrain_corpus                  # unlabelled audio -> runs/pretrain/corpus/{train,valid}.tsv
+    python -m tools.pretrain_backbone                # iteration 1 -> runs/pretrain/it1/, s3r/assets/miniature/
+    python -m tools.pretrain_backbone --out runs/pretrain/it2 --label-model runs/pretrain/it1/checkpoint.pt \
+        --label-layer 2                              # iteration 2: targets from layer 2 of iteration 1
 
-What it is, plainly: the exact wav2vec 2.0 architecture (s3r.Wav2Vec2ForCTC; 7 strided convs, positional conv,
-pre-LN transformer as in wav2vec 2.0 large / XLS-R) at ~2M parameters, trained from scratch on the pretraining
-languages (tools/text_sources.PRETRAIN) with two losses on one shared encoder, NOT with wav2vec 2.0's contrastive
-objective (that needs far more audio and compute than two CPU cores give):
-  - SUPERVISED CTC on the espeak-ng phone transcripts (a multilingual phone recogniser), and
-  - HuBERT iteration-1 style prediction of MFCC k-means units (100 clusters, 20 ms frames, cross-entropy on every
-    frame with time masking on): self-supervised, frame-level, so it shapes the encoder from the first updates,
-    while CTC alone sat on its blank plateau for hundreds of updates in this budget.
-The held-out languages (text_sources.HELD_OUT) are never seen. The phone head is dropped: the saved checkpoint
-is the encoder alone, like a pretrained wav2vec 2.0 checkpoint, in fp16 (s3r's loader casts back to fp32).
+The objective is HuBERT's (Hsu et al. 2021, fairseq `models/hubert/hubert.py`, `criterions/hubert_criterion.py`):
+  1. targets: k-means units (K=100) of every 20 ms frame of the training audio. Iteration 1 clusters 39-d MFCCs
+     (13 + deltas + delta-deltas, 25 ms windows every 20 ms: one row per encoder frame); iteration 2 clusters the
+     hidden states of one layer of the iteration-1 model (`--label-layer`). K-means is fitted on a sample of frames.
+  2. masking: spans of 10 frames starting at ~8% of the frames (mask probability 0.8, span 10, HuBERT base's values),
+     each masked frame's projected conv feature replaced by the learned mask embedding (fairseq `mask_emb`).
+  3. prediction on masked frames only (HuBERT's pred_masked_weight 1, pred_nomask_weight 0): the transformer's output
+     goes through `final_proj` to 64 dimensions, and the logit of unit k is the cosine similarity with the learned
+     label embedding k divided by a temperature of 0.1 (`label_embs_concat`, `logit_temp`). This is HuBERT's own
+     head rather than a plain linear layer: its logits are bounded (|logit| <= 10), which keeps a from-scratch model
+     stable at our high learning rate, and it makes the checkpoint a HuBERT pretraining checkpoint in every tensor,
+     so that s3r drops `final_proj` / `label_embs_concat` when loading it exactly as it does for a published one.
+  plus HuBERT's feature penalty (10 x the mean squared conv feature) and its 0.1 gradient scale on the conv stack.
+The data is only the fairseq manifest (`train.tsv`: root, then relpath<TAB>samples); there is no transcript argument,
+and the tests run this script on a corpus whose transcripts are deleted.
 
-Resumable: runs/.../state.pt is written every --save-every updates and at the end; run the command again to
-continue. The learning-rate schedule is defined over --max-updates, so a resumed run follows the same curve.
+The model is the miniature's (tools.pretrain_supervised.CONFIG: wav2vec 2.0 / HuBERT architecture at ~2M parameters,
+pre-LN, frames every 20 ms). The saved checkpoint is a fairseq HuBERT pretraining checkpoint (`cfg.model._name`
+"hubert", fairseq key names, `final_proj` and `label_embs_concat` included) in fp16. Its stored dropout / layerdrop
+are the finetuning values the miniature has always used (tools.pretrain_supervised.FINETUNE_REGULARIZATION);
+pretraining itself ran without dropout (a 2M-parameter model on hours of audio underfits).
+
+Resumable: runs/.../state.pt is written every --save-every updates and when --max-minutes is reached; run the same
+command again to continue. The learning-rate schedule is defined over --max-updates.
 """
 import argparse
 import json
 import math
 import random
+import re
+import sys
 import time
 from pathlib import Path
 
+import soundfile as sf
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from s3r import Wav2Vec2Config, Wav2Vec2ForCTC
-from s3r.checkpoint import s3r_checkpoint, save_atomic
-from s3r.data import load_audio, resolve_corpus
-from s3r.decode import greedy_decode
-from s3r.metrics import per
-from s3r.text import Vocabulary
-from tools import text_sources
+from s3r.checkpoint import save_atomic
+from s3r.model import compute_mask_indices
+from tools.pretrain_supervised import CONFIG, FINETUNE_REGULARIZATION, PRETRAIN_REGULARIZATION, mfcc_frames
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# ~2M parameters; frames every 20 ms like every wav2vec 2.0 model. Sized for 2 shared CPU cores: the whole
-# miniature grid finetunes this model dozens of times. Pre-LN transformer (layer_norm_first, as wav2vec 2.0 large and
-# XLS-R, upstream's CommonVoice backbone): from scratch it leaves CTC's blank plateau within ~100 updates, where the
-# post-LN base layout was still on it after 400.
-CONFIG = dict(conv_dim=(64,) * 7, hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
-              conv_pos_kernel=32, conv_pos_groups=16, layer_norm_first=True)
-# Pretraining here is short and underfits, so it runs without dropout or masking (also faster); the saved
-# config carries ordinary finetuning values, as a pretrained wav2vec 2.0 checkpoint does.
-PRETRAIN_REGULARIZATION = dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
-FINETUNE_REGULARIZATION = dict(hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, layerdrop=0.05,
-                               mask_time_prob=0.0, mask_time_length=10)
+UNITS = 100
+MASK_PROB, MASK_LENGTH = 0.8, 10
+FINAL_DIM, LOGIT_TEMP = 64, 0.1
+FEATURE_PEN, FEATURE_GRAD_MULT = 10.0, 0.1
 
 
-def load_split(root: str, langs: list[str], splits: list[str], cache: Path) -> list[tuple[torch.Tensor, str, str]]:
-    """[(wav (S,) at 16 kHz, phone transcript, lang)], decoded once and cached (mp3 decoding is slow)."""
+# ------------------------------------------------------------------------------------------------ data
+def read_manifest(tsv: Path) -> list[Path]:
+    """fairseq audio manifest: the root folder, then `relpath<TAB>num_samples` per line."""
+    if not tsv.exists():
+        raise SystemExit(f"error: no manifest {tsv}")
+    lines = tsv.read_text().splitlines()
+    root = Path(lines[0].strip())
+    return [root / line.split("\t")[0] for line in lines[1:] if line.strip()]
+
+
+def load_audio(tsv: Path, cache: Path) -> list[torch.Tensor]:
+    """Every clip of the manifest as int16 (S,) at 16 kHz, decoded once and cached (hours of audio: 2 bytes/sample)."""
     if cache.exists():
         return torch.load(cache)
-    items = []
-    for lang in langs:
-        for split in splits:
-            for u in resolve_corpus(f"{lang}-{split}", root, units="phone").utterances:
-                items.append((load_audio(u.path), u.text, lang))
-    torch.save(items, cache)
-    return items
+    clips = []
+    for path in read_manifest(tsv):
+        audio, rate = sf.read(path, dtype="int16")
+        if rate != 16000 or audio.ndim != 1:
+            raise SystemExit(f"error: {path}: expected 16 kHz mono, got {rate} Hz, shape {audio.shape}")
+        clips.append(torch.from_numpy(audio))
+    save_atomic(clips, cache)
+    return clips
 
 
-UNITS = 100  # k-means clusters of MFCC frames (HuBERT iteration 1 uses 100)
+def as_float(clip: torch.Tensor) -> torch.Tensor:
+    return clip.float() / 32768.0
 
 
-def mfcc_frames(wav: torch.Tensor) -> torch.Tensor:
-    """(T, 39) MFCC + deltas + delta-deltas, 25 ms windows every 20 ms: exactly one row per encoder frame
-    (the conv stack's receptive field is 400 samples, its stride 320), normalized per utterance."""
-    import torchaudio
-    mfcc = torchaudio.transforms.MFCC(16000, 13, melkwargs=dict(n_fft=400, win_length=400, hop_length=320, n_mels=40,
-                                                                center=False))(wav)  # (13, T)
-    d1 = torchaudio.functional.compute_deltas(mfcc)
-    f = torch.cat([mfcc, d1, torchaudio.functional.compute_deltas(d1)]).T  # (T, 39)
-    return (f - f.mean(0)) / (f.std(0) + 1e-5)
-
-
-def kmeans_units(items, k: int = UNITS, iters: int = 20, seed: int = 0) -> list[torch.Tensor]:
-    """Cluster every training frame's MFCCs (Lloyd's algorithm); returns each utterance's (T,) unit ids."""
-    feats = [mfcc_frames(w) for w, _, _ in items]
-    x = torch.cat(feats)
+# ------------------------------------------------------------------------------------------------ targets
+def kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding on (N, D) rows; returns the (k, D) centres."""
     g = torch.Generator().manual_seed(seed)
-    centers = x[torch.randperm(len(x), generator=g)[:k]].clone()
+    centers = x[torch.randint(len(x), (1,), generator=g)]
+    d2 = torch.cdist(x, centers).squeeze(1) ** 2
+    for _ in range(k - 1):  # k-means++: the next centre drawn with probability proportional to squared distance
+        nxt = x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]
+        centers = torch.cat([centers, nxt])
+        d2 = torch.minimum(d2, torch.cdist(x, nxt).squeeze(1) ** 2)
     for _ in range(iters):
         assign = torch.cdist(x, centers).argmin(1)
-        for c in range(k):
-            members = x[assign == c]
-            if len(members):
-                centers[c] = members.mean(0)
-    return [torch.cdist(f, centers).argmin(1) for f in feats], centers
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).float()
+        empty = counts == 0  # an empty cluster is moved onto a random frame
+        centers = torch.where(empty[:, None], x[torch.randint(len(x), (k,), generator=g)],
+                              sums / counts.clamp(min=1)[:, None])
+    return centers
 
 
-def batches(items, max_seconds: float, rng: random.Random) -> list[list[int]]:
+def assign_units(feats: list[torch.Tensor], centers: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.cdist(f, centers).argmin(1).to(torch.uint8 if len(centers) <= 256 else torch.int16) for f in feats]
+
+
+@torch.no_grad()
+def layer_features(model: Wav2Vec2ForCTC, wav: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """{layer: (T, C)} outputs of the given transformer layers (0: the projected conv features before the
+    transformer) for one utterance, read with forward hooks; the model runs in eval mode, unmasked."""
+    out, hooks = {}, []
+    for n in layers:
+        if n == 0:
+            hooks.append(model.feature_projection.register_forward_hook(
+                lambda m, i, o, n=n: out.__setitem__(n, o[0] if isinstance(o, tuple) else o)))
+        else:
+            hooks.append(model.encoder.layers[n - 1].register_forward_hook(
+                lambda m, i, o, n=n: out.__setitem__(n, o[0] if isinstance(o, tuple) else o)))
+    try:
+        model.eval()
+        model(wav[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: v.reshape(-1, v.shape[-1]) for n, v in out.items()}
+
+
+def make_targets(clips, args, seed: int) -> tuple[list[torch.Tensor], dict]:
+    """(per-clip unit ids, description): k-means of MFCCs, or of one layer of `--label-model`."""
+    if args.label_model:
+        from s3r.checkpoint import load_pretrained
+        teacher = load_pretrained(args.label_model)
+        feats = [layer_features(teacher, as_float(c), [args.label_layer])[args.label_layer].float() for c in clips]
+        source = f"layer {args.label_layer} of {args.label_model}"
+    else:
+        feats = [mfcc_frames(as_float(c)) for c in clips]
+        source = "39-d MFCC (13 + deltas + delta-deltas), per-utterance normalised"
+    x = torch.cat(feats)
+    g = torch.Generator().manual_seed(seed)
+    sample = x[torch.randperm(len(x), generator=g)[: args.kmeans_frames]]
+    centers = kmeans(sample, args.units, seed=seed)
+    units = assign_units(feats, centers)
+    counts = torch.bincount(torch.cat(units).long(), minlength=args.units).float()
+    p = counts / counts.sum()
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(args.units))
+    info = {"source": source, "k": args.units, "kmeans_frames": len(sample), "frames": len(x),
+            "units_used": int((counts > 0).sum()), "usage_entropy": round(entropy, 4)}
+    return units, {"centers": centers, **info}
+
+
+# ------------------------------------------------------------------------------------------------ model
+class HubertHead(nn.Module):
+    """HuBERT's prediction head: final_proj to FINAL_DIM, cosine similarity with each unit's label embedding."""
+    def __init__(self, hidden: int, units: int):
+        super().__init__()
+        self.final_proj = nn.Linear(hidden, FINAL_DIM)
+        self.label_embs_concat = nn.Parameter(torch.empty(units, FINAL_DIM).uniform_())  # fairseq's init
+
+    def forward(self, x):  # (N, C) -> (N, units)
+        return F.cosine_similarity(self.final_proj(x)[:, None, :], self.label_embs_concat[None], dim=-1) / LOGIT_TEMP
+
+
+def hubert_step(model, head, wav, lengths, targets):
+    """One masked-prediction forward: (loss, feature penalty, masked accuracy, masked frames)."""
+    features = model.feature_extractor(wav, lengths)  # (B, T, 512)
+    features = features * FEATURE_GRAD_MULT + features.detach() * (1 - FEATURE_GRAD_MULT)  # fairseq GradMultiply
+    feature_pen = features.float().pow(2).mean()
+    x = model.feature_projection(features)  # (B, T, C)
+    B, T, _ = x.shape
+    out_lengths = model.output_lengths(lengths).clamp(max=T)
+    padding_mask = torch.arange(T)[None, :] >= out_lengths[:, None]
+    mask = compute_mask_indices((B, T), out_lengths, MASK_PROB, MASK_LENGTH, min_masks=2) & ~padding_mask
+    x = torch.where(mask.unsqueeze(-1), model.masked_spec_embed.to(x.dtype), x)
+    h = model.encoder(x, padding_mask if bool(padding_mask.any()) else None)  # (B, T, C)
+    tgt = torch.full((B, T), -1, dtype=torch.long)
+    for b, t in enumerate(targets):
+        n = min(len(t), int(out_lengths[b]))
+        tgt[b, :n] = t[:n].long()
+    sel = mask & (tgt >= 0)
+    logits = head(h[sel])
+    loss = F.cross_entropy(logits.float(), tgt[sel])
+    acc = (logits.argmax(-1) == tgt[sel]).float().mean()
+    return loss, feature_pen, acc, int(sel.sum())
+
+
+def batches(lengths: list[int], max_seconds: float, rng: random.Random) -> list[list[int]]:
     """Length-sorted batches of at most max_seconds padded audio, in random order."""
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
     out, cur, longest = [], [], 0
     for i in order:
-        n = len(items[i][0])
-        if cur and max(longest, n) * (len(cur) + 1) > max_seconds * 16000:
+        if cur and max(longest, lengths[i]) * (len(cur) + 1) > max_seconds * 16000:
             out.append(cur)
             cur, longest = [], 0
         cur.append(i)
-        longest = max(longest, n)
+        longest = max(longest, lengths[i])
     out.append(cur)
     rng.shuffle(out)
     return out
 
 
-def collate(items, idx, vocab):
-    wavs = [items[i][0] for i in idx]
-    lengths = torch.tensor([len(w) for w in wavs])
-    wav = torch.zeros(len(wavs), int(lengths.max()))
-    for b, w in enumerate(wavs):
-        wav[b, : len(w)] = w * (0.5 + random.random())  # random gain
-    targets = [torch.tensor(vocab.encode(items[i][1])) for i in idx]
-    return wav, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets])
+def collate(clips, idx, crop: int, rng: random.Random):
+    """Padded float batch; clips longer than `crop` samples are cut at a random 320-sample-aligned offset (HuBERT
+    crops to max_sample_size), so that the targets stay aligned: returns (wav, lengths, frame offsets)."""
+    pieces, offsets = [], []
+    for i in idx:
+        c = clips[i]
+        start = rng.randrange(0, (len(c) - crop) // 320 + 1) * 320 if len(c) > crop else 0
+        pieces.append(as_float(c[start:start + crop]))
+        offsets.append(start // 320)
+    lengths = torch.tensor([len(p) for p in pieces])
+    wav = torch.zeros(len(pieces), int(lengths.max()))
+    for b, p in enumerate(pieces):
+        wav[b, : len(p)] = p
+    return wav, lengths, offsets
 
 
 @torch.no_grad()
-def evaluate(model, items, vocab, per_lang: bool = True) -> dict:
+def validate(model, head, clips, units, seed: int = 0) -> dict:
+    """Masked-prediction loss and accuracy on the valid clips, fixed masks (seeded), eval mode."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
     model.eval()
-    refs, hyps, langs = [], [], []
-    for idx in batches(items, 60, random.Random(0)):
-        wav, lengths, _, _ = collate(items, idx, vocab)
-        logits, out_lengths = model(wav, lengths)
-        hyps += greedy_decode(logits[..., : len(vocab)], out_lengths, vocab)
-        refs += [items[i][1] for i in idx]
-        langs += [items[i][2] for i in idx]
+    tot_loss = tot_acc = tot_n = 0.0
+    rng = random.Random(seed)
+    for idx in batches([len(c) for c in clips], 30, rng):
+        wav, lengths, offsets = collate(clips, idx, 10 ** 9, rng)
+        loss, _, acc, n = hubert_step(model, head, wav, lengths, [units[i] for i in idx])
+        tot_loss, tot_acc, tot_n = tot_loss + loss.item() * n, tot_acc + acc.item() * n, tot_n + n
     model.train()
-    res = {"per": per(refs, hyps)}
-    if per_lang:
-        for lang in sorted(set(langs)):
-            sel = [k for k, other in enumerate(langs) if other == lang]
-            res[f"per_{lang}"] = per([refs[k] for k in sel], [hyps[k] for k in sel])
-    return res
+    torch.set_rng_state(state)
+    return {"valid_loss": round(tot_loss / tot_n, 4), "valid_acc_masked": round(tot_acc / tot_n, 4)}
 
 
+# ------------------------------------------------------------------------------------------------ checkpoint
+TO_FAIRSEQ = [  # our key -> fairseq HubertModel key (the inverse of s3r.checkpoint.FAIRSEQ_KEYS)
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(\w+)", r"feature_extractor.conv_layers.\1.0.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(\w+)", r"feature_extractor.conv_layers.\1.2.\2"),
+    (r"feature_projection\.layer_norm\.(\w+)", r"layer_norm.\1"),
+    (r"feature_projection\.projection\.(\w+)", r"post_extract_proj.\1"),
+    (r"masked_spec_embed", r"mask_emb"),
+    (r"encoder\.pos_conv_embed\.conv\.(\w+)", r"encoder.pos_conv.0.\1"),
+    (r"encoder\.layers\.(\d+)\.attention\.(\w+_proj)\.(\w+)", r"encoder.layers.\1.self_attn.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.layer_norm\.(\w+)", r"encoder.layers.\1.self_attn_layer_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(\w+)", r"encoder.layers.\1.fc1.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(\w+)", r"encoder.layers.\1.fc2.\2"),
+    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"encoder.layers.\1.final_layer_norm.\2"),
+    (r"encoder\.layer_norm\.(\w+)", r"encoder.layer_norm.\1"),
+]
+
+
+def fairseq_key(key: str) -> str:
+    for pattern, repl in TO_FAIRSEQ:
+        if re.fullmatch(pattern, key):
+            return re.sub(f"^{pattern}$", repl, key)
+    raise KeyError(f"no fairseq name for {key!r}")
+
+
+def conv_feature_layers(c: Wav2Vec2Config) -> str:
+    return repr([(d, k, s) for d, k, s in zip(c.conv_dim, c.conv_kernel, c.conv_stride, strict=True)])
+
+
+def hubert_checkpoint(model: Wav2Vec2ForCTC, head: HubertHead, extra: dict) -> dict:
+    """A fairseq HuBERT pretraining checkpoint ({cfg: {model, task, criterion}, model: state}) in fp16."""
+    c = model.config
+    state = {fairseq_key(k): v for k, v in model.state_dict().items()}
+    state.update({"final_proj.weight": head.final_proj.weight, "final_proj.bias": head.final_proj.bias,
+                  "label_embs_concat": head.label_embs_concat})
+    reg = FINETUNE_REGULARIZATION
+    model_cfg = {"_name": "hubert", "label_rate": 50.0, "extractor_mode": "default",
+                 "conv_feature_layers": conv_feature_layers(c), "conv_bias": c.conv_bias,
+                 "encoder_layers": c.num_hidden_layers, "encoder_embed_dim": c.hidden_size,
+                 "encoder_ffn_embed_dim": c.intermediate_size, "encoder_attention_heads": c.num_attention_heads,
+                 "activation_fn": c.hidden_act, "layer_norm_first": c.layer_norm_first,
+                 "conv_pos": c.conv_pos_kernel, "conv_pos_groups": c.conv_pos_groups,
+                 "dropout": reg["hidden_dropout"], "attention_dropout": reg["attention_dropout"],
+                 "activation_dropout": reg["activation_dropout"], "encoder_layerdrop": reg["layerdrop"],
+                 "dropout_input": 0.0, "dropout_features": 0.0, "feature_grad_mult": FEATURE_GRAD_MULT,
+                 "mask_prob": MASK_PROB, "mask_length": MASK_LENGTH, "mask_selection": "static",
+                 "mask_channel_prob": 0.0, "final_dim": FINAL_DIM, "untie_final_proj": False,
+                 "logit_temp": LOGIT_TEMP, "skip_masked": False, "skip_nomask": True}
+    task_cfg = {"_name": "hubert_pretraining", "labels": ["km"], "label_rate": 50.0, "sample_rate": 16000,
+                "normalize": False, "max_sample_size": 250000}
+    criterion = {"_name": "hubert", "pred_masked_weight": 1.0, "pred_nomask_weight": 0.0,
+                 "loss_weights": [FEATURE_PEN]}
+    return {"cfg": {"model": model_cfg, "task": task_cfg, "criterion": criterion, "common": {"fp16": True}},
+            "model": {k: v.detach().half() for k, v in state.items()},
+            "optimizer_history": [], "extra_state": extra}
+
+
+# ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=str(ROOT / "runs" / "miniature" / "corpus"))
-    p.add_argument("--out", default=str(ROOT / "runs" / "miniature" / "backbone"))
-    p.add_argument("--save", default=str(ROOT / "s3r" / "assets" / "demo" / "backbone.pt"),
-                   help="where the head-less fp16 backbone goes")
-    p.add_argument("--langs", nargs="*", default=text_sources.PRETRAIN)
-    p.add_argument("--max-updates", type=int, default=4000)
-    p.add_argument("--max-minutes", type=float, default=48.0, help="stop (resumably) after this much wall time")
-    p.add_argument("--batch-seconds", type=float, default=8.0, help="padded audio seconds per batch")
+    p.add_argument("--data", default=str(ROOT / "runs" / "pretrain" / "corpus"),
+                   help="folder with the fairseq manifests train.tsv and valid.tsv (no transcripts)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "pretrain" / "it1"))
+    p.add_argument("--save", default=str(ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"),
+                   help="where the fp16 HuBERT pretraining checkpoint is copied at the end ('' for none)")
+    p.add_argument("--label-model", default=None, help="iteration 2: the checkpoint whose layer gives the targets")
+    p.add_argument("--label-layer", type=int, default=2, help="iteration 2: which layer (0: before the transformer)")
+    p.add_argument("--units", type=int, default=UNITS, help="k-means clusters (HuBERT iteration 1: 100)")
+    p.add_argument("--kmeans-frames", type=int, default=200000, help="frames sampled to fit k-means")
+    p.add_argument("--max-updates", type=int, default=1600)
+    p.add_argument("--max-minutes", type=float, default=1e9, help="stop (resumably) after this much wall time")
+    p.add_argument("--batch-seconds", type=float, default=16.0, help="padded audio seconds per batch")
+    p.add_argument("--crop-seconds", type=float, default=5.0, help="longer clips are cut at a random offset")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1, help="a second thread is no faster at this size")
+    p.add_argument("--warmup", type=int, default=160)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--valid-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model-overrides", default="{}",
+                   help="JSON of Wav2Vec2Config fields to change (tests: a tiny transformer); keep the conv stack, "
+                        "whose 20 ms frames the targets are computed for")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-now", action="store_true",
-                   help="stop training here: evaluate and save the backbone as it is")
+                   help="stop training where the saved state is: validate and write the checkpoint as it is")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    out = Path(a.out)
+    out, data = Path(a.out), Path(a.data)
     out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
 
-    train = load_split(a.data_root, a.langs, ["train", "dev"], out / "train_audio.pt")
-    test = load_split(a.data_root, a.langs, ["test"], out / "test_audio.pt")
-    vocab = Vocabulary.build([t for _, t, _ in train + test], units="phone")
-    print(f"{len(train)} train utterances ({sum(len(w) for w, _, _ in train) / 16000 / 60:.1f} min), "
-          f"{len(test)} test ({sum(len(w) for w, _, _ in test) / 16000 / 60:.1f} min), {len(vocab)} phone units",
-          flush=True)
+    train = load_audio(data / "train.tsv", out / "train_audio.pt")
+    valid = load_audio(data / "valid.tsv", out / "valid_audio.pt")
+    hours = sum(len(c) for c in train) / 16000 / 3600
+    print(f"{len(train)} train clips ({hours:.2f} h), {len(valid)} valid", flush=True)
+    targets_path = out / "targets.pt"  # the k-means units of every frame, computed once
+    if not targets_path.exists():
+        t0 = time.time()
+        units, info = make_targets(train + valid, a, a.seed)
+        info["seconds"] = round(time.time() - t0, 1)
+        save_atomic({"train": units[: len(train)], "valid": units[len(train):], "info": info}, targets_path)
+    targets = torch.load(targets_path)
+    info = {k: v for k, v in targets["info"].items() if k != "centers"}
+    print(f"targets: {json.dumps(info)}", flush=True)
 
-    units_path = out / "units.pt"  # k-means units of every training frame, computed once
-    if not units_path.exists():
-        save_atomic(dict(zip(("units", "centers"), kmeans_units(train, seed=a.seed), strict=True)), units_path)
-    units = torch.load(units_path)["units"]
     torch.manual_seed(a.seed)
-    # one output layer, two heads: logits[:V] are the phones (CTC), logits[V:] the k-means units (cross-entropy)
-    config = Wav2Vec2Config(**CONFIG, **PRETRAIN_REGULARIZATION, vocab_size=len(vocab) + UNITS,
-                            mask_time_prob=0.3, mask_time_length=5)
+    config = Wav2Vec2Config(**{**CONFIG, **PRETRAIN_REGULARIZATION, **json.loads(a.model_overrides)}, vocab_size=0)
     model = Wav2Vec2ForCTC(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    head = HubertHead(config.hidden_size, a.units)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
 
-    def lr_at(step):  # linear warmup, cosine decay to 5%
+    def lr_at(step):  # linear warmup, then linear decay to 5% (fairseq polynomial_decay, as HuBERT)
         if step < a.warmup:
             return a.lr * (step + 1) / a.warmup
-        frac = (step - a.warmup) / max(1, a.max_updates - a.warmup)
-        return a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+        return a.lr * max(0.05, 1 - (step - a.warmup) / max(1, a.max_updates - a.warmup))
 
     state_path = out / "state.pt"
-    step, epoch, pos, seconds_trained, log = 0, 0, 0, 0.0, []
+    step, epoch, pos, seconds, cpu, log = 0, 0, 0, 0.0, 0.0, []
+    rng = random.Random(a.seed)
     if state_path.exists():
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
+        head.load_state_dict(st["head"])
         opt.load_state_dict(st["opt"])
-        step, epoch, pos, seconds_trained, log = st["step"], st["epoch"], st["pos"], st["seconds_trained"], st["log"]
-        random.setstate(st["py_rng"])
+        step, epoch, pos, seconds, cpu, log = (st["step"], st["epoch"], st["pos"], st["seconds"], st["cpu"],
+                                               st["log"])
+        rng.setstate(st["py_rng"])
         torch.set_rng_state(st["torch_rng"])
-        print(f"resumed at update {step} (epoch {epoch}, batch {pos}, {seconds_trained / 60:.1f} min trained)",
-              flush=True)
+        print(f"resumed at update {step} (epoch {epoch}, {cpu / 60:.1f} CPU min of training)", flush=True)
 
     def save_state():
-        save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch, "pos": pos,
-                     "seconds_trained": seconds_trained, "log": log, "py_rng": random.getstate(),
-                     "torch_rng": torch.get_rng_state(), "vocab": vocab.to_dict(), "config": config.to_dict()},
-                    state_path)
+        save_atomic({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(), "step": step,
+                     "epoch": epoch, "pos": pos, "seconds": seconds, "cpu": cpu, "log": log, "py_rng": rng.getstate(),
+                     "torch_rng": torch.get_rng_state(), "args": vars(a)}, state_path)
 
-    model.train()
-    t_run = time.time()
+    lengths = [len(c) for c in train]
+    crop = int(a.crop_seconds * 16000)
     max_updates = step if a.export_now else a.max_updates
+    model.train()
     while step < max_updates:
-        order = batches(train, a.batch_seconds, random.Random(a.seed * 1000 + epoch))
+        order = batches(lengths, a.batch_seconds, random.Random(a.seed * 1000 + epoch))
         while pos < len(order) and step < max_updates:
-            t0 = time.time()
-            wav, lengths, targets, target_lengths = collate(train, order[pos], vocab)
+            t0, c0 = time.time(), time.process_time()
+            idx = order[pos]
+            wav, lens, offsets = collate(train, idx, crop, rng)
+            tgts = [targets["train"][i][o:] for i, o in zip(idx, offsets, strict=True)]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            logits, out_lengths = model(wav, lengths)  # (B, T, V + UNITS)
-            V = len(vocab)
-            ctc = F.ctc_loss(logits[..., :V].float().log_softmax(-1).transpose(0, 1), targets, out_lengths,
-                             target_lengths, blank=0, reduction="sum", zero_infinity=True) / target_lengths.sum()
-            unit_targets = torch.full(logits.shape[:2], -100, dtype=torch.long)  # (B, T); -100 = padding, ignored
-            for b, i in enumerate(order[pos]):
-                n = min(len(units[i]), int(out_lengths[b]))
-                unit_targets[b, :n] = units[i][:n]
-            ce = F.cross_entropy(logits[..., V:].flatten(0, 1).float(), unit_targets.flatten(), ignore_index=-100)
-            loss = ctc + ce
+            loss, pen, acc, _ = hubert_step(model, head, wav, lens, tgts)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            (loss + FEATURE_PEN * pen).backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             step, pos = step + 1, pos + 1
-            seconds_trained += time.time() - t0
-            if step % 10 == 0:
-                print(f"update {step} epoch {epoch} ctc {ctc.item():.3f} units {ce.item():.3f} lr {lr_at(step):.2e} "
-                      f"{lengths.sum().item() / 16000 / (time.time() - t0):.1f} audio-s/s", flush=True)
-                log.append({"step": step, "ctc": round(ctc.item(), 4), "units": round(ce.item(), 4)})
+            seconds, cpu = seconds + time.time() - t0, cpu + time.process_time() - c0
+            if step % 20 == 0:
+                print(f"update {step} epoch {epoch} loss {loss.item():.3f} acc_m {acc.item():.3f} pen {pen.item():.3f} "
+                      f"lr {lr_at(step):.2e} {lens.sum().item() / 16000 / (time.time() - t0):.1f} audio-s/s "
+                      f"cpu {cpu / 60:.1f} min",
+                      flush=True)
+                log.append({"step": step, "loss": round(loss.item(), 4), "acc_m": round(acc.item(), 4)})
+            if step % a.valid_every == 0:
+                log.append({"step": step, **validate(model, head, valid, targets["valid"])})
+                print(f"valid {log[-1]}", flush=True)
             if step % a.save_every == 0:
                 save_state()
-            if (time.time() - t_run) / 60 > a.max_minutes:
+            if (time.time() - t_start) / 60 > a.max_minutes:
                 save_state()
                 print(f"stopping after {a.max_minutes} min at update {step}; run again to continue", flush=True)
                 return
@@ -241,25 +408,20 @@ def main(argv=None):
             epoch, pos = epoch + 1, 0
     save_state()
 
-    res = evaluate(model, test, vocab)
-    print("held-in test PER " + " ".join(f"{k}={v:.3f}" for k, v in res.items()), flush=True)
-    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("lm_head"))
-    full = s3r_checkpoint(model, None, phone_vocab=vocab.to_dict())  # both heads, for reference (not committed)
-    save_atomic(full, out / "backbone_with_phone_head.pt")
-    model.set_vocab_size(0)  # drop the head: a "pretrained" encoder
-    model.config = Wav2Vec2Config(**{**model.config.to_dict(), **FINETUNE_REGULARIZATION})
-    ckpt = s3r_checkpoint(model, None, miniature={
-        "objective": "supervised phone CTC + HuBERT-style MFCC k-means unit prediction (stand-in for "
-                     "self-supervised pretraining)",
-        "languages": a.langs, "updates": step, "train_minutes": round(seconds_trained / 60, 1),
-        "held_in_per": round(res["per"], 4), "params": params, "script": "tools/pretrain_backbone.py"})
-    ckpt["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    save_atomic(ckpt, a.save)
-    report = {"params": params, "updates": step, "epochs": epoch, "train_cpu_minutes": round(seconds_trained / 60, 1),
-              "train_audio_minutes": round(sum(len(w) for w, _, _ in train) / 16000 / 60, 1),
-              "bytes": Path(a.save).stat().st_size, "vocab": vocab.symbols, **{k: round(v, 4) for k, v in res.items()}}
-    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    print(f"saved {a.save} ({report['bytes'] / 1e6:.1f} MB, {params / 1e6:.2f}M parameters)", flush=True)
+    val = validate(model, head, valid, targets["valid"])
+    report = {"objective": "HuBERT masked prediction of k-means units (no transcripts)",
+              "iteration": 2 if a.label_model else 1, "targets": info, "updates": step, "epochs": epoch,
+              "train_cpu_minutes": round(cpu / 60, 1), "train_wall_minutes": round(seconds / 60, 1),
+              "train_hours": round(hours, 2),
+              "params": sum(p.numel() for p in model.parameters()), **val,
+              "command": " ".join(["python -m tools.pretrain_backbone", *(sys.argv[1:] if argv is None else argv)])}
+    ckpt = hubert_checkpoint(model, head, {"miniature": report})
+    save_atomic(ckpt, out / "checkpoint.pt")
+    if a.save:
+        Path(a.save).parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(ckpt, a.save)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"saved {out / 'checkpoint.pt'}: {json.dumps(report)}", flush=True)
 
 
 if __name__ == "__main__":
