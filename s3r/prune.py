@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> None:
                    "round 0, instead of training one")
     c.add_argument("--launcher", default="", help="what runs train.py, e.g. 'torchrun --standalone "
                    "--nproc_per_node=2' (default: this python)")
-    c.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: train.py's arguments for every round")
-    a = p.parse_args(argv)
-    train_args = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)  # after --: train.py's arguments for every round
+    a, train_args = p.parse_args(argv[:split]), argv[split + 1:]
     try:
         result = run_imp(a.pretrained, a.out, a.prune_rate, a.rounds, train_args, a.fix_attn, a.finetuned,
                          shlex.split(a.launcher) or None)

@@ -7,12 +7,13 @@ The kept counts below are counted by hand from upstream's GetSubnet rule `numel 
 import copy
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from s3r import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
+from s3r import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained, prune
 from s3r.checkpoint import s3r_checkpoint, save_atomic, torch_load
 from s3r.compact import fold_masks
 from s3r.data import resolve_corpus
@@ -248,6 +249,18 @@ def test_imp_driver_runs_rounds_and_resumes(tiny_init, corpus_root, tmp_path):
         run_imp(tiny_init, out, 0.3, 1, args, finetuned=finetuned)
     with pytest.raises(S3RError, match="--prune-rate"):
         run_imp(tiny_init, tmp_path / "other", 0.5, 1, [*args, "--prune-rate", "0.2"])
+
+
+def test_imp_command_line_passes_what_follows_the_double_dash_to_train_py(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(prune, "run_imp", lambda *a: seen.setdefault("args", a) and Path("x"))
+    prune.main(["imp", "pre.pt", "out", "--prune-rate", "0.3", "--rounds", "2", "--finetuned", "ft.pt", "--launcher",
+                "torchrun --nproc_per_node=2", "--", "--data", "demo", "--lr", "3e-3"])
+    assert seen["args"] == ("pre.pt", "out", 0.3, 2, ["--data", "demo", "--lr", "3e-3"], False, "ft.pt",
+                            ["torchrun", "--nproc_per_node=2"])
+    with pytest.raises(SystemExit):  # --prune-rate is required
+        prune.main(["imp", "pre.pt", "out", "--", "--prune-rate", "0.3"])
+    assert "--prune-rate" in capsys.readouterr().err
 
 
 def test_unknown_shapes_and_structured_routes_are_one_line_errors(tiny_arch):
