@@ -1,39 +1,52 @@
-"""Finetune wav2vec 2.0 for CTC speech recognition with S3-Router masks (or plain weight finetuning).
+"""Finetune wav2vec 2.0 for CTC speech recognition with S3-Router masks (or plain weight
+finetuning).
 
-S3-Router (Fu et al., NeurIPS 2022) keeps the pretrained weights frozen and learns which ones to keep: every
-routed weight tensor gets a score tensor, the forward pass keeps the top `--prune-rate` fraction of |scores|
-and the scores learn by straight-through gradients (see s3r/model.py). The recipe is upstream's fairseq one
-(`examples/wav2vec/config/finetuning/base_1h.yaml` and the S3-Router README command line); s3r/recipe.py holds
-it (TrainConfig, PRESETS, the flag table) and `python train.py --help` names the fairseq option of every flag.
+S3-Router (Fu et al., NeurIPS 2022) keeps the pretrained weights frozen and learns which ones to
+keep: every routed weight tensor gets a score tensor, the forward pass keeps the top `--prune-rate`
+fraction of |scores| and the scores learn by straight-through gradients (see s3r/model.py). The
+recipe is upstream's fairseq one (`examples/wav2vec/config/finetuning/base_1h.yaml` and the
+S3-Router README command line); s3r/recipe.py holds it (TrainConfig, PRESETS, the flag table) and
+`python train.py --help` names the fairseq option of every flag.
 
 One process (CPU or one GPU):
     python train.py --init wav2vec_small.pt --data train-1h --data-root /data --prune-rate 0.9
 One node, N GPUs (NCCL; gloo when on CPU):
-    torchrun --standalone --nproc_per_node=N train.py --init wav2vec_small.pt --data train-1h --data-root /data
+    torchrun --standalone --nproc_per_node=N train.py --init wav2vec_small.pt --data train-1h ...
 Several nodes (the same command on each; HOST is one of them):
-    torchrun --nnodes=M --nproc_per_node=8 --rdzv_id=run1 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
-The upstream README commands, one for one:
-    torchrun --standalone --nproc_per_node=2 train.py --init wav2vec_small.pt --data train-1h --valid test-clean \
-        --data-root /data --prune-rate 0.9 --fix-attn --trainable-proj --init-score weight_rank       # S3-Router, 10%
-    ... --init data2vec_base.pt --normalize true --init-score kaiming_uniform                          # data2vec
-    ... --preset xlsr --init xlsr2_300m.pt --data zh-TW-train --valid zh-TW-test                       # XLS-R, 6%
-    ... --finetune-weights --final-lr-scale 0.05 --save-dir ft                                         # pruning step 1
-    ... --init ft/checkpoint_best.pt --prune-rate 0.3 --no-fix-attn --init-score weight_magnitude_with_scale  # step 2
-Resume: run the same command again with the same --save-dir: the saved config, no preset; a flag that changes a
-saved value wins, and one warning line names every change.
-SIGTERM / Ctrl-C: the current update finishes, checkpoint_last.pt is written, every rank exits 0 (torchrun itself,
-signalled, still reports the signal; it waits 30 s for its workers before killing them). A rank that dies: the
-others exit with one line, and under `torchrun --max-restarts N` the new group resumes from checkpoint_last.pt.
-Outputs in --save-dir: checkpoint_last.pt (every --save-interval updates and --save-interval-minutes minutes),
-checkpoint_best.pt (the best validation at the update save points, by --best-metric), checkpoint_<epoch>_<update>.pt
-(with --keep-interval-updates K, the newest K) and log.jsonl (metrics every --log-interval updates, one line per
-validation).
+    torchrun --nnodes=M --nproc_per_node=8 --rdzv_id=run1 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py ...
+The upstream README commands, one for one (S3-Router at 10% sparsity, data2vec, XLS-R at 6%,
+then the two steps of pruning):
+    torchrun --standalone --nproc_per_node=2 train.py --init wav2vec_small.pt --data train-1h \
+        --valid test-clean --data-root /data --prune-rate 0.9 --fix-attn --trainable-proj \
+        --init-score weight_rank
+    ... --init data2vec_base.pt --normalize true --init-score kaiming_uniform
+    ... --preset xlsr --init xlsr2_300m.pt --data zh-TW-train --valid zh-TW-test
+    ... --finetune-weights --final-lr-scale 0.05 --save-dir ft
+    ... --init ft/checkpoint_best.pt --prune-rate 0.3 --no-fix-attn \
+        --init-score weight_magnitude_with_scale
+Resume: run the same command again with the same --save-dir: the saved config, no preset; a flag
+that changes a saved value wins, and one warning line names every change.
+SIGTERM / Ctrl-C: the current update finishes, checkpoint_last.pt is written, every rank exits 0
+(torchrun itself, signalled, still reports the signal; it waits 30 s for its workers before
+killing them). A rank that dies: the others exit with one line, and under
+`torchrun --max-restarts N` the new group resumes from checkpoint_last.pt.
+Outputs in --save-dir: checkpoint_last.pt (every --save-interval updates and --save-interval-minutes
+minutes), checkpoint_best.pt (the best validation at the update save points, by --best-metric),
+checkpoint_<epoch>_<update>.pt (with --keep-interval-updates K, the newest K) and log.jsonl (metrics
+every --log-interval updates, one line per validation); with --parp (s3r/prune.py) also
+checkpoint_pruned.pt at the end, the final mask applied (a dense model with zeros).
+
+Reading order: setup and make_loaders build a Run, resume restores a Progress, then train() is
+the loop: train_step (forward and backward over one update's batches), optimizer_step,
+validate_and_save.
 """
 import contextlib
 import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from itertools import islice
 
@@ -77,257 +90,421 @@ class Progress:
     skipped: int = 0  # utterances left out so far (--skip-bad)
 
 
-def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None:
-    # ------------------------------------------------------------------------------------------------------------
-    # setup
+@dataclass
+class Step:
+    """The numbers of one update: this rank's until `summed()`, then all ranks' together."""
+
+    loss: float = 0.0  # CTC loss summed over the update's utterances (nats)
+    sentences: int = 0
+    audio_seconds: float = 0.0
+    skipped: int = 0  # utterances --skip-bad left out of the update's batches
+    stop: bool = False  # a SIGTERM / Ctrl-C arrived (on any rank, once summed)
+    save_due: bool = False  # --save-interval-minutes have passed since the last save
+    lr: float = 0.0
+    gnorm: float = 0.0  # the gradient norm before clipping
+    overflow: bool = False  # fp16: the scaler skipped the step (no update counted, as in fairseq)
+
+    def summed(self, ddp: bool, device: torch.device) -> "Step":
+        """One small all-reduce: the log numbers, a stop request and a save due, agreed by all
+        ranks."""
+        counts = [self.loss, self.sentences, self.audio_seconds, self.skipped]
+        t = torch.tensor(counts + [self.stop, self.save_due], dtype=torch.float64)
+        if ddp:
+            t = t.to(device)
+            dist.all_reduce(t)
+        loss, sentences, audio, skipped, stop, save_due = t.cpu().tolist()
+        return Step(loss, int(sentences), audio, int(skipped), stop > 0, save_due > 0,
+                    self.lr, self.gnorm, self.overflow)
+
+
+@dataclass
+class Run:
+    """Everything setup() builds: the process group, the model, the data, the optimizer."""
+
+    cfg: TrainConfig
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+    env: dict  # runtime(): thread count and versions the numbers depend on
+    model: torch.nn.Module  # Wav2Vec2ForCTC
+    vocab: Vocabulary
+    pretrained: str | None  # the init checkpoint whose frozen weights mask mode keeps
+    pretrained_sha: str | None  # their fingerprint as loaded (co_train changes them later)
+    metric: str  # the validation metric that picks checkpoint_best.pt
+    corpus: object  # s3r.data.Corpus
+    loader: torch.utils.data.DataLoader = None
+    valid_loader: torch.utils.data.DataLoader | None = None
+    valid_name: str = ""
+    bad: list = None  # (path, reason) of the utterances left out (--skip-bad)
+    params: list = None  # the trainable tensors
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+    amp: str = "none"
+    autocast: object = contextlib.nullcontext  # () -> the context one forward runs in
+
+
+# ------------------------------------------------------------------------------------------- setup
+def setup(cfg: TrainConfig, ckpt: dict | None) -> Run:
+    """The process group, the model (init checkpoint + the recipe's regularisation + CTC head +
+    routes), the loaders, and Adam over the trainable tensors only (in mask mode: scores, head)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # first: the thread count sets summation orders
     ddp, rank, world, device = cluster.setup_distributed(cfg.device)
-    env = runtime()
     if cfg.update_freq < 1 or cfg.max_tokens < 1:
         raise S3RError("--update-freq and --max-tokens must be positive")
-
-    # ------------------------------------------------------------------------------------------------------------
-    # model: the init checkpoint, rebuilt with the recipe's regularisation, a CTC head and (mask mode) routed
     torch.manual_seed(cfg.seed)  # the same fresh head and initial scores on every rank
     units = None if cfg.units == "auto" else cfg.units
     corpus = resolve_corpus(cfg.data, cfg.data_root, cfg.skip_bad, units)
     if not corpus.utterances:
         raise S3RError(f"{cfg.data}: no utterances under {cfg.data_root}")
-    model, vocab, pretrained = build_model(cfg, corpus, Vocabulary.from_dict(ckpt["vocab"]) if ckpt else None)
-    # The fingerprint of the frozen weights as loaded: with co_train or trainable_pos some of them train later.
+    saved_vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else None
+    model, vocab, pretrained = build_model(cfg, corpus, saved_vocab)
+    # The fingerprint of the frozen weights as loaded (co_train or trainable_pos train some later).
     pretrained_sha = weights_fingerprint(model) if pretrained else None
-    model = model.to(device)
-    metric = best_metric(cfg.best_metric, vocab.units)
+    run = Run(cfg, ddp, rank, world, device, runtime(), model.to(device), vocab, pretrained,
+              pretrained_sha, best_metric(cfg.best_metric, vocab.units), corpus)
+    make_loaders(run)
 
-    # ------------------------------------------------------------------------------------------------------------
-    # data: every rank gets the same number of batches (TokenBatchSampler pads the epoch), DDP never waits forever
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = cfg.num_workers if cfg.num_workers >= 0 else min(6, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    run.params = [p for p in model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.Adam(run.params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    run.amp = cfg.amp
+    if run.amp == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        run.amp = "none" if device.type == "cpu" else "bf16" if bf16 else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
+    if dtype is not None:
+        run.autocast = lambda: torch.autocast(device.type, dtype=dtype)
+    # init_scale: fairseq's common.fp16_init_scale
+    run.scaler = torch.amp.GradScaler(device.type, init_scale=128.0, enabled=run.amp == "fp16")
+    return run
+
+
+def make_loaders(run: Run) -> None:
+    """Token-bucketed training batches (every rank gets as many: the sampler pads the epoch, so DDP
+    never waits forever) and the validation set, sharded over the ranks."""
+    cfg, model = run.cfg, run.model
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(6, cores // per_node)
     common = dict(normalize_waveform=model.config.normalize, seed=cfg.seed, num_workers=workers,
-                  skip_bad=cfg.skip_bad, required_batch_size_multiple=cfg.required_batch_size_multiple)
-    loader = make_loader(corpus.utterances, vocab, cfg.max_tokens, train=True, world_size=world, rank=rank,
-                         max_sample_size=cfg.max_sample_size or None, **common)
-    loader.worker_init_fn = cluster.worker_init_fn
-    valid_name = cfg.valid if cfg.valid != "auto" else default_valid(cfg.data)
-    valid_loader = None
-    if valid_name:
-        try:
-            valid = resolve_corpus(valid_name, cfg.data_root, cfg.skip_bad, units)
-        except S3RError as e:
-            if cfg.valid != "auto":
-                raise
-            valid = None
-            if rank == 0:
-                print(f"warning: no validation ({e}); pass --valid NAME", file=sys.stderr)
-        if valid is not None:  # every rank decodes its share; validate() gathers the rows
-            valid_loader = make_loader(valid.utterances[rank::world], vocab, cfg.max_tokens_valid, train=False,
-                                       allow_unk=True, **common)
-            valid_loader.worker_init_fn = cluster.worker_init_fn
-    bad = corpus.skipped + loader.dataset.skipped
+                  skip_bad=cfg.skip_bad,
+                  required_batch_size_multiple=cfg.required_batch_size_multiple)
+    run.loader = make_loader(run.corpus.utterances, run.vocab, cfg.max_tokens, train=True,
+                             world_size=run.world, rank=run.rank,
+                             max_sample_size=cfg.max_sample_size or None, **common)
+    run.loader.worker_init_fn = cluster.worker_init_fn
+    run.bad = run.corpus.skipped + run.loader.dataset.skipped
+    run.valid_name = cfg.valid if cfg.valid != "auto" else default_valid(cfg.data)
+    if not run.valid_name:
+        return
+    units = None if cfg.units == "auto" else cfg.units
+    try:
+        valid = resolve_corpus(run.valid_name, cfg.data_root, cfg.skip_bad, units)
+    except S3RError as e:
+        if cfg.valid != "auto":
+            raise
+        if run.rank == 0:
+            print(f"warning: no validation ({e}); pass --valid NAME", file=sys.stderr)
+        return
+    # every rank decodes its share; validate() gathers the rows
+    shard = valid.utterances[run.rank::run.world]
+    run.valid_loader = make_loader(shard, run.vocab, cfg.max_tokens_valid, train=False,
+                                   allow_unk=True, **common)
+    run.valid_loader.worker_init_fn = cluster.worker_init_fn
 
-    # ------------------------------------------------------------------------------------------------------------
-    # optimisation: Adam over the trainable tensors only (scores and head in mask mode), fp32 state
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay)
-    amp = cfg.amp
-    if amp == "auto":
-        amp = "none" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, init_scale=128.0, enabled=amp == "fp16")  # common.fp16_init_scale
 
-    # ------------------------------------------------------------------------------------------------------------
-    # resume: model, optimizer, scaler, position in the data and RNG states from checkpoint_last.pt
-    progress = Progress(skipped=len(bad))
-    if ckpt is not None:
-        ref, last = ckpt.get("pretrained"), f"{cfg.save_dir}/checkpoint_last.pt"
-        if ref is not None and ref["sha256"] != weights_fingerprint(model):
-            raise S3RError(f"{last} was trained on other weights than {cfg.init}")
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        if unexpected or (missing and ref is None):  # mask mode stores only what trained; the rest is the pretrained
-            raise S3RError(f"{last}: {'unexpected' if unexpected else 'missing'} key {(unexpected or missing)[0]!r} "
-                           f"(trained with other --finetune-weights or routing flags?)")
-        ts = ckpt["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scaler.load_state_dict(ts["scaler"])
-        changed = [f"{k} {ts[k]} -> {env[k]}" for k in ("threads", "torch") if k in ts and ts[k] != env[k]]
-        if changed and rank == 0:
-            print(f"warning: resuming {last} with other {', '.join(changed)}: not bit-identical to an uninterrupted "
-                  f"run", file=sys.stderr)
-        same_world = ts["world_size"] == world
-        progress = Progress(ts["update"], ts["epoch"], ts["batch_offset"] if same_world else 0, ts["best"],
-                            ts["skipped"])
-        if same_world:
-            set_rng_state(ts["rng"][rank])
-        elif rank == 0:
-            print(f"warning: resuming {ts['world_size']}-process training with {world}: epoch {progress.epoch} "
-                  f"restarts", file=sys.stderr)
-    # freeze_finetune_updates: the encoder output is detached, so only the head learns
-    model.encoder.register_forward_hook(
-        lambda mod, inp, out: out.detach() if progress.update < cfg.freeze_finetune_updates else out)
-    net = torch.compile(model) if cfg.compile else model
-    enc = cfg.encoder
-    find_unused = enc["layerdrop"] > 0 or cfg.freeze_finetune_updates > progress.update or enc["mask_time_prob"] > 0
-    if ddp:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused)
+def resume(run: Run, ckpt: dict | None) -> Progress:
+    """Model, optimizer, scaler, position in the data and RNG states from checkpoint_last.pt."""
+    progress = Progress(skipped=len(run.bad))
+    if ckpt is None:
+        return progress
+    cfg, model = run.cfg, run.model
+    ref, last = ckpt.get("pretrained"), f"{cfg.save_dir}/checkpoint_last.pt"
+    if ref is not None and ref["sha256"] != weights_fingerprint(model):
+        raise S3RError(f"{last} was trained on other weights than {cfg.init}")
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    # mask mode stores only what trained; the rest is the pretrained weights
+    if unexpected or (missing and ref is None):
+        kind, key = ("unexpected", unexpected[0]) if unexpected else ("missing", missing[0])
+        raise S3RError(f"{last}: {kind} key {key!r} "
+                       f"(trained with other --finetune-weights or routing flags?)")
+    ts = ckpt["train_state"]
+    run.optimizer.load_state_dict(ts["optimizer"])
+    run.scaler.load_state_dict(ts["scaler"])
+    changed = [f"{k} {ts[k]} -> {run.env[k]}" for k in ("threads", "torch")
+               if k in ts and ts[k] != run.env[k]]
+    if changed and run.rank == 0:
+        print(f"warning: resuming {last} with other {', '.join(changed)}: not bit-identical to an "
+              f"uninterrupted run", file=sys.stderr)
+    same_world = ts["world_size"] == run.world
+    offset = ts["batch_offset"] if same_world else 0
+    progress = Progress(ts["update"], ts["epoch"], offset, ts["best"], ts["skipped"])
+    if same_world:
+        set_rng_state(ts["rng"][run.rank])
+    elif run.rank == 0:
+        print(f"warning: resuming {ts['world_size']}-process training with {run.world}: "
+              f"epoch {progress.epoch} restarts", file=sys.stderr)
+    return progress
 
-    # ------------------------------------------------------------------------------------------------------------
-    # validation and checkpoints
-    def validate() -> dict:
-        """Greedy-decode the validation set (sharded over ranks); every rank gets the scores of all of it."""
-        with cluster.signals_deferred():  # the loader forks its workers in there
-            rows = transcribe(model, valid_loader, vocab, device, autocast)
-        return score([r for part in cluster.gather(rows, ddp, world) for r in part], vocab.units)
 
-    def report(metrics: dict) -> None:
-        out.log({"valid": valid_name, "update": progress.update, **metrics, "best": progress.best})
-        rates = " | ".join(f"{k} {100 * metrics[k]:.2f}" for k in ("wer", "cer", "uer", "per") if k in metrics)
-        best = "-" if progress.best is None else f"{100 * progress.best:.2f}"
-        out.write(f"valid {valid_name} | update {progress.update} | {rates} | best {metric} {best} | "
-                  f"{metrics['utterances']} utterances")
+def wrap(run: Run, progress: Progress) -> torch.nn.Module:
+    """The module the training forward calls: the model, compiled on request, in DDP when
+    distributed."""
+    net = torch.compile(run.model) if run.cfg.compile else run.model
+    if not run.ddp:
+        return net
+    # DDP must look for parameters without a gradient only where some go unused: LayerDrop skips
+    # whole blocks, a frozen encoder (freeze_finetune_updates) leaves all but the head without one.
+    layerdrop = run.cfg.encoder["layerdrop"] > 0
+    find_unused = layerdrop or run.cfg.freeze_finetune_updates > progress.update
+    if layerdrop:  # some updates drop no block; DDP's warning about that says nothing wrong
+        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
+    ids = [run.device.index] if run.device.type == "cuda" else None
+    return DDP(net, device_ids=ids, find_unused_parameters=find_unused)
 
-    def save(names: list[str]) -> None:
-        """All ranks call this (RNG states are gathered); rank 0 writes each file atomically (temp file + rename)."""
-        rngs = cluster.gather(rng_state(), ddp, world)
-        if rank != 0:
+
+# ------------------------------------------------------------------------------------ one update
+def train_step(run: Run, net: torch.nn.Module, group: list[dict], progress: Progress,
+               out: RunLog) -> Step:
+    """Forward and backward over one update's batches: gradients accumulate locally, DDP all-reduces
+    them after the last batch. fairseq divides the summed loss by the sample size of the whole
+    update on all ranks (sentences with sentence_avg); DDP averages gradients over ranks, hence the
+    factor world."""
+    cfg, step = run.cfg, Step()
+    sizes = [len(b["ids"]) if cfg.sentence_avg else int(b["target_lengths"].sum()) for b in group]
+    total = torch.tensor(float(sum(sizes)), device=run.device)
+    if run.ddp:
+        dist.all_reduce(total)
+    loss_weight = run.world / max(float(total), 1.0)
+    # freeze_finetune_updates: the encoder's output is detached, so only the head learns
+    detach_encoder = progress.update < cfg.freeze_finetune_updates
+    net.train()
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(group):
+        for path, reason in batch["skipped"]:  # in log.jsonl; named here by the rank that met it
+            out.warn(f"skipped {path}: {reason}")
+        step.skipped += len(batch["skipped"])
+        last = i == len(group) - 1
+        with contextlib.nullcontext() if not run.ddp or last else net.no_sync():
+            loss = batch_loss(run, net, batch, detach_encoder, step)
+            run.scaler.scale(loss * loss_weight).backward()
+    return step
+
+
+def batch_loss(run: Run, net: torch.nn.Module, batch: dict, detach_encoder: bool,
+               step: Step) -> torch.Tensor:
+    """The summed CTC loss of one batch, counted into `step`."""
+    if not batch["ids"]:  # every utterance was unreadable (--skip-bad): join DDP with nothing
+        with run.autocast():
+            silence = torch.zeros(1, SAMPLE_RATE, device=run.device)
+            logits, _ = net(silence, None, detach_encoder=detach_encoder)
+        return logits.float().sum() * 0.0
+    batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v
+             for k, v in batch.items()}
+    with run.autocast():
+        # (B, T, V), (B,)
+        logits, out_lengths = net(batch["wav"], batch["lengths"], detach_encoder=detach_encoder)
+    loss = ctc_loss_sum(logits, out_lengths, batch)
+    step.loss += loss.item()
+    step.sentences += len(batch["ids"])
+    step.audio_seconds += float(batch["lengths"].sum()) / SAMPLE_RATE
+    return loss
+
+
+def optimizer_step(run: Run, step: Step, update: int) -> None:
+    """fairseq's tri-stage learning rate, clipping, one Adam step (skipped on fp16 overflow)."""
+    cfg, scaler = run.cfg, run.scaler
+    step.lr = tri_stage_lr(update, cfg)
+    for g in run.optimizer.param_groups:
+        g["lr"] = step.lr
+    scaler.unscale_(run.optimizer)
+    max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
+    step.gnorm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
+    loss_scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(run.optimizer)
+    scaler.update()
+    run.model.refresh_masks()  # the scores moved: routed layers drop any mask they kept
+    # fp16 overflow: the scaler skipped the step and lowered the scale
+    step.overflow = loss_scale is not None and scaler.get_scale() < loss_scale
+
+
+# ---------------------------------------------------------------------- validation and checkpoints
+def validate(run: Run) -> dict:
+    """Greedy-decode the validation set (sharded over ranks); every rank gets all of its scores."""
+    with cluster.signals_deferred():  # the loader forks its workers in there
+        rows = transcribe(run.model, run.valid_loader, run.vocab, run.device, run.autocast)
+    parts = cluster.gather(rows, run.ddp, run.world)
+    return score([r for part in parts for r in part], run.vocab.units)
+
+
+def report(run: Run, progress: Progress, metrics: dict, out: RunLog) -> None:
+    """One validation line in log.jsonl and on stdout."""
+    out.log({"valid": run.valid_name, "update": progress.update, **metrics, "best": progress.best})
+    rates = " | ".join(f"{k} {100 * metrics[k]:.2f}"
+                       for k in ("wer", "cer", "uer", "per") if k in metrics)
+    best = "-" if progress.best is None else f"{100 * progress.best:.2f}"
+    out.write(f"valid {run.valid_name} | update {progress.update} | {rates} | "
+              f"best {run.metric} {best} | {metrics['utterances']} utterances")
+
+
+def save(run: Run, progress: Progress, names: list[str]) -> None:
+    """All ranks call this (RNG states are gathered); rank 0 writes each file atomically (temp
+    file + rename)."""
+    rngs = cluster.gather(rng_state(), run.ddp, run.world)
+    if run.rank != 0:
+        return
+    cfg, model = run.cfg, run.model
+    train_state = {"update": progress.update, "epoch": progress.epoch,
+                   "batch_offset": progress.offset, "best": progress.best,
+                   "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                   "rng": rngs, "world_size": run.world, "skipped": progress.skipped,
+                   "config": config_values(cfg), **run.env}
+    ckpt = s3r_checkpoint(model, run.vocab, pretrained=run.pretrained, train_state=train_state)
+    if ckpt["pretrained"] is not None:  # of the weights as loaded (trained ones are in "model")
+        ckpt["pretrained"]["sha256"] = run.pretrained_sha
+    # a fresh head or mask embedding is not in the pretrained file, trained or not
+    fresh = {k: v for k, v in model.state_dict().items()
+             if k.startswith("lm_head.") or k == "masked_spec_embed"}
+    ckpt["model"].update(fresh)
+    for name in names:
+        save_atomic(ckpt, os.path.join(cfg.save_dir, name))
+    cluster.prune_numbered(cfg.save_dir, cfg.keep_interval_updates)
+
+
+def validate_and_save(run: Run, progress: Progress, step: Step, out: RunLog) -> bool:
+    """As fairseq: validate every --validate-interval updates and at every save point;
+    checkpoint_best.pt is chosen at save points only. A signal saves at once, validating only if it
+    was due anyway. Returns whether it saved."""
+    cfg, update = run.cfg, progress.update
+    done = update >= cfg.max_updates
+    interval = update % cfg.save_interval == 0
+    saving, best = step.stop or done or interval or step.save_due, False
+    due = interval or done or update % cfg.validate_interval == 0
+    if run.valid_loader is not None and due:
+        metrics = validate(run)
+        if saving and (progress.best is None or metrics[run.metric] < progress.best):
+            progress.best, best = metrics[run.metric], True
+        report(run, progress, metrics, out)
+    if not saving:
+        return False
+    names = ["checkpoint_last.pt"] + ["checkpoint_best.pt"] * best
+    if interval and cfg.keep_interval_updates != 0:
+        names.append(cluster.numbered_name(progress.epoch + 1, update))
+    if cfg.parp and done and run.rank == 0:  # PARP's result; written first, it marks the end
+        save_pruned(run.model, run.vocab, os.path.join(cfg.save_dir, PRUNED_NAME))
+    save(run, progress, names)
+    return True
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def start(run: Run, progress: Progress, resumed: bool, out: RunLog,
+          stop: cluster.StopSignal) -> bool:
+    """The run's first lines, and validation where training starts (--validate-before). False:
+    there is nothing to train."""
+    cfg, corpus, n_bad = run.cfg, run.corpus, len(run.bad)
+    if run.rank == 0:
+        n_params = sum(p.numel() for p in run.params)
+        skipped = [{"path": p, "reason": r} for p, r in run.bad]
+        out.log({"event": "resume" if resumed else "start", "update": progress.update,
+                 "world_size": run.world, **run.env, "amp": run.amp,
+                 "trainable_parameters": n_params, "vocab": len(run.vocab),
+                 "train_utterances": len(corpus.utterances),
+                 "train_seconds": round(corpus.seconds, 1), "skipped": skipped,
+                 "config": config_values(cfg)})
+        mode = "weight finetuning" if cfg.finetune_weights else \
+            f"S3-Router, prune rate {cfg.route.prune_rate}"
+        out.write(f"{mode}: {n_params:,} trainable parameters, {len(corpus.utterances)} utterances "
+                  f"({corpus.seconds / 3600:.2f} h), {run.world} process(es), amp {run.amp}, "
+                  f"{n_bad} skipped")
+    if progress.update >= cfg.max_updates:
+        out.write(f"nothing to do: {cfg.save_dir}/checkpoint_last.pt is at update "
+                  f"{progress.update} (--max-updates {cfg.max_updates})")
+        return False
+    # a signal during setup: nothing trained, nothing to save
+    if cluster.any_rank(stop.requested, run.ddp, run.device):
+        out.warn("stopped by a signal before the first update")
+        return False
+    errors.setup_phase(False)  # from here on an error may be one rank's own (its data)
+    if cfg.validate_before and progress.update == 0 and run.valid_loader is not None:
+        # where training starts (a fresh CTC head: about 100% error); not a best candidate
+        report(run, progress, validate(run), out)
+    return True
+
+
+def update_groups(run: Run, progress: Progress):
+    """The batches of one update (--update-freq of them) at a time, epoch after epoch, from where
+    `progress` stands; `progress.offset` counts the batches taken."""
+    while True:
+        set_epoch(run.loader, progress.epoch, progress.offset)
+        with cluster.signals_deferred():  # iter() forks the DataLoader workers
+            batches = iter(run.loader)
+        while group := list(islice(batches, run.cfg.update_freq)):
+            progress.offset += len(group)
+            yield group
+        progress.epoch, progress.offset = progress.epoch + 1, 0
+
+
+def log_window(run: Run, progress: Progress, window: list[Step], wall: float) -> dict:
+    """log.jsonl's line for the updates since the last one; loss in nats per sentence (fairseq logs
+    bits: divide by ln 2)."""
+    sentences = sum(s.sentences for s in window)
+    audio = sum(s.audio_seconds for s in window)
+    scaler = run.scaler
+    return {"update": progress.update, "epoch": progress.epoch,
+            "loss": sum(s.loss for s in window) / max(sentences, 1), "lr": window[-1].lr,
+            "gnorm": window[-1].gnorm, "sentences": sentences, "audio_seconds": round(audio, 2),
+            "audio_s_per_s": round(audio / wall, 2), "s_per_update": round(wall / len(window), 4),
+            "skipped": progress.skipped,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None}
+
+
+def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None:
+    run = setup(cfg, ckpt)
+    progress = resume(run, ckpt)
+    net = wrap(run, progress)
+    with RunLog(cfg.save_dir, cfg.max_updates, progress.update, run.rank == 0) as out:
+        if not start(run, progress, ckpt is not None, out, stop):
             return
-        train_state = {"update": progress.update, "epoch": progress.epoch, "batch_offset": progress.offset,
-                       "best": progress.best, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                       "rng": rngs, "world_size": world, "skipped": progress.skipped, "config": config_values(cfg),
-                       **env}
-        ckpt = s3r_checkpoint(model, vocab, pretrained=pretrained, train_state=train_state)
-        if ckpt["pretrained"] is not None:  # of the weights as loaded (trained ones are stored in "model" anyway)
-            ckpt["pretrained"]["sha256"] = pretrained_sha
-        state = model.state_dict()  # a fresh head or mask embedding is not in the pretrained file, trained or not
-        ckpt["model"].update({k: v for k, v in state.items() if k.startswith("lm_head.") or k == "masked_spec_embed"})
-        for name in names:
-            save_atomic(ckpt, os.path.join(cfg.save_dir, name))
-        cluster.prune_numbered(cfg.save_dir, cfg.keep_interval_updates)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # the loop
-    with RunLog(cfg.save_dir, cfg.max_updates, progress.update, rank == 0) as out:
-        if rank == 0:
-            n_params = sum(p.numel() for p in params)
-            out.log({"event": "resume" if ckpt else "start", "update": progress.update, "world_size": world, **env,
-                     "amp": amp, "trainable_parameters": n_params, "vocab": len(vocab),
-                     "train_utterances": len(corpus.utterances), "train_seconds": round(corpus.seconds, 1),
-                     "skipped": [{"path": p, "reason": r} for p, r in bad], "config": config_values(cfg)})
-            mode = "weight finetuning" if cfg.finetune_weights else f"S3-Router, prune rate {cfg.route.prune_rate}"
-            out.write(f"{mode}: {n_params:,} trainable parameters, {len(corpus.utterances)} utterances "
-                      f"({corpus.seconds / 3600:.2f} h), {world} process(es), amp {amp}, {len(bad)} skipped")
-        if progress.update >= cfg.max_updates:
-            out.write(f"nothing to do: {cfg.save_dir}/checkpoint_last.pt is at update {progress.update} "
-                      f"(--max-updates {cfg.max_updates})")
-            return
-        if cluster.any_rank(stop.requested, ddp, device):  # a signal during setup: nothing trained, nothing to save
-            out.warn("stopped by a signal before the first update")
-            return
-        errors.setup_phase(False)  # from here on an error may be one rank's own (its data)
-        if cfg.validate_before and progress.update == 0 and valid_loader is not None:
-            report(validate())  # where training starts (a fresh CTC head: about 100% error); not a best candidate
-        acc, n_acc, t_log = torch.zeros(4, dtype=torch.float64), 0, time.perf_counter()  # since the last log line
+        window, t_log = [], time.perf_counter()  # the updates since the last log line
         t_save = time.monotonic()  # --save-interval-minutes counts from here and from every save
-        while True:
-            set_epoch(loader, progress.epoch, progress.offset)
-            with cluster.signals_deferred():  # iter() forks the DataLoader workers
-                batches = iter(loader)
-            while group := list(islice(batches, cfg.update_freq)):
-                progress.offset += len(group)
-                seed_update(cfg.seed, rank, progress.update)
-                # One update over `group`: gradients accumulate locally, DDP all-reduces after the last batch.
-                # fairseq divides the summed loss by the sample size of the whole update on all ranks (sentences
-                # with sentence_avg); DDP averages gradients over ranks, hence the factor world.
-                sizes = [len(b["ids"]) if cfg.sentence_avg else int(b["target_lengths"].sum()) for b in group]
-                total = torch.tensor(float(sum(sizes)), device=device)
-                if ddp:
-                    dist.all_reduce(total)
-                loss_weight = world / max(float(total), 1.0)
-                net.train()
-                optimizer.zero_grad(set_to_none=True)
-                stats = torch.zeros(6, dtype=torch.float64)  # loss sum, sentences, audio s, skipped, stop, save due
-                for i, batch in enumerate(group):
-                    for path, reason in batch["skipped"]:  # counted in log.jsonl; named here by the rank that met it
-                        out.warn(f"skipped {path}: {reason}")
-                    stats[3] += len(batch["skipped"])
-                    with contextlib.nullcontext() if not ddp or i == len(group) - 1 else net.no_sync():
-                        if not batch["ids"]:  # every utterance was unreadable (--skip-bad): join DDP with nothing
-                            with autocast():
-                                logits, _ = net(torch.zeros(1, SAMPLE_RATE, device=device), None)
-                            loss = logits.float().sum() * 0.0
-                        else:
-                            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                                     for k, v in batch.items()}
-                            with autocast():
-                                logits, out_lengths = net(batch["wav"], batch["lengths"])  # (B, T, V), (B,)
-                            loss = ctc_loss_sum(logits, out_lengths, batch)
-                            stats[0] += loss.item()
-                            stats[1] += len(batch["ids"])
-                            stats[2] += float(batch["lengths"].sum()) / SAMPLE_RATE
-                        scaler.scale(loss * loss_weight).backward()
-                lr = tri_stage_lr(progress.update, cfg)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                scaler.unscale_(optimizer)
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else
-                                                             float("inf")))
-                loss_scale = scaler.get_scale() if scaler.is_enabled() else None
-                scaler.step(optimizer)
-                scaler.update()
-                model.refresh_masks()  # the scores moved: routed layers drop any mask they kept
-                # fp16 overflow: the scaler skipped the step and lowered the scale; as in fairseq, no update counted
-                overflow = loss_scale is not None and scaler.get_scale() < loss_scale
-                stats[4] = float(stop.requested)
-                stats[5] = float(0 < cfg.save_interval_minutes <= (time.monotonic() - t_save) / 60)
-                if ddp:  # one small all-reduce: the log, a stop request and a save due by time, agreed by all ranks
-                    stats = stats.to(device)
-                    dist.all_reduce(stats)
-                stats = stats.cpu()
-                stopping = bool(stats[4] > 0)
-                progress.skipped += int(stats[3])
-                if overflow and not stopping:
-                    continue
-                progress.update += not overflow
-                if cfg.parp and reprune_due(progress.update, cfg.reprune_interval, cfg.max_updates):
-                    out.log({"update": progress.update, "revived": reprune(model)})  # PARP: masks by |W|
-                acc, n_acc, wall = acc + stats[:4], n_acc + 1, time.perf_counter() - t_log
-                out.bar.update(1)
-                out.bar.set_postfix(loss=f"{stats[0] / max(stats[1], 1):.3f}", lr=f"{lr:.2e}",
-                                    audio_s_per_s=f"{acc[2] / wall:.1f}", refresh=False)
-                done = progress.update >= cfg.max_updates
-                if progress.update % cfg.log_interval == 0 or done or stopping:
-                    # loss: nats per sentence (fairseq logs bits: divide by ln 2)
-                    out.log({"update": progress.update, "epoch": progress.epoch, "loss": float(acc[0] / max(acc[1], 1)),
-                             "lr": lr, "gnorm": gnorm, "sentences": int(acc[1]),
-                             "audio_seconds": round(float(acc[2]), 2), "audio_s_per_s": round(float(acc[2]) / wall, 2),
-                             "s_per_update": round(wall / n_acc, 4), "skipped": progress.skipped,
-                             "loss_scale": scaler.get_scale() if scaler.is_enabled() else None})
-                    acc, n_acc, t_log = torch.zeros(4, dtype=torch.float64), 0, time.perf_counter()
-                # As fairseq: validate every --validate-interval updates and at every save point; checkpoint_best.pt
-                # is chosen at save points only. A signal saves at once, validating only if it was due anyway.
-                interval = progress.update % cfg.save_interval == 0
-                saving, best = stopping or done or interval or bool(stats[5] > 0), False
-                if valid_loader is not None and (interval or done or progress.update % cfg.validate_interval == 0):
-                    metrics = validate()
-                    if saving and (progress.best is None or metrics[metric] < progress.best):
-                        progress.best, best = metrics[metric], True
-                    report(metrics)
-                if saving:
-                    numbered = [cluster.numbered_name(progress.epoch + 1, progress.update)] if interval and \
-                        cfg.keep_interval_updates != 0 else []
-                    if cfg.parp and done and rank == 0:  # PARP's result; written first, it marks the end
-                        save_pruned(model, vocab, os.path.join(cfg.save_dir, PRUNED_NAME))
-                    save(["checkpoint_last.pt"] + (["checkpoint_best.pt"] if best else []) + numbered)
-                    t_save = time.monotonic()
-                if stopping and rank == 0:
-                    out.warn(f"stopped by a signal at update {progress.update}; the same command resumes")
-                if done and not stopping:
-                    out.write(saved_message(cfg, valid_name, metric, progress.best))
-                if stopping or done:
-                    return
-            progress.epoch, progress.offset = progress.epoch + 1, 0
+        for group in update_groups(run, progress):
+            seed_update(cfg.seed, run.rank, progress.update)
+            step = train_step(run, net, group, progress, out)
+            optimizer_step(run, step, progress.update)
+            step.stop = stop.requested
+            step.save_due = 0 < cfg.save_interval_minutes <= (time.monotonic() - t_save) / 60
+            step = step.summed(run.ddp, run.device)
+            progress.skipped += step.skipped
+            if step.overflow and not step.stop:
+                continue
+            progress.update += not step.overflow
+            if cfg.parp and reprune_due(progress.update, cfg.reprune_interval, cfg.max_updates):
+                out.log({"update": progress.update, "revived": reprune(run.model)})  # PARP: by |W|
+            window.append(step)
+            wall = time.perf_counter() - t_log
+            audio = sum(s.audio_seconds for s in window)
+            out.bar.update(1)
+            out.bar.set_postfix(loss=f"{step.loss / max(step.sentences, 1):.3f}",
+                                lr=f"{step.lr:.2e}", audio_s_per_s=f"{audio / wall:.1f}",
+                                refresh=False)
+            done = progress.update >= cfg.max_updates
+            if progress.update % cfg.log_interval == 0 or done or step.stop:
+                out.log(log_window(run, progress, window, wall))
+                window, t_log = [], time.perf_counter()
+            if validate_and_save(run, progress, step, out):
+                t_save = time.monotonic()
+            if step.stop and run.rank == 0:
+                out.warn(f"stopped by a signal at update {progress.update}; "
+                         "the same command resumes")
+            if done and not step.stop:
+                out.write(saved_message(cfg, run.valid_name, run.metric, progress.best))
+            if step.stop or done:
+                return
 
 
 def saved_message(cfg: TrainConfig, valid_name: str, metric: str, best: float | None) -> str:
@@ -336,7 +513,8 @@ def saved_message(cfg: TrainConfig, valid_name: str, metric: str, best: float | 
         return f"saved {os.path.join(cfg.save_dir, 'checkpoint_last.pt')}"
     path = os.path.join(cfg.save_dir, "checkpoint_best.pt")
     data_root = f" --data-root {cfg.data_root}" if cfg.data_root != "." else ""
-    return (f"saved {path} (best {metric} {100 * best:.2f} on {valid_name}) and checkpoint_last.pt; evaluate: "
+    return (f"saved {path} (best {metric} {100 * best:.2f} on {valid_name}) and "
+            f"checkpoint_last.pt; evaluate: "
             f"python eval.py --checkpoint {path} --data {valid_name}{data_root}")
 
 
@@ -344,16 +522,20 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     errors.setup_phase(True)
     try:
-        with cluster.StopSignal() as stop:  # from the start: a signal during setup stops before the first update
+        # from the start: a signal during setup stops before the first update
+        with cluster.StopSignal() as stop:
             cfg, ckpt = parse_config(argv)
             train(cfg, ckpt, stop)
         code = 0
     except S3RError as e:
-        errors.report(e, cluster.rank())  # set-up errors once (rank 0), later ones by the rank that met them
+        # set-up errors once (rank 0), later ones by the rank that met them
+        errors.report(e, cluster.rank())
         code = 2
     except (dist.DistError, RuntimeError) as e:
-        if cluster.peer_lost(e):  # another rank failed (its own message is above) and its connection closed
-            print(f"error: rank {cluster.rank()} lost the other processes: {str(e).splitlines()[0][:160]}",
+        # another rank failed (its own message is above) and its connection closed
+        if cluster.peer_lost(e):
+            first = str(e).splitlines()[0][:160]
+            print(f"error: rank {cluster.rank()} lost the other processes: {first}",
                   file=sys.stderr)
         else:
             traceback.print_exc()

@@ -5,22 +5,21 @@
 
 For each model size (demo: the committed 1.9M-parameter demo backbone; base: a random wav2vec2-base, 95M) and each
 N, N routes are made with random scores (prune rate 0.9, attention and FFN, a 32-symbol CTC head each: speed and
-memory do not depend on what a route learned) and served on a mixed stream of noise utterances, 1.5-3.5 s long,
-whose routes take turns (route i % N for utterance i), through `s3r.transcribe` (audio read from wav files, greedy
-decoding):
-  bundle       the N routes in one bundle, the stream grouped per route (`transcribe_files` on the whole stream:
-               N route switches)
-  bundle-each  the same bundle, one request per utterance in stream order (a switch at every utterance: the worst
-               case for a server answering requests as they come)
-  separate     N models, each its route's masks folded into a dense checkpoint (`python -m s3r.export --dense`),
-               all loaded, each utterance to its own model
-  one          one such dense model serving the whole stream, as if it were all one language (the target)
+memory do not depend on what a route learned) and serve a mixed stream of max(8, 4N) noise utterances, 1.5-3.5 s
+long, whose routes take turns (route i % N for utterance i), through `s3r.transcribe` (audio read from wav files,
+greedy decoding). Three ways to serve it:
+  bundle    the N routes in one bundle, one model whose route is switched (`transcribe_files`)
+  separate  N models, each its route's masks folded into a dense checkpoint (`python -m s3r.export --dense`), all
+            loaded, each utterance to its own model
+  one       one such dense model serving the whole stream as if it were all one language (the goal's reference)
+in two modes: offline (the whole stream at once, grouped per route, 4 utterances a forward pass: one route switch
+per route) and online (a request per utterance in stream order, one at a time: the bundle switches at every one).
 Throughput is audio seconds per CPU second (time.process_time, one torch thread), in one process per (size, N) with
-every variant loaded, variants interleaved in a fresh random order every round; ratios against `one` are medians
-over rounds of per-round ratios. Memory is resident memory in a fresh process per variant: RSS after loading minus
-RSS before (the interpreter with torch and s3r imported, the stream's audio read), and the peak while serving the
-stream (VmHWM, reset first; glibc returning freed blocks to the OS, bench/common.py). "one model + N routes" is the
-arithmetic the issue sets as the goal: the fp32 parameters of one model plus N routes' bits, heads and vocabularies.
+every variant loaded, the (way, mode) runs interleaved in a fresh random order every round; ratios against `one` in
+the same mode are medians over rounds of per-round ratios. Memory is resident memory in a fresh process per way:
+RSS after loading minus RSS before (the interpreter with torch and s3r imported and warmed up), and the peak while
+serving the stream offline (VmHWM, reset first; glibc returning freed blocks to the OS, bench/common.py). "one model
++ N routes" is the goal's arithmetic: the fp32 parameters and buffers of one model plus N routes' bits and heads.
 Writes bench/results/serve.md and serve.json (or --out).
 """
 from __future__ import annotations
@@ -49,7 +48,9 @@ from s3r.transcribe import Routes, transcribe_files
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "s3r" / "assets" / "demo" / "backbone.pt"
-VARIANTS = ("bundle", "bundle-each", "separate", "one")
+KINDS = ("bundle", "separate", "one")
+MODES = ("offline", "online")
+BATCH = 4  # utterances per forward pass offline
 VOCAB = Vocabulary(["<s>", "<pad>", "</s>", "<unk>", "|", "'", *"abcdefghijklmnopqrstuvwxyz"])  # 32 symbols
 
 
@@ -89,15 +90,16 @@ def make_bundle_file(d: Path, n: int) -> Path:
 
 
 def make_stream(work: Path, n: int) -> list[tuple[str, str]]:
-    """max(8, 2N) noise utterances of 1.5-3.5 s as wav files; utterance i belongs to route i % N."""
+    """max(8, 4N) noise utterances of 1.5-3.5 s as wav files; utterance i belongs to route i % N."""
     d = work / "audio"
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(n)
     stream = []
-    for i in range(max(8, 2 * n)):
+    for i in range(max(8, 4 * n)):
         path = d / f"n{n}_{i}.wav"
-        if not path.exists():
-            sf.write(path, (0.1 * rng.standard_normal(int(16000 * rng.uniform(1.5, 3.5)))).astype(np.float32), 16000)
+        audio = (0.1 * rng.standard_normal(int(16000 * rng.uniform(1.5, 3.5)))).astype(np.float32)  # drawn always
+        if not path.exists() or sf.info(path).frames != len(audio):
+            sf.write(path, audio, 16000)
         stream.append((str(path), f"r{i % n}"))
     return stream
 
@@ -118,25 +120,36 @@ def expected_mib(d: Path, n: int) -> float:
 
 
 class Server:
-    """One variant, loaded: serve(stream) transcribes a stream of (path, route)."""
+    """The models of one variant, loaded: `serve(stream)` transcribes a stream of (path, route)."""
 
-    def __init__(self, variant: str, d: Path, n: int):
-        self.variant = variant
-        if variant.startswith("bundle"):
-            self.routes = Routes(make_bundle_file(d, n))
-        elif variant == "separate":
+    def __init__(self, kind: str, d: Path, n: int):
+        self.kind = kind
+        if kind == "bundle":
+            self.bundle = Routes(make_bundle_file(d, n))
+        elif kind == "separate":
             self.models = {f"r{i}": Routes(d / f"d{i}.pt") for i in range(n)}
         else:
-            self.routes = Routes(d / "d0.pt")
+            self.one = Routes(d / "d0.pt")
 
-    def serve(self, stream: list[tuple[str, str]]) -> list[str]:
-        if self.variant == "bundle":
-            return [r.text for r in transcribe_files(self.routes, stream)]
-        if self.variant == "bundle-each":
-            return [transcribe_files(self.routes, [item])[0].text for item in stream]
-        if self.variant == "separate":
-            return [transcribe_files(self.models[route], [(path, None)])[0].text for path, route in stream]
-        return [transcribe_files(self.routes, [(path, None)])[0].text for path, _ in stream]
+    def serve(self, stream: list[tuple[str, str]], batch: int = 1, online: bool = False) -> list[str]:
+        """Offline: the whole stream at once, grouped per route, `batch` utterances a forward pass. Online: one
+        request per utterance, in stream order."""
+        if online:
+            return [self._serve([item], 1)[0] for item in stream]
+        return self._serve(stream, batch)
+
+    def _serve(self, stream, batch):
+        if self.kind == "bundle":
+            return [r.text for r in transcribe_files(self.bundle, stream, batch_size=batch)]
+        if self.kind == "one":
+            return [r.text for r in transcribe_files(self.one, [(p, None) for p, _ in stream], batch_size=batch)]
+        texts = {}
+        for route, routes in self.models.items():
+            mine = [i for i, (_, r) in enumerate(stream) if r == route]
+            for i, r in zip(mine, transcribe_files(routes, [(stream[i][0], None) for i in mine], batch_size=batch),
+                            strict=True):
+                texts[i] = r.text
+        return [texts[i] for i in range(len(stream))]
 
 
 def audio_seconds(stream) -> float:
@@ -148,7 +161,7 @@ def memory_worker(spec: dict) -> dict:
     torch.set_num_threads(1)
     d, n = Path(spec["dir"]), spec["n"]
     stream = [tuple(x) for x in spec["stream"]]
-    Server("one", d, 1).serve(stream[:1])  # warm up: lazily built kernels and caches are not the variant's memory
+    Server("one", d, 1).serve(stream[:2], BATCH)  # warm-up: kernels and caches built lazily are not the way's
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = status_kib("VmRSS")
@@ -157,32 +170,34 @@ def memory_worker(spec: dict) -> dict:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     loaded = status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
-    server.serve(stream)
+    server.serve(stream, BATCH)
     peak = status_kib("VmHWM")
     return {"loaded_mib": (loaded - before) / 1024, "peak_mib": (peak - before) / 1024}
 
 
 def throughput(d: Path, n: int, stream, rounds: int, seed: int) -> dict:
-    """Audio seconds per CPU second of every variant, interleaved, and the per-round ratios against `one`."""
-    servers = {v: Server(v, d, n) for v in VARIANTS}
+    """Audio seconds per CPU second of every (kind, mode), interleaved; per-round ratios against `one` in the same
+    mode."""
+    servers = {k: Server(k, d, n) for k in KINDS}
     audio = audio_seconds(stream)
     for server in servers.values():
-        server.serve(stream[:2])  # warm-up
+        server.serve(stream[:2], BATCH)  # warm-up
     rng = random.Random(seed)
-    speeds = {v: [] for v in VARIANTS}
+    runs = [(k, mode) for mode in MODES for k in KINDS]
+    speeds = {f"{k} {mode}": [] for k, mode in runs}
     texts = {}
     for _ in range(rounds):
-        order = list(VARIANTS)
-        rng.shuffle(order)
-        for v in order:
+        rng.shuffle(runs)
+        for k, mode in runs:
             t = time.process_time()
-            texts[v] = servers[v].serve(stream)
-            speeds[v].append(audio / (time.process_time() - t))
-    for v in ("bundle", "bundle-each"):  # the same masks as the folded dense models: the same transcripts
-        if texts[v] != texts["separate"]:
-            raise RuntimeError(f"{v} and separate models disagree on the transcripts (size {d.name}, N={n})")
-    ratios = {v: statistics.median(s / o for s, o in zip(speeds[v], speeds["one"], strict=True)) for v in VARIANTS}
-    return {"audio_s": audio, "speed": {v: statistics.median(s) for v, s in speeds.items()}, "ratio": ratios,
+            texts[k, mode] = servers[k].serve(stream, BATCH, online=mode == "online")
+            speeds[f"{k} {mode}"].append(audio / (time.process_time() - t))
+    for mode in MODES:  # a route's masks and its folded dense model: the same transcripts
+        if texts["bundle", mode] != texts["separate", mode]:
+            raise RuntimeError(f"bundle and separate models disagree on the transcripts ({d.name}, N={n}, {mode})")
+    ratios = {run: statistics.median(s / o for s, o in zip(speeds[run], speeds[f"one {run.split()[1]}"],
+                                                            strict=True)) for run in speeds}
+    return {"audio_s": audio, "speed": {run: statistics.median(s) for run, s in speeds.items()}, "ratio": ratios,
             "rounds": speeds}
 
 
@@ -206,7 +221,7 @@ def bench(args) -> dict:
 
 def report(results: dict) -> str:
     lines = ["# One bundle serving N routes vs N separately loaded models", "",
-             "`nice -n 10 python -m bench.serve` (see its docstring for what each variant does). "
+             "`nice -n 10 python -m bench.serve` (its docstring says what each way and mode does). "
              f"Machine: {results['machine']}; medians of {results['rounds']} interleaved rounds.", "",
              "Resident memory, MiB above the process before loading (after loading / peak while serving):", "",
              "| size | N | one model + N routes | bundle | N separate models | bundle / separate | one model |",
@@ -216,12 +231,15 @@ def report(results: dict) -> str:
         lines.append(f"| {r['size']} | {r['n']} | {r['expected_mib']:.1f} | {b['loaded_mib']:.1f} / "
                      f"{b['peak_mib']:.1f} | {s['loaded_mib']:.1f} / {s['peak_mib']:.1f} | "
                      f"{b['loaded_mib'] / s['loaded_mib']:.2f} | {o['loaded_mib']:.1f} / {o['peak_mib']:.1f} |")
-    lines += ["", "Throughput, audio seconds per CPU second (ratio to one model serving one language):", "",
-              "| size | N | utterances (audio s) | bundle, grouped per route | bundle, a switch per utterance | "
-              "N separate models | one model |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Throughput, audio seconds per CPU second (in brackets: the ratio to one model serving the stream as "
+              "if it were all one language, in the same mode). Offline: the whole stream at once, grouped per route, "
+              f"{BATCH} utterances a forward pass; online: one request per utterance in stream order (the bundle "
+              "switches route at every one):", "",
+              "| size | N | utterances (audio s) | bundle, offline | N models, offline | one model, offline | "
+              "bundle, online | N models, online | one model, online |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        cells = [f"{r['speed'][v]:.2f} ({r['ratio'][v]:.2f})" for v in VARIANTS]
-        lines.append(f"| {r['size']} | {r['n']} | {r['utterances']} ({r['audio_s']:.1f}) | " + " | ".join(cells) + " |")
+        cells = [f"{r['speed'][f'{k} {m}']:.1f} ({r['ratio'][f'{k} {m}']:.2f})" for m in MODES for k in KINDS]
+        lines.append(f"| {r['size']} | {r['n']} | {r['utterances']} ({r['audio_s']:.0f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import torch
 
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .routes import RouteError, masks_of, parse_named
 
 __all__ = ["compare", "pearson", "print_sparsity", "read_reference", "run_similarity", "similarity", "spearman"]
@@ -126,30 +127,55 @@ def run_similarity(named: dict[str, str], out_json: str | Path, plot: str | Path
     return result
 
 
-def _plot(result: dict, path: str | Path) -> None:
+SHORT = {"attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v", "attention.out_proj": "out",
+         "feed_forward.intermediate_dense": "fc1", "feed_forward.output_dense": "fc2"}
+
+
+def short_name(tensor: str) -> str:
+    """A routed tensor's name for a plot axis: "encoder.layers.3.feed_forward.intermediate_dense.weight" -> "3 fc1"."""
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.weight", tensor)
+    if m and m.group(2) in SHORT:
+        return f"{m.group(1)} {SHORT[m.group(2)]}"
+    return tensor.removesuffix(".weight").replace("encoder.", "").replace("feature_extractor.", "fe.")
+
+
+def plot_similarity(result: dict):
+    """The figure `--plot` writes: per routed tensor (named by layer and matrix), each pair's similarity (solid) and
+    the same for random masks of the same densities (dashed, what chance alone gives), kept and pruned sets; with a
+    reference, the overall cosine against it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ref = result.get("reference")
-    fig, axes = plt.subplots(1, 3 if ref else 2, figsize=(15 if ref else 10, 4))
+    layers = list(result["pairs"][0]["layers"])
+    fig, axes = plt.subplots(1, 3 if ref else 2, figsize=(max(10, 0.3 * len(layers)) + (5 if ref else 0), 5))
     for ax, key in zip(axes, ("cosine", "pruned_cosine"), strict=False):
         for p in result["pairs"]:
-            y = [v[key] for v in p["layers"].values()]
-            line, = ax.plot(y, label=f"{p['a']}-{p['b']}")
-            ax.plot([v[f"{key}_random"] for v in p["layers"].values()], "--", color=line.get_color(), alpha=0.5)
-        ax.set(title=f"{key.replace('_', ' ')} per routed tensor (dashed: random)",
-               xlabel="routed tensor (model order)")
-    axes[0].legend(fontsize=6)
+            line, = ax.plot([p["layers"][t][key] for t in layers], marker=".", label=f"{p['a']} vs {p['b']}")
+            ax.plot([p["layers"][t][f"{key}_random"] for t in layers], "--", color=line.get_color(), alpha=0.6)
+        ax.plot([], [], "--", color="gray", label="random masks, same densities")
+        # from below chance up to 1 (identical masks), so a gap from the baseline is seen against the whole scale
+        low = min(v for line in ax.get_lines() for v in line.get_ydata())
+        ax.set_ylim(low - 0.02 * (1 - low), 1.0 + 0.02 * (1 - low))
+        ax.set_xticks(range(len(layers)), [short_name(t) for t in layers], rotation=90, fontsize=7)
+        ax.set(title=f"{'kept' if key == 'cosine' else 'pruned'} weights: cosine per routed tensor",
+               xlabel="routed tensor (layer, matrix)", ylabel=f"cosine of the {'kept' if key == 'cosine' else 'pruned'}"
+               " sets (1 = the same)")
+        ax.legend(fontsize=8)
     if ref:
         overall = {(p["a"], p["b"]): p["overall"]["cosine"] for p in result["pairs"]}
         y = [overall[tuple(pair)] for pair in ref["pairs"]]
         axes[2].scatter(ref["values"], y)
         for pair, u, v in zip(ref["pairs"], ref["values"], y, strict=True):
-            axes[2].annotate("-".join(pair), (u, v), fontsize=6)
+            axes[2].annotate("-".join(pair), (u, v), fontsize=7)
         axes[2].set(xlabel="reference similarity", ylabel="mask cosine (kept)",
                     title=f"Pearson {ref['cosine']['pearson']:.2f}, Spearman {ref['cosine']['spearman']:.2f}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def _plot(result: dict, path: str | Path) -> None:
+    plot_similarity(result).savefig(path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +203,7 @@ def print_sparsity(path: str | Path, trust_checkpoint: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m s3r.analysis", description=__doc__,
+    p = ArgumentParser(prog="python -m s3r.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("similarity", help="pairwise mask similarity of routes or checkpoints")

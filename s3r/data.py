@@ -32,7 +32,6 @@ cannot be read as a whole (a .tsv that is not a manifest, a folder without trans
 
     python -m s3r.data --data-root /data --data dev-clean [--json] [--check] [--skip-bad] [--bench 200]
 """
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -53,7 +52,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .text import LIBRISPEECH_LETTERS, Vocabulary, normalize_text
 
 SAMPLE_RATE = 16000  # every wav2vec 2.0 checkpoint was trained on 16 kHz audio
@@ -788,7 +787,7 @@ def summarize(corpus: Corpus, vocab: Vocabulary) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m s3r.data", description="Summarize (and check) a speech corpus.")
+    p = ArgumentParser(prog="python -m s3r.data", description="Summarize (and check) a speech corpus.")
     p.add_argument("--data", required=True, help="corpus name: dev-clean, train-1h, pl-train, nl-train-1h, demo, x.tsv")
     p.add_argument("--data-root", default=None, help="holds LibriSpeech/, librispeech_finetuning/, cv-corpus-*")
     p.add_argument("--units", choices=["letter", "char", "phone"], default=None, help="transcript units")

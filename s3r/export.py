@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
 from .compact import compact, fold_masks
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .model import Wav2Vec2Config, Wav2Vec2ForCTC
 
 HF_CLASSES = {"wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2."), "hubert": ("HubertForCTC", "hubert."),
@@ -111,15 +111,20 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
         if symbols[:4] == ["<s>", "<pad>", "</s>", "<unk>"]:
             symbols[:4] = HF_SPECIALS  # same indices; HF's CTC tokenizer calls the blank (index 0) <pad>
         write_json("vocab.json", {s: i for i, s in enumerate(symbols)})
-        write_json("tokenizer_config.json", {
-            "tokenizer_class": "Wav2Vec2CTCTokenizer", "processor_class": "Wav2Vec2Processor",
-            "unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
-            "word_delimiter_token": vocab.word_sep or "|", "do_lower_case": False})
+        specials = {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+        if vocab.units == "phone":  # phones joined by spaces, "|" kept between words: s3r's decoding (text.py)
+            write_json("tokenizer_config.json", {
+                "tokenizer_class": "Wav2Vec2PhonemeCTCTokenizer", "processor_class": "Wav2Vec2Processor",
+                **specials, "phone_delimiter_token": " ", "word_delimiter_token": None, "do_phonemize": False})
+        else:
+            write_json("tokenizer_config.json", {
+                "tokenizer_class": "Wav2Vec2CTCTokenizer", "processor_class": "Wav2Vec2Processor",
+                **specials, "word_delimiter_token": vocab.word_sep or "|", "do_lower_case": False})
     return directory
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m s3r.export", description=__doc__,
+    p = ArgumentParser(prog="python -m s3r.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --route")
     p.add_argument("--hf", metavar="DIR", help="write a Hugging Face model directory")

@@ -199,7 +199,7 @@ class Routable:
         self.register_parameter("scores", None)
         self.prune_rate = 1.0
         self.view, self.n_of_m = None, None  # structured routes (see route)
-        self.revive = False  # PARP (s3r/prune.py): pruned weights get gradients too, so they can grow back
+        self.revive = False  # PARP (s3r/prune.py): pruned weights learn too, so they can grow back
         self._mask_cache = fast.MaskCache()
 
     def dense_weight(self) -> torch.Tensor:
@@ -257,7 +257,8 @@ class Routable:
         if self.scores is None:
             return weight
         view = self.view or weight.shape  # structured: the scores broadcast onto the weight seen as `view`
-        return StraightThrough.apply(self.scores, weight.view(view), self.mask(), self.revive).view_as(weight)
+        routed = StraightThrough.apply(self.scores, weight.view(view), self.mask(), self.revive)
+        return routed.view_as(weight)
 
 
 class MaskedLinear(Routable, nn.Linear):
@@ -542,8 +543,9 @@ class Wav2Vec2ForCTC(nn.Module):
         """Freeze the conv feature extractor (fairseq feature_grad_mult 0); it then runs without autograd."""
         self.feature_extractor.requires_grad_(False)
 
-    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None):
-        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,)."""
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None, detach_encoder: bool = False):
+        """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C), out_lengths (B,).
+        `detach_encoder`: no gradient reaches the encoder, only the head learns (freeze_finetune_updates)."""
         if wav.dim() != 2:
             raise ShapeError(f"expected a (batch, samples) waveform, got shape {tuple(wav.shape)}")
         if lengths is None:
@@ -558,6 +560,8 @@ class Wav2Vec2ForCTC(nn.Module):
         if self.training and self.config.apply_spec_augment:
             x = self.spec_augment(x, None if padding_mask is None else out_lengths)
         x = self.encoder(x, padding_mask)  # (B, T, C)
+        if detach_encoder:
+            x = x.detach()
         out = x if self.lm_head is None else self.ctc_logits(self.lm_head(self.final_dropout(x)), padding_mask)
         return out, out_lengths
 

@@ -36,7 +36,7 @@ from .checkpoint import (
     weights_fingerprint,
 )
 from .compact import compact, fold_masks
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import (
     BIT_ORDER,
@@ -312,7 +312,7 @@ def parse_named(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m s3r.routes", description=__doc__,
+    p = ArgumentParser(prog="python -m s3r.routes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("export", help="the route of a mask-mode checkpoint, one bit per routed weight")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, checkpoint_vocab, load_pretrained, torch_load
 from .data import SAMPLE_RATE, load_audio
 from .decode import BeamSearchDecoder, greedy_decode
-from .errors import S3RError
+from .errors import ArgumentParser, S3RError
 from .route_format import BUNDLE_FORMAT
 from .routes import RouteBundle, bundle_from_dict
 
@@ -362,7 +362,7 @@ def parse_per_route(items: list[str] | None, names: list[str], flag: str) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m s3r.transcribe", description=__doc__,
+    p = ArgumentParser(prog="python -m s3r.transcribe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a route bundle (python -m s3r.routes bundle) or a CTC / classification checkpoint")
     p.add_argument("files", nargs="+", help="audio files; ROUTE=FILE gives a file its own route")

@@ -3,6 +3,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -142,3 +143,23 @@ def test_plot_without_matplotlib(route_files, tmp_path, monkeypatch):
     code, out, err = cli("similarity", route_files / "a.route", route_files / "b.route", "--json",
                          tmp_path / "s.json", "--plot", tmp_path / "s.png")
     assert code == 2 and "needs matplotlib" in err
+
+
+def test_the_plot_names_layers_and_shows_the_random_baseline(route_files, tmp_path):
+    from s3r.analysis import plot_similarity, run_similarity, short_name
+    assert short_name("encoder.layers.11.feed_forward.intermediate_dense.weight") == "11 fc1"
+    assert short_name("encoder.layers.0.attention.out_proj.weight") == "0 out"
+    result = run_similarity({"a": str(route_files / "a.route"), "b": str(route_files / "b.route")},
+                            tmp_path / "s.json")
+    layers = list(result["pairs"][0]["layers"])
+    fig = plot_similarity(result)
+    for ax, key in zip(fig.axes, ("cosine", "pruned_cosine"), strict=True):
+        assert [t.get_text() for t in ax.get_xticklabels()] == [short_name(t) for t in layers]
+        assert all(re.fullmatch(r"\d+ (q|k|v|out|fc1|fc2)", t.get_text()) for t in ax.get_xticklabels())
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a vs b", "random masks, same densities"]
+        solid, dashed = ax.get_lines()[:2]  # the pair, then its random baseline, value for value from the JSON
+        assert list(solid.get_ydata()) == [result["pairs"][0]["layers"][t][key] for t in layers]
+        assert list(dashed.get_ydata()) == [result["pairs"][0]["layers"][t][f"{key}_random"] for t in layers]
+        assert dashed.get_linestyle() == "--"
+        low, high = ax.get_ylim()  # the scale reaches 1 (identical masks): no zoom onto the noise around chance
+        assert high >= 1.0 and low <= min(min(solid.get_ydata()), min(dashed.get_ydata()))

@@ -218,8 +218,9 @@ def test_hf_file_path_and_preprocessor(tmp_path):
 @pytest.mark.parametrize("variant", ff.VARIANTS)
 def test_padding_changes_nothing_where_the_peers_change_it(tmp_path, batch, variant):
     """Each utterance of a padded batch equals itself alone in s3r (1e-5), for every variant, with autograd on and
-    off (the speed paths differ). transformers includes the padding in base's and HuBERT's group norm and data2vec's
-    stacked positional convs, so for those its padded batch differs from its own utterances alone."""
+    off (the speed paths differ) and routed in training mode. transformers includes the padding in base's and
+    HuBERT's group norm and data2vec's stacked positional convs, so there its padded batch differs from its own
+    utterances alone."""
     wav, lengths = batch
     peer = hf(variant, False)
     peer.save_pretrained(tmp_path)
@@ -227,12 +228,20 @@ def test_padding_changes_nothing_where_the_peers_change_it(tmp_path, batch, vari
     padded, alone = hf_outputs(peer, wav, lengths)
     peer_gap = max((padded[b, : len(alone[b])] - alone[b]).abs().max().item() for b in range(3))
     assert (peer_gap > 1e-3) == (variant != "large"), peer_gap
-    for grad in (False, True):
-        with torch.set_grad_enabled(grad):
+    for mode in ("eval", "eval with autograd", "routed, training"):
+        if mode == "routed, training":  # S3-Router training, randomness off: dropouts, layerdrop, SpecAugment
+            model.route(RouteConfig(prune_rate=0.9)).train()
+            model.config.apply_spec_augment, model.encoder.layerdrop = False, 0.0
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+                elif isinstance(m, s3r.model.Attention):
+                    m.dropout = 0.0
+        with torch.set_grad_enabled(mode != "eval"):
             out, out_lengths = model(wav, lengths)
             for b in range(3):
                 one, _ = model(wav[b: b + 1, : lengths[b]])
-                assert (out[b, : out_lengths[b]] - one[0]).abs().max() < 1e-5, (variant, grad, b)
+                assert (out[b, : out_lengths[b]] - one[0]).abs().max() < 1e-5, (variant, mode, b)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -117,3 +117,19 @@ def test_help_shows_the_demo_values_beside_the_defaults():
     assert "optimization.lr (peak) (default: 5e-05; demo: 0.01; demo --finetune-weights: 0.003)" in text
     assert "only the head trains) for this many updates (default: 0; demo --finetune-weights: 50)" in text
     assert "--data demo (the default) applies the demo preset unless --preset is given" in text
+
+
+@pytest.mark.parametrize("module, argv", [("s3r.routes", ["omp", "a.pt", "b.pt", "--prune-rat", "0.3"]),
+                                          ("s3r.analysis", ["similarity", "a.route", "b.route", "--jso", "s.json"]),
+                                          ("s3r.export", ["--dens", "d.pt", "c.pt"]),
+                                          ("s3r.data", ["--data", "demo", "--chec"]),
+                                          ("s3r.transcribe", ["m.bundle", "x.wav", "--jso", "o.json"])])
+def test_library_command_lines_refuse_abbreviations_in_one_line(module, argv, capsys, monkeypatch):
+    import importlib
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"python -m {module}"), err
+    flag = next(a for a in argv if a in ("--prune-rat", "--jso", "--dens", "--chec"))  # or the real one is missing
+    assert ("unrecognized arguments" in err[0] and flag in err[0]) or "are required" in err[0], err

@@ -83,3 +83,28 @@ def test_export_errors_are_one_line(tmp_path, run_cli, tiny_arch):
     r = run_cli("-m", "s3r.export", "--hf", str(tmp_path / "hf"), str(tmp_path / "headless.pt"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert "no CTC head" in r.stderr
+
+
+def test_a_phone_vocabulary_decodes_in_transformers_as_in_s3r(tmp_path, tiny_arch):
+    """transformers' own tokenizer for phones (Wav2Vec2PhonemeCTCTokenizer) spells the exported model's greedy
+    output as s3r does: phones separated by spaces, "|" between words (Wav2Vec2CTCTokenizer would glue them)."""
+    from s3r.decode import greedy_decode
+    from s3r.text import Vocabulary
+    vocab = Vocabulary.build(["a l | i ŋ ɡ ɾ a", "t o | k o n | tʃ e"], units="phone")
+    assert vocab.units == "phone" and "tʃ" in vocab.symbols
+    torch.manual_seed(0)
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(**{**tiny_arch, "vocab_size": len(vocab)})).eval()
+    with torch.no_grad():  # a head that says something: every unit somewhere in 40 frames
+        model.lm_head.bias.copy_(torch.randn(len(vocab)) * 3)
+        model.lm_head.bias[1:4] = -1e4  # <s> </s> <unk> (HF's names): never said (HF would spell them, s3r not)
+    model.vocab = vocab
+    export_hf(model, tmp_path / "hf")
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert type(processor.tokenizer).__name__ == "Wav2Vec2PhonemeCTCTokenizer"
+    ids = [[0, 5, 5, 0, 4, 9, 0, 9, 4]]  # blank a a blank | k blank k |
+    expected = " ".join(vocab.symbols[i] for i in (5, 4, 9, 9, 4))
+    assert processor.batch_decode(ids) == [vocab.decode([5, 4, 9, 9, 4])] == [expected]
+    wav = torch.randn(3, 4000)
+    hf, logits = hf_logits(tmp_path / "hf", wav)
+    theirs = processor.batch_decode(logits.argmax(-1))
+    assert theirs == greedy_decode(model(wav)[0].detach(), None, vocab) and any(" " in t for t in theirs), theirs

@@ -84,3 +84,22 @@ def test_every_train_and_eval_command_line_parses():
             s3r_eval.main([*argv, "--help"])
         except SystemExit as e:  # --help exits 0 after parsing everything before it; a bad flag exits 2
             assert e.code == 0, argv
+
+
+@pytest.mark.slow
+def test_the_quick_start_loop_trains_then_evaluates_as_printed(tmp_path, monkeypatch, capsys):
+    """The Quick start's training command (cut to 2 updates, 1 process) ends by printing the README's eval command,
+    which then runs as written from the same folder."""
+    import train
+    monkeypatch.chdir(tmp_path)
+    quick = commands("train.py")[0]
+    assert quick == ["--prune-rate", "0.9", "--data", "demo"]
+    assert train.main([*quick, "--max-updates", "2", "--validate-interval", "2", "--save-interval", "2",
+                       "--no-validate-before", "--num-workers", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    evaluate = commands("eval.py")[0]
+    assert evaluate == ["--checkpoint", "checkpoints/checkpoint_best.pt", "--data", "demo-test"]
+    assert printed.startswith("saved checkpoints/checkpoint_best.pt (best uer ") and printed.endswith(
+        "evaluate: python eval.py " + " ".join(evaluate))
+    assert s3r_eval.main(evaluate) == 0
+    assert capsys.readouterr().out.startswith("demo-test: WER ")
