@@ -184,7 +184,7 @@ class StraightThrough(torch.autograd.Function):
         # d|s|/ds = sign(s), as upstream, so a score at exactly 0 gets no gradient (`weight_magnitude`, see route).
         grad_scores = (grad * weight).sum_to_size(scores.shape).mul_(scores.sign()) if ctx.needs_input_grad[0] else None
         grad_weight = None
-        if ctx.needs_input_grad[1]:  # co_train: W learns where it is kept; revive (PARP): everywhere
+        if ctx.needs_input_grad[1]:  # co_train: W learns where kept; revive (PARP): everywhere
             grad_weight = grad if ctx.revive else grad * mask
         return grad_scores, grad_weight, None, None
 
