@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=str(REPO / "runs" / "bench-serve"), help="models, routes and audio (reused)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.md"))
+    p.add_argument("--keep", action="store_true", help="keep the rows of other sizes from --out's JSON")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -260,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     args.device, args.dtype = "cpu", "float32"
     results = bench(args)
     out = Path(args.out)
+    if args.keep and out.with_suffix(".json").exists():  # rows of the sizes not run now, from the last run
+        old = json.loads(out.with_suffix(".json").read_text())["rows"]
+        results["rows"] = [r for r in old if r["size"] not in args.sizes] + results["rows"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report(results))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from .errors import S3RError
-from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, WeightNormConv1d, n_of_m
+from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, WeightNormConv1d
+from .structured import n_of_m
 
 
 class CompactError(S3RError):
@@ -44,7 +45,7 @@ def fold_masks(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
             module.weight_v.copy_(torch.where(g > 0, w, torch.ones_like(w)))
         else:
             module.weight.view(module.view or module.weight.shape).mul_(mask)  # structured: mask broadcasts
-        module._init_routing()
+        module.drop_scores()
     model.route_config = None
     return model
 

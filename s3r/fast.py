@@ -6,7 +6,7 @@
 |                       |                                         | (CPU: banded k-th value search; CUDA: one sort)    |
 | extract_features      | FeatureExtractor.forward (ConvLayer)    | CPU (autograd on or off; in place when off)        |
 | grouped_conv1d        | MaskedConv1d.forward (F.conv1d)         | CPU, autograd on, grouped stride-1 convs (pos conv)|
-| run_packed            | the block loop of Encoder.forward       | CPU, padded batches                                |
+| ValidFrames           | padded (B, T, C) blocks in Encoder.forward | CPU, padded batches                             |
 
 Turn every one of them off with `S3R_REFERENCE=1` in the environment (read at each call) or with
 `s3r.fast.set_enabled(False)` (`set_enabled(None)` follows the environment again). tests/test_fast.py holds each
@@ -15,8 +15,8 @@ cuDNN convolutions and flash attention are already fast there, and the CPU trick
 Python loop per utterance. Dropout draws differ between packed (N, C) and padded (B, T, C) tensors, so with
 dropout on the two paths are equal in distribution, not draw for draw.
 
-Dropped as no longer paying: a cache of the frozen positional conv's weight-norm product (model.py now computes
-it with the fused `torch._weight_norm`, 2.6 ms a forward at base width, ~0.1% of an evaluation step).
+Not worth a speed path: the frozen positional conv's weight-norm product (the fused `torch._weight_norm` takes
+2.6 ms a forward at base width, ~0.1% of an evaluation step).
 This module imports nothing from s3r: model.py calls it, and it reads the modules it is handed by attribute.
 """
 from __future__ import annotations
@@ -263,7 +263,13 @@ class GroupedConv1d(torch.autograd.Function):
 
 
 def packs_frames(x: torch.Tensor, padding_mask: torch.Tensor | None) -> bool:
-    """Where `run_packed` replaces Encoder.forward's block loop: CPU, with padded frames (nonzero syncs on CUDA)."""
+    """Where Encoder.forward runs its blocks on the valid frames, packed (N, C) by `ValidFrames`: CPU, with
+    padded frames (the packing's nonzero() would sync on CUDA).
+
+    Everything in a block but attention treats frames one by one, so the reference EncoderLayer.forward runs
+    on the packed frames unchanged, and Attention.attend, handed the ValidFrames as its key mask, unpacks its
+    queries, keys and values to (B, T) for the reference attention (`ValidFrames.attend`). Padding then costs
+    no FFN or projection work."""
     return padding_mask is not None and x.device.type == "cpu" and enabled()
 
 
@@ -281,30 +287,8 @@ class ValidFrames:
     def unpack(self, x: torch.Tensor) -> torch.Tensor:  # (N, C) -> (B, T, C), zero at the padded frames
         return x.new_zeros(self.B * self.T, x.shape[-1]).index_copy_(0, self.index, x).view(self.B, self.T, -1)
 
-
-def run_packed(layers, x: torch.Tensor, padding_mask: torch.Tensor, run) -> torch.Tensor:
-    """Replaces `for layer in layers: x = run(layer, x, key_mask)` in Encoder.forward, on the valid frames only.
-
-    Everything in a block but attention treats frames one by one, so the blocks run on the valid frames packed as
-    (N, C), and attention unpacks its queries, keys and values to (B, T) (padded ones zero, and masked as keys).
-    Padding then costs no FFN or projection work. `run` is Encoder.run (activation checkpointing).
-    """
-    frames = ValidFrames(padding_mask)
-    x = frames.pack(x)
-    for layer in layers:
-        x = run(packed_layer, layer, x, frames)
-    return frames.unpack(x)
-
-
-def packed_layer(layer, x: torch.Tensor, frames: ValidFrames) -> torch.Tensor:
-    """EncoderLayer.forward on packed (N, C) frames."""
-    def attention(h):
-        a = layer.attention
-        q, k, v = (frames.unpack(proj(h)) for proj in (a.q_proj, a.k_proj, a.v_proj))  # (B, T, C) each
-        return a.out_proj(frames.pack(a.attend(q, k, v, frames.key_mask)))
-
-    if layer.layer_norm_first:
-        x = x + layer.dropout(attention(layer.layer_norm(x)))
-        return x + layer.feed_forward(layer.final_layer_norm(x))
-    x = layer.layer_norm(x + layer.dropout(attention(x)))
-    return layer.final_layer_norm(x + layer.feed_forward(x))
+    def attend(self, attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention.attend on packed (N, C) queries, keys and values: they are unpacked to (B, T, C)
+        (padded frames zero, and masked out as keys), attended by the reference, packed again."""
+        q, k, v = (self.unpack(t) for t in (q, k, v))
+        return self.pack(attend(q, k, v, self.key_mask))

@@ -60,7 +60,9 @@ def start_parp(model: Wav2Vec2ForCTC, route: RouteConfig, mask_from: Wav2Vec2For
     |W| of its weights (MPI), or of `mask_from`'s; `revive`: pruned weights still receive gradients (step 2)."""
     sources = pruned_layers(mask_from, route) if mask_from is not None else {}
     for name, module in pruned_layers(model, route).items():
-        module.route(route.prune_rate, "weight_magnitude_with_scale", 1.0)  # scores = W: the mask is top-k |W|
+        if mask_from is not None and name not in sources:
+            raise ConfigError(f"--parp-mask-from: the checkpoint has no {name}")
+        module.add_scores(route.prune_rate, "weight_magnitude_with_scale")  # scores = W: the mask is top-k |W|
         if mask_from is not None:
             other = sources[name].dense_weight()
             if other.shape != module.scores.shape:

@@ -31,7 +31,7 @@ from .compact import fold_masks
 from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus
 from .errors import ArgumentParser, ConfigError, S3RError, warn
 from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
-from .prune import load_dense, start_parp
+from .prune import PARP_REPRUNE_INTERVAL, load_dense, start_parp
 from .text import OutOfVocabularyError, Vocabulary
 
 DEMO_BACKBONE = Path(__file__).resolve().parent / "assets" / "demo" / "backbone.pt"
@@ -121,8 +121,9 @@ class TrainConfig:
                      "of the layers the route flags name (--no-fix-attn: attention and FFN), keeping the --prune-rate "
                      "fraction of largest |W| per tensor; pruned weights are zeroed but still learn, the mask is "
                      "re-selected by |W| every --reprune-interval updates; writes checkpoint_pruned.pt at the end")
-    reprune_interval: int = opt(50, "(s3r) PARP: updates between re-prunings (the PARP paper's n = 50); 0 = never: "
-                                "the mask stays fixed and pruned weights get no gradient (IMP's rounds)")
+    reprune_interval: int = opt(PARP_REPRUNE_INTERVAL, "(s3r) PARP: updates between re-prunings (the PARP "
+                                "paper's n = 50); 0 = never: the mask stays fixed and pruned weights get no "
+                                "gradient (IMP's rounds)")
     parp_mask_from: str = opt("", "(s3r) PARP: the checkpoint whose |W| give the first mask (a finetuned or "
                               "other-language model of the same architecture); '' = the --init weights (the paper's "
                               "MPI, magnitude pruning of the pretrained model)")

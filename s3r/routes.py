@@ -153,7 +153,7 @@ class RouteBundle:
     def use(self, name: str) -> Wav2Vec2ForCTC:
         if name not in self.routes:
             raise RouteError(f"no route {name!r} in the bundle; it has {', '.join(self.routes)}")
-        state = self.model.state_dict()
+        state = self.model.state_dict() if self._shared else {}
         for key, tensor in self._shared.items():
             state[key].copy_(tensor)
         apply_route(self.model, self.routes[name], fingerprint=self.fingerprint)

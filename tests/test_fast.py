@@ -137,11 +137,13 @@ def test_padded_frames_are_certain_blanks_and_valid_frames_match_unpadded(refere
 
 def test_python_switch_turns_every_speed_path_off(monkeypatch):
     calls = []
-    for name in ("extract_features", "run_packed", "grouped_conv1d"):
+    for name in ("extract_features", "grouped_conv1d"):
         real = getattr(fast, name)
         monkeypatch.setattr(fast, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    real_get = fast.MaskCache.get
-    monkeypatch.setattr(fast.MaskCache, "get", lambda self, *a: calls.append("mask cache") or real_get(self, *a))
+    for cls, name in ((fast.MaskCache, "get"), (fast.ValidFrames, "pack")):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _real=real, _name=name: calls.append(_name) or
+                            _real(self, *a))
     model = tiny_model("base").route(RouteConfig(prune_rate=0.8, trainable_pos=True)).train()
     wav, lengths = batch("padded")
     try:
@@ -151,7 +153,7 @@ def test_python_switch_turns_every_speed_path_off(monkeypatch):
         assert calls == []
         fast.set_enabled(True)
         model(wav, lengths)[0].sum().backward()
-        assert {"extract_features", "run_packed", "grouped_conv1d", "mask cache"} <= set(calls)
+        assert {"extract_features", "grouped_conv1d", "get", "pack"} <= set(calls)
     finally:
         fast.set_enabled(None)
 
@@ -162,7 +164,7 @@ from s3r import fast
 from s3r.model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 def refuse(*args):
     raise SystemExit("a speed path ran")
-fast.extract_features = fast.run_packed = fast.MaskCache.get = refuse
+fast.extract_features = fast.ValidFrames.pack = fast.MaskCache.get = refuse
 cfg = Wav2Vec2Config(conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), hidden_size=16, num_hidden_layers=1,
                      num_attention_heads=2, intermediate_size=20, conv_pos_kernel=4, conv_pos_groups=2, vocab_size=5)
 model = Wav2Vec2ForCTC(cfg).route(RouteConfig(prune_rate=0.5))
@@ -229,7 +231,7 @@ def test_mask_cache_selects_once_per_optimizer_step(monkeypatch, opt, refresh):
 
 def test_mask_cache_follows_load_state_dict_and_prune_rate():
     layer = tiny_model("base").encoder.layers[0].feed_forward.output_dense
-    layer.route(0.5)
+    layer.add_scores(0.5)
     first = layer.mask()
     layer.load_state_dict({**layer.state_dict(), "scores": -torch.arange(float(layer.weight.numel())).view_as(first)})
     assert not torch.equal(layer.mask(), first)
@@ -252,7 +254,7 @@ def test_kth_largest_with_and_without_hint():
 @pytest.mark.parametrize("lr", [1e-4, 3e-3, 0.5])
 def test_hinted_selection_matches_reference_over_adam_steps(lr):
     layer = tiny_model("base").encoder.layers[0].feed_forward.intermediate_dense
-    layer.route(0.9, "weight_rank")
+    layer.add_scores(0.9, "weight_rank")
     opt = torch.optim.Adam([layer.scores], lr=lr)
     x = torch.randn(16, layer.in_features)
     for i in range(8):
@@ -269,7 +271,7 @@ def test_cache_breaks_ties_by_position_like_the_reference(rate):
     with torch.no_grad():
         layer.weight.copy_(torch.randint(-1, 2, layer.weight.shape).float())  # -1, 0, 1: almost every score ties
     for init in ("weight_magnitude", "weight_magnitude_with_scale", "weight_rank"):
-        layer.route(rate, init)
+        layer.add_scores(rate, init)
         assert torch.equal(layer.mask(), topk_mask(layer.scores.abs(), kept_count(layer.weight.numel(), rate))), init
 
 

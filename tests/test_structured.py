@@ -1,4 +1,4 @@
-"""Structured routes (issue 14): route granularities, their gradients and inits, compact models, route files."""
+"""Structured routes: route granularities, their gradients and inits, compact models, route files."""
 import math
 
 import pytest
@@ -10,6 +10,7 @@ from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.compact import CompactError, compact, is_n_of_m, parameter_counts, to_semi_structured
 from s3r.model import kept_count
 from s3r.routes import RouteError, apply_route, route_from_model
+from s3r.structured import add_group_scores
 
 # hidden 32 = 4 heads of 8; FFN 52 neurons; every routed input size divisible by 4 (for 2:4)
 TINY = dict(conv_dim=(16, 24, 20), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2), hidden_size=32,
@@ -122,7 +123,7 @@ def test_routed_forward_is_the_hand_masked_dense_model(wav):
 def test_straight_through_gradient(granularity, view, reduce):
     torch.manual_seed(1)
     layer = MaskedLinear(16, 12)
-    layer.route(0.5, "kaiming_uniform", granularity=granularity, view=view)
+    add_group_scores(layer, 0.5, "kaiming_uniform", granularity=granularity, view=view)
     x, g = torch.randn(9, 16), torch.randn(9, 12)
     (layer(x) * g).sum().backward()
     dw_eff = g.T @ x  # dL/dW_eff of y = x W_eff^T + b, by hand
@@ -332,7 +333,7 @@ def test_per_layer_sizes_are_checked():
 def test_n_of_m_needs_divisible_inputs():
     layer = MaskedLinear(10, 3)
     with pytest.raises(ConfigError, match="groups of 4"):
-        layer.route(0.5, granularity="2:4")
+        add_group_scores(layer, 0.5, granularity="2:4")
 
 
 def test_route_layer_of_the_wrong_shape_is_refused():
