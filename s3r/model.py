@@ -183,7 +183,7 @@ class StraightThrough(torch.autograd.Function):
         grad_scores = grad_weight = None
         if ctx.needs_input_grad[0]:  # summed over the weights a score covers (structured.py)
             grad_scores = (grad * weight).sum_to_size(scores.shape) * scores.sign()
-        if ctx.needs_input_grad[1]:  # co_train: W learns where it is kept; revive (PARP): everywhere
+        if ctx.needs_input_grad[1]:  # co_train: W learns where kept; revive (PARP): all of it
             grad_weight = grad if ctx.revive else grad * mask
         return grad_scores, grad_weight, None, None
 
