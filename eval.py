@@ -1,4 +1,5 @@
-"""Word error rate of a CTC checkpoint on a corpus: greedy decoding (or lexicon + KenLM beam search) and jiwer.
+"""Word error rate of a CTC checkpoint on a corpus: greedy decoding (or lexicon + KenLM beam search) and jiwer;
+accuracy and a per-class table for a classification checkpoint on a task corpus (s3r/tasks.py).
 
     python eval.py --checkpoint checkpoints/checkpoint_best.pt --data test-clean --data-root /data
     python eval.py --checkpoint wav2vec_small_960h.pt --dict dict.ltr.txt --data test-other --data-root /data \
@@ -8,6 +9,7 @@
     python eval.py --checkpoint checkpoints/checkpoint_best.pt --data demo-test        # after train.py --data demo
     python eval.py --init xlsr2_300m.pt --route nl.route --data nl-test --data-root /data   # a route file
     python eval.py --bundle langs.bundle --route nl --data nl-test --data-root /data        # a route of a bundle
+    python eval.py --checkpoint ks/checkpoint_best.pt --data speech_commands_v0.01-test --data-root /data  # accuracy
 
 Reads s3r checkpoints (config, route and vocabulary inside), CTC-finetuned fairseq checkpoints (vocabulary from the
 dict.ltr.txt next to them, or --dict) and Hugging Face model folders (vocab.json). Prints WER and CER; for
@@ -19,6 +21,7 @@ import contextlib
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from s3r.data import SAMPLE_RATE, make_loader, resolve_corpus
 from s3r.decode import BeamSearchDecoder, transcribe
 from s3r.errors import ArgumentParser, warn
 from s3r.metrics import score
+from s3r.tasks import Labels, accuracy, classify, resolve_task
 
 
 def load_model(a):
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if cuda else "cpu")
         model = load_model(a).to(device)
         name = a.checkpoint or a.route  # for messages; the vocabulary may lie beside the file
+        if getattr(model.config, "labels", None) is not None:  # a classifier (s3r/classify.py)
+            return evaluate_classifier(a, model, device)
         if model.lm_head is None:
             raise S3RError(f"{name} has no CTC head: it is a pretrained checkpoint, finetune it first")
         vocab = checkpoint_vocab(model, a.checkpoint or (a.route if a.init else a.bundle), a.dict)
@@ -116,6 +122,35 @@ def main(argv: list[str] | None = None) -> int:
     shown = ["wer", "cer"] + ["uer"] * (vocab.units in ("char", "phone")) + ["per"] * ("per" in metrics)
     rates = " ".join(f"{k.upper()} {100 * metrics[k]:.2f}%" for k in shown)
     print(f"{a.data}: {rates} on {metrics['utterances']} utterances ({len(skipped)} skipped)")
+    return 0
+
+
+def evaluate_classifier(a, model, device) -> int:
+    """Accuracy and the per-class table of a classification checkpoint on a task corpus (s3r/tasks.py)."""
+    labels = Labels(model.config.labels)
+    corpus = resolve_task(a.data, a.data_root, a.skip_bad, labels.labels)
+    loader = make_loader(corpus.utterances, labels, int(a.batch_seconds * SAMPLE_RATE), train=False,
+                         normalize_waveform=model.config.normalize, num_workers=a.num_workers, skip_bad=a.skip_bad)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.amp) if device.type == "cuda" else None
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    rows = classify(model, loader, labels, device, autocast)
+    metrics = accuracy(rows, labels.labels)
+    skipped = corpus.skipped + loader.dataset.skipped
+    predicted = Counter(h for _, _, h in rows)
+    result = {"checkpoint": a.checkpoint, "init": a.init, "bundle": a.bundle, "route": a.route, "data": a.data,
+              **metrics, "predicted": {k: predicted.get(k, 0) for k in labels.labels},
+              "skipped": [{"path": p, "reason": r} for p, r in skipped]}
+    if a.hyp:
+        Path(a.hyp).write_text("".join(f"{i}\t{r}\t{h}\n" for i, r, h in rows), encoding="utf-8")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    print(f"{a.data}: accuracy {100 * metrics['accuracy']:.2f}% ({metrics['correct']} of {metrics['utterances']} "
+          f"utterances, {len(labels)} classes; {len(skipped)} skipped)")
+    width = max(len("class"), *(len(k) for k in metrics["per_class"]))
+    print(f"{'class':{width}s}  utterances  correct  accuracy  predicted")
+    for label, (correct, total) in metrics["per_class"].items():
+        rate = f"{100 * correct / total:7.2f}%" if total else "       -"
+        print(f"{label:{width}s}  {total:10d}  {correct:7d}  {rate}  {predicted.get(label, 0):9d}")
     return 0
 
 

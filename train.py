@@ -46,7 +46,6 @@ import os
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from itertools import islice
 
@@ -56,24 +55,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from s3r import cluster, errors
 from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
-from s3r.data import SAMPLE_RATE, make_loader, resolve_corpus, set_epoch
-from s3r.decode import transcribe
+from s3r.classify import is_head
+from s3r.data import SAMPLE_RATE, make_loader, set_epoch
 from s3r.errors import S3RError
-from s3r.metrics import score
 from s3r.prune import PRUNED_NAME, reprune, reprune_due, save_pruned
 from s3r.recipe import (
     RunLog,
+    Task,
     TrainConfig,
-    best_metric,
-    build_model,
+    build_for,
     config_values,
-    ctc_loss_sum,
     default_valid,
+    improves,
     parse_config,
+    resolve_data,
     rng_state,
     runtime,
     seed_update,
     set_rng_state,
+    task_functions,
     tri_stage_lr,
 )
 from s3r.text import Vocabulary
@@ -127,8 +127,8 @@ class Run:
     world: int
     device: torch.device
     env: dict  # runtime(): thread count and versions the numbers depend on
-    model: torch.nn.Module  # Wav2Vec2ForCTC
-    vocab: Vocabulary
+    model: torch.nn.Module  # Wav2Vec2ForCTC, or Wav2Vec2ForSequenceClassification
+    vocab: Vocabulary  # the CTC targets; a classification set's: its s3r.tasks.Labels
     pretrained: str | None  # the init checkpoint whose frozen weights mask mode keeps
     pretrained_sha: str | None  # their fingerprint as loaded (co_train changes them later)
     metric: str  # the validation metric that picks checkpoint_best.pt
@@ -142,6 +142,7 @@ class Run:
     scaler: torch.amp.GradScaler = None
     amp: str = "none"
     autocast: object = contextlib.nullcontext  # () -> the context one forward runs in
+    task: Task = None  # loss, validation and best metric: CTC, or classification (s3r/recipe.py)
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -155,15 +156,15 @@ def setup(cfg: TrainConfig, ckpt: dict | None) -> Run:
         raise S3RError("--update-freq and --max-tokens must be positive")
     torch.manual_seed(cfg.seed)  # the same fresh head and initial scores on every rank
     units = None if cfg.units == "auto" else cfg.units
-    corpus = resolve_corpus(cfg.data, cfg.data_root, cfg.skip_bad, units)
+    corpus = resolve_data(cfg.data, cfg.data_root, cfg.skip_bad, units)  # or a classification set
     if not corpus.utterances:
         raise S3RError(f"{cfg.data}: no utterances under {cfg.data_root}")
-    saved_vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else None
-    model, vocab, pretrained = build_model(cfg, corpus, saved_vocab)
+    model, vocab, pretrained = build_for(cfg, corpus, ckpt)  # ckpt: the saved vocabulary or labels
+    task = task_functions(cfg, vocab)
     # The fingerprint of the frozen weights as loaded (co_train or trainable_pos train some later).
     pretrained_sha = weights_fingerprint(model) if pretrained else None
     run = Run(cfg, ddp, rank, world, device, runtime(), model.to(device), vocab, pretrained,
-              pretrained_sha, best_metric(cfg.best_metric, vocab.units), corpus)
+              pretrained_sha, task.metric, corpus, task=task)
     make_loaders(run)
 
     run.params = [p for p in model.parameters() if p.requires_grad]
@@ -204,7 +205,8 @@ def make_loaders(run: Run) -> None:
         return
     units = None if cfg.units == "auto" else cfg.units
     try:
-        valid = resolve_corpus(run.valid_name, cfg.data_root, cfg.skip_bad, units)
+        labels = getattr(run.vocab, "labels", None)  # a classification set: the model's classes
+        valid = resolve_data(run.valid_name, cfg.data_root, cfg.skip_bad, units, labels)
     except S3RError as e:
         if cfg.valid != "auto":
             raise
@@ -260,10 +262,9 @@ def wrap(run: Run, progress: Progress) -> torch.nn.Module:
         return net
     # DDP must look for parameters without a gradient only where some go unused: LayerDrop skips
     # whole blocks, a frozen encoder (freeze_finetune_updates) leaves all but the head without one.
+    # (An update where LayerDrop skips nothing makes DDP warn once: see the README.)
     layerdrop = run.cfg.encoder["layerdrop"] > 0
     find_unused = layerdrop or run.cfg.freeze_finetune_updates > progress.update
-    if layerdrop:  # some updates drop no block; DDP's warning about that says nothing wrong
-        warnings.filterwarnings("ignore", message="find_unused_parameters=True was specified")
     ids = [run.device.index] if run.device.type == "cuda" else None
     return DDP(net, device_ids=ids, find_unused_parameters=find_unused)
 
@@ -309,7 +310,7 @@ def batch_loss(run: Run, net: torch.nn.Module, batch: dict, detach_encoder: bool
     with run.autocast():
         # (B, T, V), (B,)
         logits, out_lengths = net(batch["wav"], batch["lengths"], detach_encoder=detach_encoder)
-    loss = ctc_loss_sum(logits, out_lengths, batch)
+    loss = run.task.loss(logits, out_lengths, batch)
     step.loss += loss.item()
     step.sentences += len(batch["ids"])
     step.audio_seconds += float(batch["lengths"].sum()) / SAMPLE_RATE
@@ -335,18 +336,19 @@ def optimizer_step(run: Run, step: Step, update: int) -> None:
 
 # ---------------------------------------------------------------------- validation and checkpoints
 def validate(run: Run) -> dict:
-    """Greedy-decode the validation set (sharded over ranks); every rank gets all of its scores."""
+    """Greedy-decode (or classify) the validation set, sharded over ranks; every rank gets all of
+    its scores."""
     with cluster.signals_deferred():  # the loader forks its workers in there
-        rows = transcribe(run.model, run.valid_loader, run.vocab, run.device, run.autocast)
+        rows = run.task.predict(run.model, run.valid_loader, run.vocab, run.device, run.autocast)
     parts = cluster.gather(rows, run.ddp, run.world)
-    return score([r for part in parts for r in part], run.vocab.units)
+    return run.task.score([r for part in parts for r in part])
 
 
 def report(run: Run, progress: Progress, metrics: dict, out: RunLog) -> None:
     """One validation line in log.jsonl and on stdout."""
     out.log({"valid": run.valid_name, "update": progress.update, **metrics, "best": progress.best})
     rates = " | ".join(f"{k} {100 * metrics[k]:.2f}"
-                       for k in ("wer", "cer", "uer", "per") if k in metrics)
+                       for k in ("wer", "cer", "uer", "per", "accuracy") if k in metrics)
     best = "-" if progress.best is None else f"{100 * progress.best:.2f}"
     out.write(f"valid {run.valid_name} | update {progress.update} | {rates} | "
               f"best {run.metric} {best} | {metrics['utterances']} utterances")
@@ -369,7 +371,7 @@ def save(run: Run, progress: Progress, names: list[str]) -> None:
         ckpt["pretrained"]["sha256"] = run.pretrained_sha
     # a fresh head or mask embedding is not in the pretrained file, trained or not
     fresh = {k: v for k, v in model.state_dict().items()
-             if k.startswith("lm_head.") or k == "masked_spec_embed"}
+             if is_head(k) or k == "masked_spec_embed"}
     ckpt["model"].update(fresh)
     for name in names:
         save_atomic(ckpt, os.path.join(cfg.save_dir, name))
@@ -387,7 +389,7 @@ def validate_and_save(run: Run, progress: Progress, step: Step, out: RunLog) -> 
     due = interval or done or update % cfg.validate_interval == 0
     if run.valid_loader is not None and due:
         metrics = validate(run)
-        if saving and (progress.best is None or metrics[run.metric] < progress.best):
+        if saving and improves(run.task, metrics[run.metric], progress.best):
             progress.best, best = metrics[run.metric], True
         report(run, progress, metrics, out)
     if not saving:

@@ -60,7 +60,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_dropout=0.1, attention_dropout=0.1, activ
               feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0,
               ctc_loss_reduction="sum", ctc_zero_infinity=True)
 PRUNE_RATE = 0.9
-TARGETS = {  # (measure, max ratio) as issue 7 sets them
+TARGETS = {  # (measure, max ratio): what s3r promises against its peers
     "ft s3r/transformers": 0.90, "eval s3r/transformers": 0.90, "memory ft s3r/transformers": 1.0,
     "memory eval s3r/transformers": 1.0, "route/ft s3r": 1.10,
 }

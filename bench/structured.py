@@ -1,4 +1,4 @@
-"""Structured routes, measured: a compact model (s3r/compact.py) against the dense model it came from (issue 14).
+"""Structured routes, measured: a compact model (s3r/compact.py) against the dense model it came from.
 
     python -m bench.structured            # base (12 layers) and large (24) widths; the lead's run on a quiet machine
     python -m bench.structured --quick    # 1 layer, 2 s of audio, 2 rounds: a smoke test

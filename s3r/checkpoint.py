@@ -19,12 +19,13 @@ import re
 import tempfile
 import types
 import zipfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .classify import new_model, with_head
 from .errors import ConfigError, S3RError
 from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .route_format import ROUTE_FORMAT, check_route, describe, install_route
@@ -115,6 +116,53 @@ def torch_load(path: str | Path, trust_checkpoint: bool = False) -> object:
             raise CheckpointError(f"{path} pickles {what} that s3r does not unpickle by default; pass "
                                   f"--trust-checkpoint (trust_checkpoint=True) if you trust this file") from None
         raise CheckpointError(f"cannot read {path}: {unreadable(path)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config names
+
+# Every Wav2Vec2Config field (model.py says what each does) -> (its fairseq name, its Hugging Face name); None where
+# that side has no such field. config_from_fairseq and config_from_hf below read them.
+CONFIG_NAMES: dict[str, tuple[str | None, str | None]] = {
+    "conv_dim": ("conv_feature_layers[i][0]", "conv_dim"),
+    "conv_kernel": ("conv_feature_layers[i][1]", "conv_kernel"),
+    "conv_stride": ("conv_feature_layers[i][2]", "conv_stride"),
+    "conv_bias": ("conv_bias", "conv_bias"),
+    "feat_extract_norm": ("extractor_mode (default | layer_norm)", "feat_extract_norm (group | layer)"),
+    "hidden_size": ("encoder_embed_dim", "hidden_size"),
+    "num_hidden_layers": ("encoder_layers", "num_hidden_layers"),
+    "num_attention_heads": ("encoder_attention_heads", "num_attention_heads"),
+    "intermediate_size": ("encoder_ffn_embed_dim", "intermediate_size"),
+    "hidden_act": ("activation_fn", "hidden_act"),
+    "layer_norm_first": ("layer_norm_first", "do_stable_layer_norm"),
+    "layer_norm_eps": (None, "layer_norm_eps"),  # fairseq: torch's default, 1e-5
+    "feat_proj_layer_norm": (None, "HubertConfig.feat_proj_layer_norm"),  # fairseq wav2vec 2.0: always on
+    "conv_pos_kernel": ("conv_pos (data2vec: max(3, conv_pos // pos_conv_depth))",
+                        "num_conv_pos_embeddings (data2vec: conv_pos_kernel_size)"),
+    "conv_pos_groups": ("conv_pos_groups", "num_conv_pos_embedding_groups"),
+    "conv_pos_depth": ("pos_conv_depth", "data2vec: num_conv_pos_embeddings"),
+    "vocab_size": ("the CTC head's output size", "vocab_size"),
+    "normalize": ("task.normalize", "do_normalize (feature extractor)"),
+    "blank_weight": ("Wav2Vec2CtcConfig.blank_weight", None),
+    "blank_mode": ("Wav2Vec2CtcConfig.blank_mode", None),
+    "hidden_dropout": ("dropout", "hidden_dropout"),
+    "attention_dropout": ("attention_dropout", "attention_dropout"),
+    "activation_dropout": ("activation_dropout", "activation_dropout"),
+    "feat_proj_dropout": ("dropout_input", "feat_proj_dropout"),
+    "final_dropout": ("final_dropout", "final_dropout"),
+    "layerdrop": ("layerdrop (pretraining: encoder_layerdrop)", "layerdrop"),
+    "apply_spec_augment": ("apply_mask", "apply_spec_augment"),
+    "mask_time_prob": ("mask_prob", "mask_time_prob"),
+    "mask_time_length": ("mask_length", "mask_time_length"),
+    "mask_feature_prob": ("mask_channel_prob", "mask_feature_prob"),
+    "mask_feature_length": ("mask_channel_length", "mask_feature_length"),
+    "gradient_checkpointing": ("checkpoint_activations", "model.gradient_checkpointing_enable()"),
+    "intermediate_sizes": (None, None),  # s3r/compact.py's per-layer sizes
+    "num_heads_per_layer": (None, None),
+    "labels": (None, "id2label"),  # utterance classification (s3r/classify.py)
+    "classifier_proj_size": (None, "classifier_proj_size"),
+    "use_weighted_layer_sum": (None, "use_weighted_layer_sum"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,7 +370,7 @@ def config_from_hf(hf: dict, normalize: bool | None = None, source: str = "confi
     if model_type not in HF_MODEL_TYPES:
         raise CheckpointError(f"{source}: unsupported Hugging Face model_type {model_type!r}; s3r reads "
                               f"{', '.join(HF_MODEL_TYPES)}")
-    for flag in ("conv_pos_batch_norm", "add_adapter", "use_weighted_layer_sum"):
+    for flag in ("conv_pos_batch_norm", "add_adapter"):
         if hf.get(flag):
             raise CheckpointError(f"{source}: unsupported Hugging Face option {flag}=true")
     if hf.get("adapter_attn_dim") is not None:  # MMS: a small adapter in every layer, one set per language
@@ -356,6 +404,12 @@ def config_from_hf(hf: dict, normalize: bool | None = None, source: str = "confi
         mask_feature_prob=g("mask_feature_prob", 0.0), mask_feature_length=g("mask_feature_length", 64),
         apply_spec_augment=bool(g("apply_spec_augment", True)),
     )
+
+
+def hf_labels(hf: dict, count: int) -> tuple[str, ...]:
+    """The class names of a transformers classifier: config.json's id2label by index (LABEL_i where it has none)."""
+    id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+    return tuple(id2label.get(i, f"LABEL_{i}") for i in range(count))
 
 
 def _read_json(path: Path) -> dict:
@@ -402,7 +456,11 @@ def load_hf(directory: Path) -> Wav2Vec2ForCTC:
         raise CheckpointError(f"{directory}: MMS adapter weights ({adapter}) are not supported (Hugging Face option "
                               f"adapter_attn_dim)")
     config.vocab_size = state["lm_head.weight"].shape[0] if "lm_head.weight" in state else 0
-    model = Wav2Vec2ForCTC(config)
+    if "classifier.weight" in state:  # *ForSequenceClassification: projector, classifier, maybe layer_weights
+        config = replace(config, labels=hf_labels(hf, state["classifier.weight"].shape[0]),
+                         classifier_proj_size=state["classifier.weight"].shape[1],
+                         use_weighted_layer_sum="layer_weights" in state)
+    model = new_model(config)
     _load_state(model, _rename(state, HF_KEYS, HF_DROPPED, model, str(directory)), str(directory))
     if (directory / "vocab.json").is_file():
         model.vocab = Vocabulary.from_hf_vocab(directory / "vocab.json")
@@ -449,7 +507,8 @@ def s3r_checkpoint(model: Wav2Vec2ForCTC, vocab: Vocabulary | None = None, pretr
     vocab = vocab if vocab is not None else getattr(model, "vocab", None)
     return {"format": S3R_FORMAT, "version": 1, "config": model.config.to_dict(),
             "route": asdict(model.route_config) if model.route_config is not None else None,
-            "vocab": vocab.to_dict() if vocab is not None else None, "pretrained": ref, "model": state, **extra}
+            "vocab": vocab.to_dict() if isinstance(vocab, Vocabulary) else None,  # a classifier's labels: config
+            "pretrained": ref, "model": state, **extra}
 
 
 def save_atomic(obj: object, path: str | Path) -> None:
@@ -480,15 +539,13 @@ def load_s3r(ckpt: dict, path: str | Path, trust_checkpoint: bool = False) -> Wa
     config = Wav2Vec2Config.from_dict(ckpt["config"])
     ref = ckpt.get("pretrained")
     if ref is not None:  # frozen weights live in the pretrained checkpoint this one was trained from
-        model = load_pretrained(ref["path"], trust_checkpoint=trust_checkpoint)
-        if model.config.vocab_size != config.vocab_size:
-            model.set_vocab_size(config.vocab_size)
+        model = with_head(load_pretrained(ref["path"], trust_checkpoint=trust_checkpoint), config)
         if weights_fingerprint(model) != ref["sha256"]:
             raise CheckpointError(f"{path}: the weights at {ref['path']} are not the ones this checkpoint was "
                                   f"trained on")
         model.config = config
     else:
-        model = Wav2Vec2ForCTC(config)
+        model = new_model(config)
     if ckpt.get("route") is not None:
         model.route(RouteConfig(**ckpt["route"]), init_scores=False)
     _load_state(model, ckpt["model"], str(path), partial=ref is not None)
@@ -554,7 +611,8 @@ def load_pretrained(path: str | Path, prune_rate: float | None = None, init_scor
     if vocab_size is not None and vocab_size != model.config.vocab_size:
         model.set_vocab_size(vocab_size)
     if route is not None:
-        install_route(model, check_route(torch_load(route), str(route)), weights_fingerprint(model), str(route))
+        model = install_route(model, check_route(torch_load(route), str(route)), weights_fingerprint(model),
+                              str(route))
     if prune_rate is not None:
         unknown = sorted(set(route_options) - {f.name for f in fields(RouteConfig)})
         if unknown:

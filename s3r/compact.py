@@ -1,6 +1,6 @@
 """A trained route made dense: its masks folded into real zeros (`fold_masks`), its kept fraction changed
 (`set_prune_rate`), and structured routes made physically smaller, so that pruning with S3-Router makes the model
-faster (issue 14).
+faster.
 
 An unstructured route zeroes single weights, which no dense kernel skips. A route with granularity `neuron`
 (one bit per FFN hidden unit) or `head` (one bit per attention head) drops whole rows and columns instead:
@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from .classify import new_model
 from .errors import S3RError
 from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, WeightNormConv1d
 from .structured import n_of_m
@@ -116,7 +117,7 @@ def compact(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
                      num_heads_per_layer=None if heads_per_layer == [h for h, _ in full] else tuple(heads_per_layer),
                      intermediate_sizes=None if widths == [f for _, f in full] else tuple(widths))
     param = next(model.parameters())
-    small = Wav2Vec2ForCTC(config).to(param.device, param.dtype)
+    small = new_model(config).to(param.device, param.dtype)  # a classifier stays one
     small.load_state_dict(state)
     small.vocab, small.source = getattr(model, "vocab", None), f"compact({source})"
     return small.requires_grad_(False).train(model.training)

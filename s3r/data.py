@@ -83,7 +83,8 @@ class Utterance:
     path: str
     num_samples: int  # samples in the file, at the file's own rate
     sample_rate: int  # the file's rate (LibriSpeech flac 16000, CommonVoice mp3 48000)
-    text: str  # normalized transcript: words, or space-separated phones with "|" between words
+    text: str  # normalized transcript: words, or space-separated phones with "|" between words; or a class label
+    offset: int | None = None  # a clip of the file: its first sample (file rate), num_samples long; None: all of it
 
     @property
     def length(self) -> int:
@@ -543,14 +544,17 @@ def _resampler(rate: int):
     return torchaudio.transforms.Resample(rate, SAMPLE_RATE)
 
 
-def load_audio(path: str, normalize_waveform: bool = False, expected: int | None = None) -> torch.Tensor:
-    """(S,) float32 mono waveform at 16 kHz; `expected` (file-rate samples) catches truncated files.
+def load_audio(path: str, normalize_waveform: bool = False, expected: int | None = None,
+               offset: int | None = None) -> torch.Tensor:
+    """(S,) float32 mono waveform at 16 kHz; `expected` (file-rate samples) catches truncated files. With `offset`,
+    the clip of `expected` samples that starts there (Speech Commands' silence clips cut from background noise).
 
     normalize_waveform: zero mean and unit variance over the utterance, for checkpoints pretrained so
     (fairseq task.normalize, Hugging Face do_normalize: wav2vec2-large-lv60, XLS-R, data2vec).
     """
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)  # (S, channels)
+        clip = {} if offset is None else {"start": offset, "frames": expected}
+        data, rate = sf.read(path, dtype="float32", always_2d=True, **clip)  # (S, channels)
     except (RuntimeError, OSError) as e:
         raise DataError(f"{path}: cannot decode audio ({_error_text(e)})") from None
     if len(data) == 0:
@@ -587,7 +591,7 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         u = self.utterances[i]
         try:
-            wav = load_audio(u.path, self.normalize_waveform, expected=u.num_samples)
+            wav = load_audio(u.path, self.normalize_waveform, expected=u.num_samples, offset=u.offset)
         except DataError as e:
             if not self.skip_bad:
                 raise
@@ -743,7 +747,7 @@ def check_audio(corpus: Corpus, skip_bad: bool = False) -> None:
 
     def check(u):
         try:
-            load_audio(u.path, expected=u.num_samples)
+            load_audio(u.path, expected=u.num_samples, offset=u.offset)
             return None
         except DataError as e:
             return str(e).removeprefix(f"{u.path}: ")

@@ -21,12 +21,16 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
+from .classify import is_head
 from .compact import compact, fold_masks
 from .errors import ArgumentParser, S3RError
 from .model import Wav2Vec2Config, Wav2Vec2ForCTC
 
 HF_CLASSES = {"wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2."), "hubert": ("HubertForCTC", "hubert."),
               "data2vec-audio": ("Data2VecAudioForCTC", "data2vec_audio.")}
+# a classification model (s3r/classify.py) exports as the family's *ForSequenceClassification
+HF_CLASSIFIERS = {"wav2vec2": "Wav2Vec2ForSequenceClassification", "hubert": "HubertForSequenceClassification",
+                  "data2vec-audio": "Data2VecAudioForSequenceClassification"}
 HF_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # HF names of fairseq's <s> <pad> </s> <unk>; index 0 is the blank
 
 
@@ -45,7 +49,9 @@ def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
     if c.intermediate_sizes is not None or c.num_heads_per_layer is not None:
         raise S3RError("a compact model's per-layer FFN widths / head counts have no transformers config field; "
                        "keep it as an s3r checkpoint (or export the routed model itself with --hf)")
-    d = {"architectures": [HF_CLASSES[model_type][0]], "model_type": model_type,
+    classifier = c.labels is not None
+    d = {"architectures": [(HF_CLASSIFIERS[model_type] if classifier else HF_CLASSES[model_type][0])],
+         "model_type": model_type,
          "conv_dim": list(c.conv_dim), "conv_kernel": list(c.conv_kernel), "conv_stride": list(c.conv_stride),
          "num_feat_extract_layers": len(c.conv_dim), "conv_bias": c.conv_bias, "feat_extract_norm": c.feat_extract_norm,
          "feat_extract_activation": "gelu", "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
@@ -61,6 +67,10 @@ def hf_config(config: Wav2Vec2Config, model_type: str) -> dict:
          "mask_feature_prob": c.mask_feature_prob, "mask_feature_length": c.mask_feature_length,
          "ctc_loss_reduction": "sum", "ctc_zero_infinity": True,  # fairseq's CTC criterion: summed, zero_infinity
          "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32"}
+    if classifier:  # transformers' num_labels is len(id2label)
+        d.update(id2label={str(i): name for i, name in enumerate(c.labels)},
+                 label2id={name: i for i, name in enumerate(c.labels)},
+                 classifier_proj_size=c.classifier_proj_size, use_weighted_layer_sum=c.use_weighted_layer_sum)
     if model_type == "data2vec-audio":  # data2vec counts its stacked positional convs in num_conv_pos_embeddings
         d.update(num_conv_pos_embeddings=c.conv_pos_depth, conv_pos_kernel_size=c.conv_pos_kernel)
         del d["do_stable_layer_norm"], d["feat_extract_norm"], d["feat_proj_layer_norm"]
@@ -79,17 +89,18 @@ def hf_state_dict(model: Wav2Vec2ForCTC, model_type: str) -> dict[str, torch.Ten
             continue  # transformers creates masked_spec_embed only when SpecAugment is on
         key = key.replace("conv.weight_g", "conv.parametrizations.weight.original0")
         key = key.replace("conv.weight_v", "conv.parametrizations.weight.original1")
-        out[key if key.startswith("lm_head.") else prefix + key] = tensor.detach().cpu().contiguous().clone()
+        out[key if is_head(key) else prefix + key] = tensor.detach().cpu().contiguous().clone()
     return out
 
 
 def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | None = None) -> Path:
-    """Write `model` (masks folded in place) as a transformers Wav2Vec2ForCTC-style directory."""
+    """Write `model` (masks folded in place) as a transformers Wav2Vec2ForCTC-style directory, or, a classification
+    model, Wav2Vec2ForSequenceClassification-style (config.json id2label names its classes)."""
     from safetensors.torch import save_file  # only this export needs safetensors
 
-    if model.lm_head is None:
-        raise S3RError(f"{getattr(model, 'source', 'model')} has no CTC head; the Hugging Face export is a *ForCTC "
-                       f"model")
+    if model.lm_head is None and model.config.labels is None:
+        raise S3RError(f"{getattr(model, 'source', 'model')} has no CTC head (nor a classifier); the Hugging Face "
+                       f"export is a *ForCTC or *ForSequenceClassification model")
     model_type = model_type or hf_model_type(model.config)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,10 @@ class Wav2Vec2Config:
     # per-layer sizes of a model that compact.py cut down (None: all alike); the head size stays
     intermediate_sizes: tuple | None = None
     num_heads_per_layer: tuple | None = None
+    # utterance classification (s3r/classify.py); labels None: not a classifier
+    labels: tuple | None = None  # class names in output order
+    classifier_proj_size: int = 256  # the projector's width, before mean pooling
+    use_weighted_layer_sum: bool = False  # pool softmax(layer_weights) over all hidden states
 
     def __post_init__(self):
         for name in ("conv_dim", "conv_kernel", "conv_stride"):
@@ -92,6 +96,8 @@ class Wav2Vec2Config:
                     raise ConfigError(f"{name} needs {self.num_hidden_layers} values >= 1, "
                                       f"not {list(sizes)}")
                 setattr(self, name, tuple(int(v) for v in sizes))
+        if self.labels is not None:
+            self.labels = tuple(str(v) for v in self.labels)
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -476,7 +482,9 @@ class Encoder(nn.Module):
         self.layer_norm_first, self.layerdrop = c.layer_norm_first, c.layerdrop
         self.gradient_checkpointing = c.gradient_checkpointing
 
-    def forward(self, x, padding_mask=None):  # x (B, T, C); padding_mask (B, T): True = padded
+    def forward(self, x, padding_mask=None, hidden_states=None):  # x (B, T, C); padding_mask
+        """padding_mask (B, T): True = padded. hidden_states: a list to collect each block's input
+        and the last block's output in (HF output_hidden_states)."""
         key_mask = None
         if padding_mask is not None:  # padding must not leak into the positional conv
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
@@ -488,17 +496,25 @@ class Encoder(nn.Module):
         drop = self.layerdrop if self.training else 0.0
         # LayerDrop (Fan et al. 2019): skip whole blocks at random
         layers = [layer for layer in self.layers if not (drop > 0 and torch.rand(()) < drop)]
-        if fast.packs_frames(x, padding_mask):  # fast.py: the blocks see the valid frames only
+        if hidden_states is not None:  # every block's input, then the last block's output
+            for layer in self.layers:  # (as transformers 5: before a pre-LN model's final norm)
+                hidden_states.append(x)
+                x = self.run(layer, x, key_mask) if any(layer is k for k in layers) else x
+            hidden_states.append(x)
+        elif fast.packs_frames(x, padding_mask):  # fast.py: the blocks see the valid frames only
             key_mask = fast.ValidFrames(padding_mask)
-            x = key_mask.pack(x)  # (N, C)
-        for layer in layers:
-            x = self.run(layer, x, key_mask)
-        if isinstance(key_mask, fast.ValidFrames):
-            x = key_mask.unpack(x)  # (B, T, C), zero at the padded frames
+            x = key_mask.unpack(self.run_all(layers, key_mask.pack(x), key_mask))  # (N, C) inside
+        else:
+            x = self.run_all(layers, x, key_mask)
         if self.layer_norm_first:
             x = self.layer_norm(x)
         if padding_mask is not None:  # padded frames: 0
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return x
+
+    def run_all(self, layers, x, key_mask):
+        for layer in layers:
+            x = self.run(layer, x, key_mask)
         return x
 
     def run(self, fn, *args):
@@ -548,6 +564,18 @@ class Wav2Vec2ForCTC(nn.Module):
         """wav (B, S) 16 kHz; lengths (B,) valid samples or None -> out (B, T, V or C),
         out_lengths (B,). `detach_encoder`: no gradient reaches the encoder, only the head learns
         (train.py, for --freeze-finetune-updates)."""
+        x, out_lengths, padding_mask = self.embed(wav, lengths)
+        if detach_encoder:
+            x = x.detach()
+        if self.lm_head is None:
+            return x, out_lengths
+        logits = self.lm_head(self.final_dropout(x))
+        return self.ctc_logits(logits, padding_mask), out_lengths
+
+    def embed(self, wav: torch.Tensor, lengths: torch.Tensor | None = None,
+              hidden_states: list | None = None):
+        """The encoder without a head -> (B, T, C), out_lengths (B,), padding_mask (B, T) (True =
+        padded) or None. hidden_states: see Encoder.forward (the classifiers of classify.py)."""
         if wav.dim() != 2:
             raise ShapeError(f"expected a (batch, samples) waveform, got shape {tuple(wav.shape)}")
         if lengths is None:
@@ -563,13 +591,8 @@ class Wav2Vec2ForCTC(nn.Module):
             padding_mask = None
         if self.training and self.config.apply_spec_augment:
             x = self.spec_augment(x, None if padding_mask is None else out_lengths)
-        x = self.encoder(x, padding_mask)  # (B, T, C)
-        if detach_encoder:
-            x = x.detach()
-        if self.lm_head is None:
-            return x, out_lengths
-        logits = self.lm_head(self.final_dropout(x))
-        return self.ctc_logits(logits, padding_mask), out_lengths
+        x = self.encoder(x, padding_mask, hidden_states)  # (B, T, C)
+        return x, out_lengths, padding_mask
 
     def spec_augment(self, x, lengths):  # (B, T, C); lengths (B,) valid frames, None: no padding
         """Time spans -> the mask embedding, then channel spans -> 0 (mask_channel_before False)."""

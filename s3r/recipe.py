@@ -16,6 +16,7 @@ import math
 import random
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,12 +27,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_vocab, load_pretrained
+from .classify import Wav2Vec2ForSequenceClassification, is_head
 from .cluster import load_last
 from .compact import fold_masks
-from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus
+from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus, resolve_corpus
+from .decode import transcribe
 from .errors import ArgumentParser, ConfigError, S3RError, warn
+from .metrics import score
 from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 from .prune import PARP_REPRUNE_INTERVAL, load_dense, start_parp
+from .tasks import Labels, TaskCorpus, accuracy, classify, cross_entropy_sum, is_task, resolve_task
 from .text import OutOfVocabularyError, Vocabulary
 
 DEMO_BACKBONE = Path(__file__).resolve().parent / "assets" / "demo" / "backbone.pt"
@@ -173,7 +178,12 @@ class TrainConfig:
                                      "every --save-interval updates and keep the newest K; -1 = all (fairseq's "
                                      "default), 0 = none")
     best_metric: str = opt("auto", "checkpoint.best_checkpoint_metric: wer, cer, uer (fairseq's, separators "
-                           "counted) or per (phones); auto: uer for char/phone units, else wer")
+                           "counted), per (phones) or accuracy (classification); auto: uer for char/phone units, "
+                           "accuracy for a classification set, else wer")
+    classifier_proj_size: int = opt(256, "(classification sets) HF classifier_proj_size: the projector's width "
+                                    "before mean pooling (s3prl projector_dim)")
+    use_weighted_layer_sum: bool = opt(False, "(classification sets) HF use_weighted_layer_sum: pool a learned "
+                                       "softmax-weighted sum of every hidden state (SUPERB's weighted sum)")
     log_interval: int = opt(200, "common.log_interval (updates between log.jsonl lines)")
     amp: str = opt("auto", "common.fp16 / bf16: auto = bf16 on GPUs that support it, else fp16; none on CPU")
     compile: bool = opt(False, "(s3r) torch.compile the model; experimental: it recompiles for new batch shapes")
@@ -192,7 +202,7 @@ class TrainConfig:
 
 CHOICES = {"preset": ["", "10m", "1h", "10h", "xlsr", "demo"], "init_score": list(INIT_SCORES),
            "normalize": ["auto", "true", "false"], "units": ["auto", "letter", "char", "phone"],
-           "best_metric": ["auto", "wer", "cer", "uer", "per"],
+           "best_metric": ["auto", "wer", "cer", "uer", "per", "accuracy"],
            "amp": ["auto", "bf16", "fp16", "none"], "device": ["auto", "cpu", "cuda"]}
 ALIASES = {"best_metric": ("--best-checkpoint-metric",)}  # fairseq's own spelling, beside the short one
 # Upstream yaml values that differ from the defaults (= base_1h.yaml + the README command line, whose init_score,
@@ -375,7 +385,13 @@ def build_model(cfg: TrainConfig, corpus: Corpus | None = None,
 
 
 def best_metric(name: str, units: str) -> str:
-    """The metric checkpoint_best.pt is chosen by: `auto` is upstream's, uer for char/phone units, else wer."""
+    """The metric checkpoint_best.pt is chosen by: `auto` is upstream's, uer for char/phone units, else wer;
+    accuracy for a classification set (units `label`)."""
+    if (units == "label") != (name == "accuracy") and name != "auto":
+        raise S3RError(f"--best-metric {name} does not score {'a classification' if units == 'label' else 'a CTC'} "
+                       f"run (accuracy scores classification sets; wer, cer, uer, per transcripts)")
+    if units == "label":
+        return "accuracy"
     if name == "auto":
         return "uer" if units in ("char", "phone") else "wer"
     if name == "per" and units != "phone":
@@ -395,6 +411,86 @@ def default_valid(name: str) -> str:
         found = [Path(name).with_name(n) for n in ("valid.tsv", "dev_other.tsv") if Path(name).with_name(n).exists()]
         return str(found[0]) if found else ""
     return ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Utterance classification (s3r/classify.py, s3r/tasks.py): the same run, another head, loss and metric
+
+
+class Task(NamedTuple):
+    """What differs between a CTC run and a classification run, for train.py."""
+
+    loss: Callable  # (logits, out_lengths, batch) -> the loss summed over the batch
+    predict: Callable  # (model, loader, targets, device, autocast) -> [(id, reference, hypothesis)]
+    score: Callable  # rows -> metrics (dict)
+    metric: str  # the metric of checkpoint_best.pt
+    higher_is_better: bool
+
+
+def resolve_data(name: str, root: str | None = None, skip_bad: bool = False, units: str | None = None,
+                 labels: tuple | None = None) -> Corpus:
+    """The corpus `--data NAME` names: a classification set (s3r.tasks; `labels`: the model's classes) or a
+    transcribed one (s3r.data)."""
+    if is_task(name, root):
+        return resolve_task(name, root, skip_bad, labels)
+    return resolve_corpus(name, root, skip_bad, units)
+
+
+def build_for(cfg: TrainConfig, corpus: Corpus, ckpt: dict | None = None) -> tuple[Wav2Vec2ForCTC, Any, str | None]:
+    """(model, targets, pretrained) for a run on `corpus`: a CTC model and its Vocabulary, or, for a classification
+    set, a classifier and its Labels; `ckpt` (checkpoint_last.pt when resuming) fixes the vocabulary or labels."""
+    saved = None if ckpt is None else ckpt["config"].get("labels")
+    if isinstance(corpus, TaskCorpus):
+        if cfg.parp:
+            raise S3RError(f"--parp prunes CTC models only; {corpus.name} is a classification set")
+        if ckpt is not None and saved is None:
+            raise S3RError(f"{cfg.save_dir}/checkpoint_last.pt is a CTC run; {corpus.name} is a classification set")
+        return build_classifier(cfg, tuple(saved) if saved is not None else corpus.labels)
+    if saved is not None:
+        raise S3RError(f"{cfg.save_dir}/checkpoint_last.pt is a classification run; {corpus.name} is transcribed")
+    return build_model(cfg, corpus, Vocabulary.from_dict(ckpt["vocab"]) if ckpt else None)
+
+
+def build_classifier(cfg: TrainConfig, labels: tuple) -> tuple[Wav2Vec2ForSequenceClassification, Labels, str | None]:
+    """build_model's counterpart for classification: the init checkpoint's encoder, a fresh head for `labels`
+    (kept instead when --init is a classifier with these labels and sizes), routed by cfg.route unless
+    cfg.finetune_weights."""
+    path = init_path(cfg)
+    init = load_pretrained(path, trust_checkpoint=cfg.trust_checkpoint)
+    pretrained = None if cfg.finetune_weights or init.route_config is not None else path
+    if init.route_config is not None:
+        fold_masks(init)
+    normalize = init.config.normalize if cfg.normalize == "auto" else cfg.normalize == "true"
+    config = replace(init.config, **cfg.encoder, normalize=normalize, vocab_size=0, labels=tuple(labels),
+                     classifier_proj_size=cfg.classifier_proj_size, use_weighted_layer_sum=cfg.use_weighted_layer_sum)
+    model = Wav2Vec2ForSequenceClassification(config)
+    same_head = all(getattr(init.config, k) == getattr(config, k)
+                    for k in ("labels", "classifier_proj_size", "use_weighted_layer_sum"))
+    state = {k: v for k, v in init.state_dict().items()
+             if not k.startswith("lm_head.") and (same_head or not is_head(k))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(is_head(k) or k == "masked_spec_embed" for k in missing), (missing, unexpected)
+    del init
+    if cfg.finetune_weights:
+        model.freeze_feature_encoder()
+        model.masked_spec_embed.requires_grad_(config.apply_spec_augment and config.mask_time_prob > 0)
+    else:
+        model.route(cfg.route)
+    model.vocab = None
+    return model, Labels(labels), pretrained
+
+
+def task_functions(cfg: TrainConfig, targets: Vocabulary | Labels) -> Task:
+    """The loss, validation and best-checkpoint metric of a run: CTC (a Vocabulary) or classification (Labels)."""
+    metric = best_metric(cfg.best_metric, targets.units)
+    if isinstance(targets, Labels):
+        return Task(cross_entropy_sum, classify, lambda rows: accuracy(rows, targets.labels), metric, True)
+    return Task(ctc_loss_sum, transcribe, lambda rows: score(rows, targets.units), metric, False)
+
+
+def improves(task: Task, value: float, best: float | None) -> bool:
+    """Whether a validation value beats the best so far (lower error rate, or higher accuracy)."""
+    return best is None or (value > best if task.higher_is_better else value < best)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .classify import with_head
 from .errors import S3RError
 from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, kept_count
 from .text import Vocabulary
@@ -96,6 +97,8 @@ def fix_mask(module: Routable, mask: torch.Tensor, view: tuple | None = None, ke
 
 def install_route(model: Wav2Vec2ForCTC, route: dict, fingerprint: str, name: str = "route") -> Wav2Vec2ForCTC:
     """Install a checked route dict on `model` (masks, head, trained tensors, vocabulary); every tensor ends frozen.
+    Returns the model with the route's head: `model` itself, or (a route of the other kind, CTC or classification)
+    a model of that kind sharing `model`'s encoder modules (s3r/classify.py `with_head`).
 
     `fingerprint` is `checkpoint.weights_fingerprint(model)` (the caller hashes, bundles hash once): the route is
     refused unless it was learned on exactly these weights. The fixed 0/1 scores are for inference: to continue
@@ -111,8 +114,7 @@ def install_route(model: Wav2Vec2ForCTC, route: dict, fingerprint: str, name: st
     if unknown:
         raise RouteError(f"{name}: route layer {unknown[0]} is not a routable layer of the model")
     config = Wav2Vec2Config.from_dict(route["config"])
-    if model.config.vocab_size != config.vocab_size:
-        model.set_vocab_size(config.vocab_size)
+    model = with_head(model, config)
     for weight, module in routable.items():
         entry = route["layers"].get(weight)
         if entry is not None:

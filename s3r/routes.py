@@ -35,6 +35,7 @@ from .checkpoint import (
     torch_load,
     weights_fingerprint,
 )
+from .classify import head_kind, is_head, with_head
 from .compact import compact, fold_masks
 from .errors import ArgumentParser, S3RError
 from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
@@ -77,7 +78,7 @@ def route_from_model(model: Wav2Vec2ForCTC, source: str = "") -> dict:
     # Whatever trained besides the scores (head, unfrozen norms/biases, the mask embedding); the head always,
     # because it is task-specific even when frozen (a random head is not in the shared weights either).
     tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters()
-               if (p.requires_grad or n.startswith("lm_head.")) and not n.endswith(".scores")}
+               if (p.requires_grad or is_head(n)) and not n.endswith(".scores")}
     vocab = getattr(model, "vocab", None)
     return {"format": ROUTE_FORMAT, "version": 1, "bit_order": BIT_ORDER, "source": str(source),
             "weights_fingerprint": weights_fingerprint(model), "config": model.config.to_dict(),
@@ -125,26 +126,33 @@ def make_bundle(pretrained: str | Path, routes: dict[str, str | Path], trust_che
             raise RouteError(f"{path} was learned on weights {route['weights_fingerprint'][:16]}, "
                              f"not on {pretrained} ({fingerprint[:16]})")
         loaded[name] = route
-    model.set_vocab_size(0)  # every route brings its own head
+    model = with_head(model, replace(model.config, vocab_size=0, labels=None))  # every route brings its own head
     model.vocab = None
     return {"format": BUNDLE_FORMAT, "version": 1, "weights_fingerprint": fingerprint,
             "shared": s3r_checkpoint(model), "routes": loaded}
 
 
 class RouteBundle:
-    """One model on the shared weights; `.use(name)` switches route (masks, head, vocabulary) in place."""
+    """One encoder on the shared weights; `.use(name)` switches route (masks, head, vocabulary or labels) in place and
+    returns the model of the route's kind: a `Wav2Vec2ForCTC` for a CTC route, a `Wav2Vec2ForSequenceClassification`
+    for a classification route (s3r/classify.py), both running the same encoder modules."""
 
     def __init__(self, model: Wav2Vec2ForCTC, routes: dict[str, dict], fingerprint: str):
         self.model, self.routes, self.fingerprint, self.current = model, routes, fingerprint, None
+        self._models = {}  # head kind -> the model of that kind on the shared encoder, made on first use
         # Tensors some route overrides (unfrozen norms, biases): keep the shared values to restore on switching.
         state = model.state_dict()
         self._shared = {k: state[k].clone() for r in routes.values() for k in r["tensors"]
-                        if k in state and not k.startswith("lm_head.")}
+                        if k in state and not is_head(k)}
         model.register_forward_pre_hook(self._check_route)  # no route yet: no head, so no logits either
 
     def _check_route(self, module, args):
         if self.current is None:
             raise RouteError(f"the bundle runs no route yet: call .use(name) first (it has {', '.join(self.routes)})")
+
+    def kind(self, name: str) -> str:
+        """`ctc` or `classification`: the head of route `name`."""
+        return "classification" if self.routes[name]["config"].get("labels") is not None else "ctc"
 
     @property
     def names(self) -> list[str]:
@@ -156,9 +164,11 @@ class RouteBundle:
         state = self.model.state_dict() if self._shared else {}
         for key, tensor in self._shared.items():
             state[key].copy_(tensor)
-        apply_route(self.model, self.routes[name], fingerprint=self.fingerprint)
+        kind = self.kind(name)
+        model = apply_route(self._models.get(kind, self.model), self.routes[name], fingerprint=self.fingerprint)
+        self.model = self._models[kind] = model
         self.current = name
-        return self.model
+        return model
 
 
 def load_bundle(path: str | Path) -> RouteBundle:
@@ -203,8 +213,8 @@ def storage(config: Wav2Vec2Config, routes: list[dict]) -> dict:
     rest = sum(p.numel() for p in one[shapes[0]].parameters()) - per_layer[shapes[0]]  # all but the layers
     backbone = rest + sum(per_layer[s] for s in shapes)
     out = {"routes": len(routes), "backbone_params": backbone}
+    heads = [r["head"] if "head" in r else (config.hidden_size + 1) * r["vocab_size"] for r in routes]
     for dtype, b in (("fp32", 4), ("fp16", 2)):
-        heads = [(config.hidden_size + 1) * r["vocab_size"] for r in routes]
         dense = sum(backbone + h for h in heads) * b
         routes_bytes = sum(-(-r["routed"] // 8) + (h + r["extra"]) * b for r, h in zip(routes, heads, strict=True))
         shared = backbone * b + routes_bytes
@@ -223,10 +233,12 @@ def paper_storage(num_languages: int = 11, vocab_size: int = 50) -> dict:
 
 
 def route_summary(route: dict) -> dict:
-    """The sizes `storage` needs from one route: routed weights, head outputs, other trained parameters."""
-    head = sum(t.numel() for k, t in route["tensors"].items() if k.startswith("lm_head."))
-    return {"routed": sum(math.prod(e["shape"]) for e in route["layers"].values()),
-            "vocab_size": route["config"]["vocab_size"],
+    """The sizes `storage` needs from one route: routed weights, its head's kind, outputs (CTC vocabulary or class
+    labels) and parameters, other trained parameters."""
+    config = Wav2Vec2Config.from_dict(route["config"])
+    head = sum(t.numel() for k, t in route["tensors"].items() if is_head(k))
+    return {"routed": sum(math.prod(e["shape"]) for e in route["layers"].values()), "kind": head_kind(config),
+            "vocab_size": config.vocab_size, "labels": len(config.labels or ()), "head": head,
             "extra": sum(t.numel() for t in route["tensors"].values()) - head}
 
 
@@ -243,16 +255,24 @@ def print_info(path: str | Path) -> None:
         routes = {Path(path).stem: check_route(obj, str(path))}
     size = Path(path).stat().st_size
     print(f"{path}: {kind}, {size:,} bytes, {len(routes)} route(s)")
+    kinds = {}  # head kind -> [routes, bytes of bits, bytes of head and other trained tensors (fp32)]
     for name, route in routes.items():
         s = route_summary(route)
         bits = sum(e["bits"].numel() for e in route["layers"].values())
         kept = sum(e["kept"] for e in route["layers"].values())
+        outputs = f"{s['labels']} labels" if s["kind"] == "classification" else f"{s['vocab_size']} outputs"
         print(f"\nroute {name}: {len(route['layers'])} routed tensors, {s['routed']:,} weights, "
               f"density {kept / max(s['routed'], 1):.4f}; bits {bits:,} B ({8 * bits / max(s['routed'], 1):.3f} "
-              f"bits/weight), head {s['vocab_size']} outputs, {s['extra']:,} other trained params")
+              f"bits/weight), {s['kind']} head {outputs} ({s['head']:,} params), {s['extra']:,} other trained params")
+        total = kinds.setdefault(s["kind"], [0, 0, 0])
+        total[0], total[1], total[2] = total[0] + 1, total[1] + bits, total[2] + 4 * (s["head"] + s["extra"])
         for layer, e in route["layers"].items():
             shape, density = "x".join(map(str, e["shape"])), e["kept"] / math.prod(e["shape"])
             print(f"  {layer:55s} {shape:>11s}  density {density:.4f}")
+    print("\nper head kind (fp32):")
+    for kind, (n, bits, tensors) in kinds.items():
+        print(f"  {kind}: {n} route(s), masks {bits:,} B, heads and other trained tensors {tensors:,} B, "
+              f"total {bits + tensors:,} B")
     config = Wav2Vec2Config.from_dict(next(iter(routes.values()))["config"])
     print(f"\nstorage: {len(routes)} route(s) + shared weights vs {len(routes)} separately finetuned dense model(s)")
     _print_storage(storage(config, [route_summary(r) for r in routes.values()]))

@@ -799,6 +799,18 @@ def _imports(path: Path, package: str) -> set[str]:
     return found - {name}
 
 
+def test_config_names_cover_every_field_and_name_real_hf_fields():
+    import dataclasses
+
+    import transformers
+
+    from s3r.checkpoint import CONFIG_NAMES
+    assert list(CONFIG_NAMES) == [f.name for f in dataclasses.fields(s3r.model.Wav2Vec2Config)]
+    hf = transformers.Wav2Vec2Config()
+    plain = [name for _, name in CONFIG_NAMES.values() if name is not None and name.isidentifier()]
+    assert len(plain) > 20 and [n for n in plain if not hasattr(hf, n)] == []
+
+
 def test_no_import_circles():
     root = Path(s3r.model.__file__).parent
     graph = {("s3r." + p.stem if p.stem != "__init__" else "s3r"): _imports(p, "s3r") for p in root.glob("*.py")}

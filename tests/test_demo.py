@@ -27,9 +27,8 @@ def test_demo_assets_are_small_and_complete():
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
     """The README's main job on the committed demo, cut to 50 updates (the preset's first validation) in one process:
-    the phone error rate on demo-test must fall to well under half of the fresh head's (measured: 212.8% -> 22.6%;
-    after 30 updates it was 37% before this round and is 61% now: the model changes alone gave 26%, the slower start
-    came with the merged data/recipe changes and is not isolated further; 200 updates end lower than before)."""
+    the phone error rate on demo-test must fall to well under half of the fresh head's (measured: 212.8% -> 22.6%
+    at 50 updates; at 30 updates the start is slower, 61%, a cause not yet isolated)."""
     assert train.main(["--data", "demo", "--prune-rate", "0.9", "--max-updates", "50", "--validate-interval", "50",
                        "--save-dir", str(tmp_path), "--num-workers", "0"]) == 0
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -468,7 +468,7 @@ def test_torch_compile_trains_routed_model_without_recompiling(wav, monkeypatch)
 
 
 @pytest.mark.parametrize("rows, lengths, prob, span, min_masks, fairseq", [
-    (6, None, 0.65, 10, 2, 0.458),  # fairseq's masked fraction of valid frames over 300 draws (issue 13's table)
+    (6, None, 0.65, 10, 2, 0.458),  # fairseq's masked fraction of valid frames over 300 draws (measured)
     (6, [560, 568, 576, 584, 592, 600], 0.65, 10, 2, 0.451),
     (12, None, 0.65, 10, 2, 0.429),
     (30, None, 0.65, 10, 2, 0.368),

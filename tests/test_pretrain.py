@@ -213,3 +213,15 @@ def test_linear_probe_separates_separable_frames():
     assert probe_backbone.linear_probe(x[:200], y[:200], x[200:], y[200:], 3) > 0.97
     noise = torch.randn(300, 3, generator=g)
     assert probe_backbone.linear_probe(noise[:200], y[:200], noise[200:], y[200:], 3) < 0.55
+
+
+def test_pretraining_init_keeps_the_conv_features_above_layer_norm_eps():
+    """fairseq's kaiming-normal conv init: the 7-conv stack's output keeps a usable scale; PyTorch's default init
+    shrinks it far below LayerNorm's eps (1e-5), which hides the audio from the transformer."""
+    torch.manual_seed(0)
+    c = Wav2Vec2Config(**{**pretrain_backbone.CONFIG, "vocab_size": 0})
+    wav = torch.randn(1, 16000) * 0.1
+    with torch.no_grad():
+        default = Wav2Vec2ForCTC(c).feature_extractor(wav).pow(2).mean()
+        fairseq = pretrain_backbone.init_for_pretraining(Wav2Vec2ForCTC(c)).feature_extractor(wav).pow(2).mean()
+    assert default < 1e-5 < 1e-2 < fairseq

@@ -84,7 +84,8 @@ def test_route_file_is_weights_only_and_small(route_files):
     assert bits == sum((math.prod(e["shape"]) + 7) // 8 for e in route["layers"].values())
     assert routed == 2 * (4 * 10 * 10 + 2 * 10 * 13)  # q/k/v/out 10x10 and fc1/fc2 13x10 in each of 2 layers
     assert set(route["tensors"]) == {"lm_head.weight", "lm_head.bias"}  # only the head trained
-    assert route_summary(route) == {"routed": routed, "vocab_size": 7, "extra": 0}
+    assert route_summary(route) == {"routed": routed, "kind": "ctc", "vocab_size": 7, "labels": 0,
+                                    "head": 7 * (10 + 1), "extra": 0}
 
 
 def test_route_refused_for_other_weights(route_files, tmp_path, tiny_arch):

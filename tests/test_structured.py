@@ -41,14 +41,6 @@ def wav():
 # Kept counts and what each granularity routes
 
 
-def test_kept_count_is_upstreams_formula():
-    # numel - int((1 - p) * numel), worked by hand; round(p * numel) differs in the first and third cases
-    assert kept_count(12, 0.7) == 9  # (1 - 0.7) * 12 = 3.6000000000000005 -> 3 dropped; round(8.4) = 8
-    assert kept_count(52, 0.9) == 47  # 5.2 -> 5 dropped
-    assert kept_count(5, 0.5) == 3  # 2.5 -> 2 dropped; round(2.5) = 2 (banker's rounding)
-    assert kept_count(4, 1.0) == 4 and kept_count(3072, 0.25) == 768
-
-
 # (layer suffix -> score shape) for the first transformer layer, written out per granularity
 SCORE_SHAPES = {
     "weight": {"q_proj": (C, C), "k_proj": (C, C), "v_proj": (C, C), "out_proj": (C, C),

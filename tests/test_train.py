@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import s3r.recipe as recipe
 import train
 from s3r import RouteConfig, Wav2Vec2Config, load_pretrained
 from s3r.checkpoint import torch_load
@@ -278,8 +279,8 @@ def test_no_apply_mask_leaves_the_encoder_input_unmasked(tiny_init, corpus_root,
         model.encoder.register_forward_pre_hook(
             lambda m, i: seen.append(torch.equal(i[0], projected["x"])) if m.training else None)
         return model, vocab, pretrained
-    real = train.build_model
-    monkeypatch.setattr(train, "build_model", build_model)
+    real = recipe.build_model  # train.py reaches it through recipe.build_for
+    monkeypatch.setattr(recipe, "build_model", build_model)
     flag = "--apply-mask" if apply_mask else "--no-apply-mask"
     assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 2, "--valid", "", "--mask-prob", 0.65,
                            "--mask-channel-prob", 0.25, "--lr", 1e-2, flag, *mode)) == 0
@@ -519,7 +520,7 @@ def test_torchrun_error_on_one_rank_stops_both(tiny_init, corpus_root, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Determinism: the same command, seed and thread count give the same bits (issue 12)
+# Determinism: the same command, seed and thread count give the same bits
 
 
 def tensors(obj, path: str = "") -> dict:

@@ -1,5 +1,6 @@
 """python -m s3r.transcribe: mixed batches through a bundle, long audio in windows, audio formats, errors."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,9 +11,10 @@ from transformers.pipelines.automatic_speech_recognition import chunk_iter
 
 from s3r import Wav2Vec2Config, Wav2Vec2ForCTC, load_pretrained
 from s3r.checkpoint import s3r_checkpoint, save_atomic
+from s3r.classify import with_head
 from s3r.decode import greedy_decode
 from s3r.model import RouteConfig
-from s3r.routes import load_bundle, make_bundle
+from s3r.routes import load_bundle, make_bundle, route_from_model
 from s3r.transcribe import Routes, chunk_windows, main, read_audio, transcribe_files
 
 
@@ -200,3 +202,55 @@ def test_python_m_entry_point(ab_bundle, tmp_path, run_cli):
     assert proc.returncode == 0, proc.stderr
     path, route, text = proc.stdout.rstrip("\n").split("\t")
     assert (path, route) == (f, "a") and set(text) <= set("ab |")
+
+
+@pytest.fixture(scope="module")
+def lid_bundle(route_files, tmp_path_factory):
+    """Six audio files, and a bundle of a, b and `lid`: a classification route over the same weights whose labels
+    name a and b, its bias set so that it calls half of the files a (a random route would call them all one)."""
+    d = tmp_path_factory.mktemp("lid")
+    files = [tone_file(d / f"t{i}.wav", 0.2 + 0.05 * i, freq=300 + 100 * i, seed=i) for i in range(3)]
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        sf.write(d / f"n{i}.flac", (0.3 * rng.standard_normal(3200 + 800 * i)).astype(np.float32), 16000)
+        files.append(str(d / f"n{i}.flac"))
+    base = load_pretrained(route_files / "pretrained.pt")
+    torch.manual_seed(7)
+    lid = with_head(base, replace(base.config, labels=("a", "b"), classifier_proj_size=6))
+    lid.route(RouteConfig(prune_rate=0.7, init_score="kaiming_uniform", fix_attn=False)).eval()
+    margins = torch.stack([alone(lid, f) for f in files]) @ torch.tensor([1.0, -1.0])  # logit a - logit b
+    with torch.no_grad():
+        lid.classifier.bias[0] -= margins.median() + 1e-4 * (margins.max() - margins.min())
+    save_atomic(s3r_checkpoint(lid, pretrained=str(route_files / "pretrained.pt")), d / "lid.pt")
+    save_atomic(route_from_model(lid, str(d / "lid.pt")), d / "lid.route")
+    save_atomic(make_bundle(route_files / "pretrained.pt", {"a": route_files / "a.route", "b": route_files / "b.route",
+                                                            "lid": d / "lid.route"}), d / "abl.bundle")
+    return d, files
+
+
+def test_auto_routes_each_file_by_the_language_id_route(route_files, lid_bundle):
+    """--route auto: each file goes to the route that the LID checkpoint, run alone on it, names; its transcript is
+    that route's own checkpoint's."""
+    d, paths = lid_bundle
+    lid = load_pretrained(d / "lid.pt")
+    own = {n: load_pretrained(route_files / f"{n}.pt") for n in "ab"}
+    results = transcribe_files(Routes(d / "abl.bundle"), [(p, None) for p in paths], default_route="auto",
+                               keep_logits=True)
+    picked = []
+    for path, r in zip(paths, results, strict=True):
+        probs = alone(lid, path).softmax(-1)
+        want = ("a", "b")[int(probs.argmax())]
+        assert r.route == want and r.auto["route"] == "lid" and r.auto["label"] == want
+        assert r.auto["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+        assert torch.equal(r.logits, alone(own[want], path))
+        picked.append(want)
+    assert sorted(picked) == ["a"] * 3 + ["b"] * 3
+
+
+def test_classification_route_prints_label_and_probability(lid_bundle, capsys):
+    d, paths = lid_bundle
+    assert main([str(d / "abl.bundle"), *paths[:2], "--route", "lid"]) == 0
+    lid = load_pretrained(d / "lid.pt")
+    for path, line in zip(paths, capsys.readouterr().out.splitlines(), strict=False):
+        probs = alone(lid, path).softmax(-1)
+        assert line == f"{path}\tlid\t{'ab'[int(probs.argmax())]} ({float(probs.max()):.3f})"

@@ -1,4 +1,4 @@
-"""The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech (issue 6).
+"""The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech.
 
     python -m tools.miniature                 # all: corpus, backbone, grid, bundle, curve, similarity, report
     python -m tools.miniature --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)

@@ -153,6 +153,21 @@ def make_targets(clips, args, seed: int) -> tuple[list[torch.Tensor], dict]:
 
 
 # ------------------------------------------------------------------------------------------------ model
+def init_for_pretraining(model: Wav2Vec2ForCTC) -> Wav2Vec2ForCTC:
+    """fairseq's initialisation of a wav2vec 2.0 / HuBERT model trained from scratch (s3r's model keeps PyTorch's
+    defaults, being meant for loading checkpoints): kaiming-normal conv weights in the feature extractor
+    (ConvFeatureExtractionModel), and init_bert_params for the transformer's linear layers (normal, std 0.02, zero
+    bias). With PyTorch's default conv init the variance shrinks ~6x per conv layer, so the 7-layer stack's output
+    starts at ~1e-7 in mean square, below LayerNorm's eps (1e-5), where the transformer barely sees the audio."""
+    for layer in model.feature_extractor.conv_layers:
+        nn.init.kaiming_normal_(layer.conv.weight)
+    for m in model.encoder.layers.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 class HubertHead(nn.Module):
     """HuBERT's prediction head: final_proj to FINAL_DIM, cosine similarity with each unit's label embedding."""
     def __init__(self, hidden: int, units: int):
@@ -164,7 +179,7 @@ class HubertHead(nn.Module):
         return F.cosine_similarity(self.final_proj(x)[:, None, :], self.label_embs_concat[None], dim=-1) / LOGIT_TEMP
 
 
-def hubert_step(model, head, wav, lengths, targets):
+def hubert_step(model, head, wav, lengths, targets, mask_prob: float = MASK_PROB, mask_length: int = MASK_LENGTH):
     """One masked-prediction forward: (loss, feature penalty, masked accuracy, masked frames)."""
     features = model.feature_extractor(wav, lengths)  # (B, T, 512)
     features = features * FEATURE_GRAD_MULT + features.detach() * (1 - FEATURE_GRAD_MULT)  # fairseq GradMultiply
@@ -173,7 +188,7 @@ def hubert_step(model, head, wav, lengths, targets):
     B, T, _ = x.shape
     out_lengths = model.output_lengths(lengths).clamp(max=T)
     padding_mask = torch.arange(T)[None, :] >= out_lengths[:, None]
-    mask = compute_mask_indices((B, T), out_lengths, MASK_PROB, MASK_LENGTH, min_masks=2) & ~padding_mask
+    mask = compute_mask_indices((B, T), out_lengths, mask_prob, mask_length, min_masks=2) & ~padding_mask
     x = torch.where(mask.unsqueeze(-1), model.masked_spec_embed.to(x.dtype), x)
     h = model.encoder(x, padding_mask if bool(padding_mask.any()) else None)  # (B, T, C)
     tgt = torch.full((B, T), -1, dtype=torch.long)
@@ -219,7 +234,7 @@ def collate(clips, idx, crop: int, rng: random.Random):
 
 
 @torch.no_grad()
-def validate(model, head, clips, units, seed: int = 0) -> dict:
+def validate(model, head, clips, units, mask: tuple[float, int] = (MASK_PROB, MASK_LENGTH), seed: int = 0) -> dict:
     """Masked-prediction loss and accuracy on the valid clips, fixed masks (seeded), eval mode."""
     state = torch.get_rng_state()
     torch.manual_seed(seed)
@@ -228,7 +243,7 @@ def validate(model, head, clips, units, seed: int = 0) -> dict:
     rng = random.Random(seed)
     for idx in batches([len(c) for c in clips], 30, rng):
         wav, lengths, offsets = collate(clips, idx, 10 ** 9, rng)
-        loss, _, acc, n = hubert_step(model, head, wav, lengths, [units[i] for i in idx])
+        loss, _, acc, n = hubert_step(model, head, wav, lengths, [units[i] for i in idx], *mask)
         tot_loss, tot_acc, tot_n = tot_loss + loss.item() * n, tot_acc + acc.item() * n, tot_n + n
     model.train()
     torch.set_rng_state(state)
@@ -263,7 +278,8 @@ def conv_feature_layers(c: Wav2Vec2Config) -> str:
     return repr([(d, k, s) for d, k, s in zip(c.conv_dim, c.conv_kernel, c.conv_stride, strict=True)])
 
 
-def hubert_checkpoint(model: Wav2Vec2ForCTC, head: HubertHead, extra: dict) -> dict:
+def hubert_checkpoint(model: Wav2Vec2ForCTC, head: HubertHead, extra: dict,
+                      mask: tuple[float, int] = (MASK_PROB, MASK_LENGTH)) -> dict:
     """A fairseq HuBERT pretraining checkpoint ({cfg: {model, task, criterion}, model: state}) in fp16."""
     c = model.config
     state = {fairseq_key(k): v for k, v in model.state_dict().items()}
@@ -279,7 +295,7 @@ def hubert_checkpoint(model: Wav2Vec2ForCTC, head: HubertHead, extra: dict) -> d
                  "dropout": reg["hidden_dropout"], "attention_dropout": reg["attention_dropout"],
                  "activation_dropout": reg["activation_dropout"], "encoder_layerdrop": reg["layerdrop"],
                  "dropout_input": 0.0, "dropout_features": 0.0, "feature_grad_mult": FEATURE_GRAD_MULT,
-                 "mask_prob": MASK_PROB, "mask_length": MASK_LENGTH, "mask_selection": "static",
+                 "mask_prob": mask[0], "mask_length": mask[1], "mask_selection": "static",
                  "mask_channel_prob": 0.0, "final_dim": FINAL_DIM, "untie_final_proj": False,
                  "logit_temp": LOGIT_TEMP, "skip_masked": False, "skip_nomask": True}
     task_cfg = {"_name": "hubert_pretraining", "labels": ["km"], "label_rate": 50.0, "sample_rate": 16000,
@@ -303,12 +319,14 @@ def main(argv=None):
     p.add_argument("--label-layer", type=int, default=2, help="iteration 2: which layer (0: before the transformer)")
     p.add_argument("--units", type=int, default=UNITS, help="k-means clusters (HuBERT iteration 1: 100)")
     p.add_argument("--kmeans-frames", type=int, default=200000, help="frames sampled to fit k-means")
-    p.add_argument("--max-updates", type=int, default=1600)
+    p.add_argument("--max-updates", type=int, default=3000)
     p.add_argument("--max-minutes", type=float, default=1e9, help="stop (resumably) after this much wall time")
-    p.add_argument("--batch-seconds", type=float, default=16.0, help="padded audio seconds per batch")
+    p.add_argument("--batch-seconds", type=float, default=8.0, help="padded audio seconds per batch")
     p.add_argument("--crop-seconds", type=float, default=5.0, help="longer clips are cut at a random offset")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=160)
+    p.add_argument("--mask-prob", type=float, default=MASK_PROB, help="fairseq mask_prob (HuBERT base: 0.8)")
+    p.add_argument("--mask-length", type=int, default=MASK_LENGTH, help="fairseq mask_length (HuBERT base: 10)")
+    p.add_argument("--warmup", type=int, default=150)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--valid-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
@@ -340,7 +358,7 @@ def main(argv=None):
 
     torch.manual_seed(a.seed)
     config = Wav2Vec2Config(**{**CONFIG, **PRETRAIN_REGULARIZATION, **json.loads(a.model_overrides)}, vocab_size=0)
-    model = Wav2Vec2ForCTC(config)
+    model = init_for_pretraining(Wav2Vec2ForCTC(config))
     head = HubertHead(config.hidden_size, a.units)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
@@ -369,6 +387,7 @@ def main(argv=None):
                      "epoch": epoch, "pos": pos, "seconds": seconds, "cpu": cpu, "log": log, "py_rng": rng.getstate(),
                      "torch_rng": torch.get_rng_state(), "args": vars(a)}, state_path)
 
+    mask = (a.mask_prob, a.mask_length)
     lengths = [len(c) for c in train]
     crop = int(a.crop_seconds * 16000)
     max_updates = step if a.export_now else a.max_updates
@@ -382,7 +401,7 @@ def main(argv=None):
             tgts = [targets["train"][i][o:] for i, o in zip(idx, offsets, strict=True)]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss, pen, acc, _ = hubert_step(model, head, wav, lens, tgts)
+            loss, pen, acc, _ = hubert_step(model, head, wav, lens, tgts, *mask)
             opt.zero_grad(set_to_none=True)
             (loss + FEATURE_PEN * pen).backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -396,7 +415,7 @@ def main(argv=None):
                       flush=True)
                 log.append({"step": step, "loss": round(loss.item(), 4), "acc_m": round(acc.item(), 4)})
             if step % a.valid_every == 0:
-                log.append({"step": step, **validate(model, head, valid, targets["valid"])})
+                log.append({"step": step, **validate(model, head, valid, targets["valid"], mask)})
                 print(f"valid {log[-1]}", flush=True)
             if step % a.save_every == 0:
                 save_state()
@@ -408,14 +427,14 @@ def main(argv=None):
             epoch, pos = epoch + 1, 0
     save_state()
 
-    val = validate(model, head, valid, targets["valid"])
+    val = validate(model, head, valid, targets["valid"], mask)
     report = {"objective": "HuBERT masked prediction of k-means units (no transcripts)",
               "iteration": 2 if a.label_model else 1, "targets": info, "updates": step, "epochs": epoch,
               "train_cpu_minutes": round(cpu / 60, 1), "train_wall_minutes": round(seconds / 60, 1),
               "train_hours": round(hours, 2),
               "params": sum(p.numel() for p in model.parameters()), **val,
               "command": " ".join(["python -m tools.pretrain_backbone", *(sys.argv[1:] if argv is None else argv)])}
-    ckpt = hubert_checkpoint(model, head, {"miniature": report})
+    ckpt = hubert_checkpoint(model, head, {"miniature": report}, mask)
     save_atomic(ckpt, out / "checkpoint.pt")
     if a.save:
         Path(a.save).parent.mkdir(parents=True, exist_ok=True)

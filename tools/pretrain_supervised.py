@@ -1,4 +1,4 @@
-"""Train the miniature's small wav2vec 2.0 backbone, the stand-in for a self-supervised checkpoint (issue 6).
+"""Train the miniature's small wav2vec 2.0 backbone, the stand-in for a self-supervised checkpoint.
 
     python -m tools.pretrain_supervised --data-root runs/miniature/corpus --out runs/miniature/backbone \
         --save s3r/assets/demo/backbone.pt

@@ -155,6 +155,7 @@ def pnmi(units: torch.Tensor, phones: torch.Tensor) -> dict:
 
 
 def main(argv=None):
+    """Rows already in OUT.json from the same languages and utterance count are kept (another backbone's)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backbone", action="append", required=True, help="NAME=CHECKPOINT (repeatable)")
     p.add_argument("--targets", action="append", default=[],
@@ -225,6 +226,13 @@ def main(argv=None):
     result["seconds"] = round(time.time() - t0, 1)
     result["command"] = " ".join(["python -m tools.probe_backbone", *(sys.argv[1:] if argv is None else argv)])
     out = Path(a.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else None
+    if old and old["langs"] == result["langs"] and old["utterances_per_lang"] == result["utterances_per_lang"]:
+        # the same (deterministic) probe data: rows of other backbones / targets measured earlier are kept
+        for key in ("probe", "units"):
+            result[key] = {**old[key], **result[key]}
+        result["seconds"] = round(result["seconds"] + old["seconds"], 1)
+        result["command"] = f"{old['command']}; {result['command']}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
