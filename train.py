@@ -200,7 +200,7 @@ def make_loaders(run: Run) -> None:
                              max_sample_size=cfg.max_sample_size or None, **common)
     run.loader.worker_init_fn = cluster.worker_init_fn
     run.bad = run.corpus.skipped + run.loader.dataset.skipped
-    run.valid_name = cfg.valid if cfg.valid != "auto" else default_valid(cfg.data)
+    run.valid_name = cfg.valid if cfg.valid != "auto" else default_valid(cfg.data, cfg.data_root)
     if not run.valid_name:
         return
     units = None if cfg.units == "auto" else cfg.units

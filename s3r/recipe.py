@@ -399,8 +399,9 @@ def best_metric(name: str, units: str) -> str:
     return name
 
 
-def default_valid(name: str) -> str:
-    """The validation split of a training split: dev-other (LibriSpeech), <lang>-dev, demo-test, valid.tsv."""
+def default_valid(name: str, root: str = ".") -> str:
+    """The validation split of a training split: dev-other (LibriSpeech), <lang>-dev, demo-test, valid.tsv (beside
+    a manifest NAME, itself a path or one under `root`, as --data-root reads it)."""
     if name in LIBRISPEECH_SPLITS or name in LIBRILIGHT_SPLITS:
         return "dev-other"
     if name == "demo" or name.startswith("demo-"):
@@ -408,7 +409,8 @@ def default_valid(name: str) -> str:
     if m := re.fullmatch(r"(.+)-(train|dev|test|validated)", name):
         return f"{m.group(1)}-dev"
     if name.endswith(".tsv"):
-        found = [Path(name).with_name(n) for n in ("valid.tsv", "dev_other.tsv") if Path(name).with_name(n).exists()]
+        path = Path(name) if Path(name).is_file() else Path(root) / name
+        found = [path.with_name(n) for n in ("valid.tsv", "dev_other.tsv") if path.with_name(n).exists()]
         return str(found[0]) if found else ""
     return ""
 

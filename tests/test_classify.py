@@ -256,3 +256,17 @@ def test_mask_similarity_across_kinds(two_kinds):
     ffn = [k for k in a if ".feed_forward." in k]
     assert set(b) == set(ffn) and set(result["layers"]) == set(ffn)  # kws routed the FFN only (fix_attn)
     assert 0 < result["overall"]["cosine"] < 1
+
+
+def test_compact_keeps_a_classifier(batch):
+    """A neuron+head route cut into the smaller dense model (s3r/compact.py) stays a classifier with the same logits."""
+    from s3r.compact import compact
+
+    torch.manual_seed(0)
+    model = new_model(Wav2Vec2Config(**ff.CONV, **ff.SIZES, labels=LABELS, use_weighted_layer_sum=True)).eval()
+    model.route(RouteConfig(prune_rate=0.5, fix_attn=False, route_granularity="neuron+head"))
+    small = compact(model)
+    assert isinstance(small, Wav2Vec2ForSequenceClassification) and small.config.labels == LABELS
+    assert small.config.intermediate_sizes is not None
+    with torch.no_grad():
+        assert (small(*batch)[0] - model(*batch)[0]).abs().max() < 1e-5

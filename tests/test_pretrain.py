@@ -204,6 +204,10 @@ def test_pnmi_and_purity_on_hand_counted_cases():
     mi = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
     assert one["pnmi"] == pytest.approx(mi / math.log(2), abs=1e-4)
     assert one["cluster_purity"] == 0.75 and one["phone_purity"] == 0.75
+    merged = probe_backbone.pnmi(torch.tensor([0, 0, 0, 0]), phones)  # one unit for two phones
+    assert merged == {"pnmi": 0.0, "cluster_purity": 1.0, "phone_purity": 0.5}
+    split = probe_backbone.pnmi(torch.tensor([0, 1, 2, 3]), phones)  # a unit per frame
+    assert split == {"pnmi": 1.0, "cluster_purity": 0.5, "phone_purity": 1.0}
 
 
 def test_linear_probe_separates_separable_frames():

@@ -13,8 +13,9 @@ layer: 0 is the projected conv features the transformer reads, 1..L the transfor
 (the 39-d iteration-1 features) are probed the same way, as the floor a backbone should beat.
 
 With `--targets` (a targets.pt of tools.pretrain_backbone), the k-means units are scored against the same phone
-labels: cluster purity (share of frames whose unit's most common phone is theirs), phone purity, and PNMI (mutual
-information of phone and unit over the phone entropy), as in the HuBERT paper, plus the units' usage on the
+labels, as in the HuBERT paper: phone purity (share of frames whose phone is their unit's most common phone),
+cluster purity (share of frames whose unit is their phone's most common unit) and PNMI (mutual information of
+phone and unit over the phone entropy), plus the units' usage on the
 training audio (how many used, normalised entropy: no collapse).
 """
 import argparse
@@ -150,8 +151,9 @@ def pnmi(units: torch.Tensor, phones: torch.Tensor) -> dict:
     nz = p > 0
     mi = float((p[nz] * (p[nz] / (pu @ pp)[nz]).log()).sum())
     h_phone = float(-(pp[pp > 0] * pp[pp > 0].log()).sum())
-    return {"pnmi": round(mi / h_phone, 4), "cluster_purity": round(float(p.max(1).values.sum()), 4),
-            "phone_purity": round(float(p.max(0).values.sum()), 4)}
+    # HuBERT's definitions: phone purity E_z[max_y p(y|z)], cluster purity E_y[max_z p(z|y)]
+    return {"pnmi": round(mi / h_phone, 4), "cluster_purity": round(float(p.max(0).values.sum()), 4),
+            "phone_purity": round(float(p.max(1).values.sum()), 4)}
 
 
 def main(argv=None):

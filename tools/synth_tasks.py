@@ -72,8 +72,9 @@ def _write(path: Path, audio: np.ndarray) -> None:
 
 
 def _speakers(rng: random.Random, n: int) -> list[tuple[str, int]]:
-    """n distinct (voice variant, pitch) speakers."""
-    return [(VARIANTS[k % len(VARIANTS)], 25 + (k * 37 + rng.randint(0, 9)) % 50) for k in range(n)]
+    """n distinct (voice variant, pitch) speakers: male and female variants in turn, pitches spread over 20-80."""
+    variants = [v for pair in zip(VARIANTS[:5], VARIANTS[5:], strict=True) for v in pair]  # m1 f1 m2 f2 ...
+    return [(variants[k % len(variants)], 20 + (60 * k) // max(n - 1, 1) + rng.randint(-3, 3)) for k in range(n)]
 
 
 def keywords(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4,
