@@ -89,13 +89,13 @@ def make_bundle_file(d: Path, n: int) -> Path:
     return path
 
 
-def make_stream(work: Path, n: int) -> list[tuple[str, str]]:
-    """max(8, 4N) noise utterances of 1.5-3.5 s as wav files; utterance i belongs to route i % N."""
+def make_stream(work: Path, n: int, per_route: int = 4) -> list[tuple[str, str]]:
+    """max(8, per_route * N) noise utterances of 1.5-3.5 s as wav files; utterance i belongs to route i % N."""
     d = work / "audio"
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(n)
     stream = []
-    for i in range(max(8, 4 * n)):
+    for i in range(max(8, per_route * n)):
         path = d / f"n{n}_{i}.wav"
         audio = (0.1 * rng.standard_normal(int(16000 * rng.uniform(1.5, 3.5)))).astype(np.float32)  # drawn always
         if not path.exists() or sf.info(path).frames != len(audio):
@@ -207,9 +207,10 @@ def bench(args) -> dict:
     for size in args.sizes:
         d = make_assets(work, size, max(args.routes))
         for n in args.routes:
-            stream = make_stream(work, n)
+            stream = make_stream(work, n, args.per_route)
             make_bundle_file(d, n)
-            row = {"size": size, "n": n, "utterances": len(stream), "expected_mib": expected_mib(d, n)}
+            row = {"size": size, "n": n, "utterances": len(stream), "expected_mib": expected_mib(d, n),
+                   "rounds_run": args.rounds}
             for v in ("bundle", "separate", "one"):
                 spec = {"dir": str(d), "n": n, "variant": v, "stream": stream}
                 row[f"memory_{v}"] = run_memory_worker("bench.serve", spec, f"{size} N={n} {v}", cwd=REPO)
@@ -222,7 +223,9 @@ def bench(args) -> dict:
 def report(results: dict) -> str:
     lines = ["# One bundle serving N routes vs N separately loaded models", "",
              "`nice -n 10 python -m bench.serve` (its docstring says what each way and mode does). "
-             f"Machine: {results['machine']}; medians of {results['rounds']} interleaved rounds.", "",
+             f"Machine: {results['machine']}. Throughput: medians of the interleaved rounds (a row's count below).",
+             "The N = 1 rows' `N models` and `one model` are the same model doing the same work: their ratio shows "
+             "the noise of the measurement.", "",
              "Resident memory, MiB above the process before loading (after loading / peak while serving):", "",
              "| size | N | one model + N routes | bundle | N separate models | bundle / separate | one model |",
              "|---|---|---|---|---|---|---|"]
@@ -235,11 +238,13 @@ def report(results: dict) -> str:
               "if it were all one language, in the same mode). Offline: the whole stream at once, grouped per route, "
               f"{BATCH} utterances a forward pass; online: one request per utterance in stream order (the bundle "
               "switches route at every one):", "",
-              "| size | N | utterances (audio s) | bundle, offline | N models, offline | one model, offline | "
+              "| size | N | utterances (audio s), rounds | bundle, offline | N models, offline | one model, offline | "
               "bundle, online | N models, online | one model, online |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         cells = [f"{r['speed'][f'{k} {m}']:.1f} ({r['ratio'][f'{k} {m}']:.2f})" for m in MODES for k in KINDS]
-        lines.append(f"| {r['size']} | {r['n']} | {r['utterances']} ({r['audio_s']:.0f}) | " + " | ".join(cells) + " |")
+        rounds = r.get("rounds_run", results["rounds"])
+        lines.append(f"| {r['size']} | {r['n']} | {r['utterances']} ({r['audio_s']:.0f}), {rounds} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -248,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", nargs="+", default=["demo", "base"], choices=["demo", "base", "large"])
     p.add_argument("--routes", nargs="+", type=int, default=[1, 4, 10])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--per-route", type=int, default=4, help="utterances per route in the stream (at least 8 in all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=str(REPO / "runs" / "bench-serve"), help="models, routes and audio (reused)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.md"))
