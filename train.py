@@ -34,7 +34,8 @@ killing them). A rank that dies: the others exit with one line, and under
 Outputs in --save-dir: checkpoint_last.pt (every --save-interval updates and --save-interval-minutes
 minutes), checkpoint_best.pt (the best validation at the update save points, by --best-metric),
 checkpoint_<epoch>_<update>.pt (with --keep-interval-updates K, the newest K) and log.jsonl (metrics
-every --log-interval updates, one line per validation).
+every --log-interval updates, one line per validation); with --parp (s3r/prune.py) also
+checkpoint_pruned.pt at the end, the final mask applied (a dense model with zeros).
 
 Reading order: setup and make_loaders build a Run, resume restores a Progress, then train() is
 the loop: train_step (forward and backward over one update's batches), optimizer_step,
@@ -57,6 +58,7 @@ from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.classify import is_head
 from s3r.data import SAMPLE_RATE, make_loader, set_epoch
 from s3r.errors import S3RError
+from s3r.prune import PRUNED_NAME, reprune, reprune_due, save_pruned
 from s3r.recipe import (
     RunLog,
     Task,
@@ -395,6 +397,8 @@ def validate_and_save(run: Run, progress: Progress, step: Step, out: RunLog) -> 
     names = ["checkpoint_last.pt"] + ["checkpoint_best.pt"] * best
     if interval and cfg.keep_interval_updates != 0:
         names.append(cluster.numbered_name(progress.epoch + 1, update))
+    if cfg.parp and done and run.rank == 0:  # PARP's result; written first, it marks the end
+        save_pruned(run.model, run.vocab, os.path.join(cfg.save_dir, PRUNED_NAME))
     save(run, progress, names)
     return True
 
@@ -481,6 +485,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, stop: cluster.StopSignal) -> None
             if step.overflow and not step.stop:
                 continue
             progress.update += not step.overflow
+            if cfg.parp and reprune_due(progress.update, cfg.reprune_interval, cfg.max_updates):
+                out.log({"update": progress.update, "revived": reprune(run.model)})  # PARP: by |W|
             window.append(step)
             wall = time.perf_counter() - t_log
             audio = sum(s.audio_seconds for s in window)

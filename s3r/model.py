@@ -178,8 +178,9 @@ class StraightThrough(torch.autograd.Function):
     """W * mask forward; the backward takes the hard top-k as the identity: dL/ds = dL/dW_eff * W
     * sign(s) (as upstream: d|s|/ds = sign(s), so a score at exactly 0 stays there)."""
     @staticmethod
-    def forward(ctx, scores, weight, mask):
+    def forward(ctx, scores, weight, mask, revive=False):
         ctx.save_for_backward(scores, weight, mask)
+        ctx.revive = revive
         return weight * mask
 
     @staticmethod
@@ -188,9 +189,9 @@ class StraightThrough(torch.autograd.Function):
         grad_scores = grad_weight = None
         if ctx.needs_input_grad[0]:  # summed over the weights a score covers (structured.py)
             grad_scores = (grad * weight).sum_to_size(scores.shape) * scores.sign()
-        if ctx.needs_input_grad[1]:  # co_train: W learns where it is kept
-            grad_weight = grad * mask
-        return grad_scores, grad_weight, None
+        if ctx.needs_input_grad[1]:  # co_train: W learns where kept; revive (PARP): all of it
+            grad_weight = grad if ctx.revive else grad * mask
+        return grad_scores, grad_weight, None, None
 
 
 def initial_scores(weight: torch.Tensor, prune_rate: float, init_score: str = "weight_rank",
@@ -222,6 +223,7 @@ class Routable:
         """Dense: no scores, the whole weight."""
         self.register_parameter("scores", None)
         self.prune_rate, self.view, self.n_of_m = 1.0, None, None  # view, n_of_m: structured.py
+        self.revive = False  # prune.py (PARP): pruned weights learn too, so they can grow back
         self._mask_cache.clear()
 
     def dense_weight(self) -> torch.Tensor:
@@ -250,7 +252,8 @@ class Routable:
         if self.scores is None:
             return weight
         view = self.view or weight.shape  # structured.py: group scores broadcast onto this view
-        return StraightThrough.apply(self.scores, weight.view(view), self.mask()).view_as(weight)
+        routed = StraightThrough.apply(self.scores, weight.view(view), self.mask(), self.revive)
+        return routed.view_as(weight)
 
 
 class MaskedLinear(Routable, nn.Linear):

@@ -35,6 +35,7 @@ from .decode import transcribe
 from .errors import ArgumentParser, ConfigError, S3RError, warn
 from .metrics import score
 from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .prune import PARP_REPRUNE_INTERVAL, load_dense, start_parp
 from .tasks import Labels, TaskCorpus, accuracy, classify, cross_entropy_sum, is_task, resolve_task
 from .text import OutOfVocabularyError, Vocabulary
 
@@ -120,6 +121,17 @@ class TrainConfig:
     # S3-Router's options (RouteConfig) and the encoder's regularisation (Wav2Vec2Config fields): MODEL_FLAGS
     route: RouteConfig = field(default_factory=RouteConfig)
     encoder: dict = field(default_factory=_encoder_recipe)
+    # PARP (s3r/prune.py; the IMP driver `python -m s3r.prune imp` runs its rounds with these flags)
+    parp: bool = opt(False, "(s3r) PARP (Lai et al., NeurIPS 2021): weight finetuning (implies --finetune-weights) "
+                     "of the layers the route flags name (--no-fix-attn: attention and FFN), keeping the --prune-rate "
+                     "fraction of largest |W| per tensor; pruned weights are zeroed but still learn, the mask is "
+                     "re-selected by |W| every --reprune-interval updates; writes checkpoint_pruned.pt at the end")
+    reprune_interval: int = opt(PARP_REPRUNE_INTERVAL, "(s3r) PARP: updates between re-prunings (the PARP "
+                                "paper's n = 50); 0 = never: the mask stays fixed and pruned weights get no "
+                                "gradient (IMP's rounds)")
+    parp_mask_from: str = opt("", "(s3r) PARP: the checkpoint whose |W| give the first mask (a finetuned or "
+                              "other-language model of the same architecture); '' = the --init weights (the paper's "
+                              "MPI, magnitude pruning of the pretrained model)")
     freeze_finetune_updates: int = opt(0, "model.freeze_finetune_updates: the encoder is frozen (only the head "
                                        "trains) for this many updates")
     # data
@@ -180,6 +192,12 @@ class TrainConfig:
                        "torchrun sets 1 when unset). CPU results are bit-identical only at the same thread count")
     trust_checkpoint: bool = opt(False, "(s3r) allow --init files that pickle arbitrary classes (only for files "
                                  "you trust)")
+
+    def __post_init__(self):
+        if self.parp:
+            self.finetune_weights = True  # PARP trains the weights; the masks follow their magnitudes
+        if self.reprune_interval < 0:
+            raise ConfigError(f"--reprune-interval must be >= 0 (0: never re-prune), not {self.reprune_interval}")
 
 
 CHOICES = {"preset": ["", "10m", "1h", "10h", "xlsr", "demo"], "init_score": list(INIT_SCORES),
@@ -359,6 +377,9 @@ def build_model(cfg: TrainConfig, corpus: Corpus | None = None,
         model.masked_spec_embed.requires_grad_(config.apply_spec_augment and config.mask_time_prob > 0)
     else:
         model.route(cfg.route)
+    if cfg.parp:  # the first mask: magnitude pruning of the init weights, or of another checkpoint's
+        mask_from = load_dense(cfg.parp_mask_from, cfg.trust_checkpoint) if cfg.parp_mask_from else None
+        start_parp(model, cfg.route, mask_from, revive=cfg.reprune_interval > 0)
     model.vocab = vocab
     return model, vocab, pretrained
 
@@ -422,6 +443,8 @@ def build_for(cfg: TrainConfig, corpus: Corpus, ckpt: dict | None = None) -> tup
     set, a classifier and its Labels; `ckpt` (checkpoint_last.pt when resuming) fixes the vocabulary or labels."""
     saved = None if ckpt is None else ckpt["config"].get("labels")
     if isinstance(corpus, TaskCorpus):
+        if cfg.parp:
+            raise S3RError(f"--parp prunes CTC models only; {corpus.name} is a classification set")
         if ckpt is not None and saved is None:
             raise S3RError(f"{cfg.save_dir}/checkpoint_last.pt is a CTC run; {corpus.name} is a classification set")
         return build_classifier(cfg, tuple(saved) if saved is not None else corpus.labels)

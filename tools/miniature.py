@@ -3,6 +3,8 @@
     python -m tools.miniature                 # all: corpus, backbone, grid, bundle, curve, similarity, report
     python -m tools.miniature --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
     python -m tools.miniature --stage ssl-pilot --init CKPT --pilot-tag NAME  # a backbone's pilot (es, ru; 3 methods)
+    python -m tools.miniature --stage curve --langs es --curve-kinds omp prune parp imp --curve-rates 0.3
+                                              # the pruning curve with PARP and IMP beside OMP and S3-Router pruning
 
 Every stage is resumable: the corpus is written one language at a time (a finished language has a DONE file),
 each experiment cell caches its result as JSON under runs/miniature/cells/, and a stage skips what is cached.
@@ -395,9 +397,14 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
 # The curve's kinds of point, in table order: (kind, label, route granularity, retrained). A structured (neuron+head)
 # route keeps the `rate` fraction of every layer's FFN neurons and of its attention heads, and is cut out of the model
 # (s3r/compact.py), so it runs faster; an unstructured one keeps every matrix's shape (folded: zeros no kernel skips).
+# PARP and IMP (s3r/prune.py) retrain the weights at ft's lr: PARP in one run from the backbone (its first mask is the
+# backbone's magnitudes), IMP in IMP_ROUNDS rounds after the ft cell, each the recipe's 200 updates; on request only.
 CURVE_KINDS = [("omp", "OMP", "weight", False), ("prune", "S3-Router pruning", "weight", True),
                ("omp-nh", "OMP, neuron+head", "neuron+head", False),
-               ("prune-nh", "S3-Router pruning, neuron+head", "neuron+head", True)]
+               ("prune-nh", "S3-Router pruning, neuron+head", "neuron+head", True),
+               ("parp", "PARP", "weight", True), ("imp", "IMP", "weight", True)]
+DEFAULT_CURVE_KINDS = ["omp", "prune", "omp-nh", "prune-nh"]
+IMP_ROUNDS = 3
 SPEED_ROUNDS = 15
 
 
@@ -421,6 +428,13 @@ def prune_cell(out: Path, lang: str, seed: int, rate: float, kind: str, ft_ckpt:
     granularity = dict((k, g) for k, _, g, _ in CURVE_KINDS)[kind]
     structured = ["--route-granularity", granularity] if granularity != "weight" else []
     cell = out / "cells" / lang / f"{kind}-{rate}-s{seed}"
+    if kind == "parp":
+        train_cell(out, lang, kind, seed, ["--parp", "--prune-rate", str(rate), "--no-fix-attn", "--lr", FT_LR],
+                   threads, tag=f"-{rate}")
+        return
+    if kind == "imp":
+        imp_cell(out, lang, seed, rate, ft_ckpt, threads)
+        return
     if kind.startswith("prune"):
         train_cell(out, lang, kind, seed, ["--prune-rate", str(rate), "--no-fix-attn", "--init-score",
                                            "weight_magnitude_with_scale", "--lr", ROUTE_LR, *structured], threads,
@@ -444,8 +458,32 @@ def prune_cell(out: Path, lang: str, seed: int, rate: float, kind: str, ft_ckpt:
     evaluate(pruned, f"{lang}-test", out, cell / "test.json", threads)
 
 
+def imp_cell(out: Path, lang: str, seed: int, rate: float, ft_ckpt: Path, threads: int) -> dict:
+    """IMP at one kept fraction: `python -m s3r.prune imp` rewinding to the backbone, the ft cell as round 0, then
+    IMP_ROUNDS rounds of the recipe at ft's lr (resumable); the last round's best checkpoint is evaluated."""
+    cell = out / "cells" / lang / f"imp-{rate}-s{seed}"
+    args = ["--data", f"{lang}-train", "--data-root", corpus_root(out), "--valid", f"{lang}-dev", "--seed", seed,
+            *RECIPE, "--lr", FT_LR]
+    result = cell_result(out, lang, cell.name)
+    if result and result.get("recipe") == list(map(str, args)) and result.get("finetuned") == file_sha256(ft_ckpt):
+        return result
+    t0 = time.time()
+    cpu = run_logged(python_cmd("-m", "s3r.prune", "imp", BACKBONE, cell, "--prune-rate", rate, "--rounds", IMP_ROUNDS,
+                                "--finetuned", ft_ckpt, "--", *args), cell / "imp.log", threads)
+    last = cell / f"round{IMP_ROUNDS}"
+    ckpt = last / "checkpoint_best.pt" if (last / "checkpoint_best.pt").exists() else last / "checkpoint_pruned.pt"
+    test = evaluate(ckpt, f"{lang}-test", out, cell / "test.json", threads)
+    result = {"lang": lang, "method": f"imp-{rate}", "seed": seed, "per": test["per"],
+              "test_utterances": test["utterances"], "checkpoint": str(ckpt.relative_to(out)),
+              "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1), "threads": threads,
+              "recipe": list(map(str, args)), "finetuned": file_sha256(ft_ckpt), "rounds": IMP_ROUNDS}
+    (cell / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    log(f"cell {lang} {cell.name}: PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
+    return result
+
+
 def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CURVE_RATES, jobs: int = 2,
-              speed_rounds: int = SPEED_ROUNDS) -> dict | None:
+              speed_rounds: int = SPEED_ROUNDS, kinds=tuple(DEFAULT_CURVE_KINDS)) -> dict | None:
     """Application 3: S3-Router pruning of the weight-finetuned model vs one-shot magnitude pruning (OMP), per weight
     and per FFN neuron + attention head; then every point's eval speedup against the finetuned model, measured.
 
@@ -458,8 +496,8 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
     ft = train_cell(out, lang, "ft", seed, METHODS["ft"], threads)
     ft_ckpt = out / ft["checkpoint"]
     with ThreadPoolExecutor(jobs) as pool:  # `jobs` cells side by side, as in the grid; the slow ones first
-        kinds = sorted(CURVE_KINDS, key=lambda k: not k[3])
-        for f in [pool.submit(prune_cell, out, lang, seed, rate, k[0], ft_ckpt, threads) for k in kinds
+        todo = sorted((k for k in CURVE_KINDS if k[0] in kinds), key=lambda k: not k[3])
+        for f in [pool.submit(prune_cell, out, lang, seed, rate, k[0], ft_ckpt, threads) for k in todo
                   for rate in rates]:
             f.result()
     measure_speed(out, lang, seed, rates, speed_rounds)  # last, alone: timing
@@ -688,7 +726,7 @@ def report(out: Path, a):
         md += ["", "![pruning curve](miniature_pruning.png)", "",
                "Structured (neuron+head) pruning, PER against measured speedup: miniature_structured.md.", ""]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for m in ("OMP", "S3-Router pruning"):
+        for m in ("OMP", "IMP", "PARP", "S3-Router pruning"):
             pts = [(r["sparsity"], 100 * r["per"]) for r in curve["rows"] if r["method"] == m]
             if pts:
                 ax.plot(*zip(*pts, strict=True), "o-", label=m)
@@ -733,8 +771,9 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     lang, seed, rows = curve["lang"], curve["seed"], curve["rows"]
+    retrained = {k for k, _, _, trained in CURVE_KINDS if trained}
     cells = [cell_result(out, lang, f"ft-s{seed}")] + [cell_result(out, lang, f"{r['kind']}-{r['prune_rate']}-s{seed}")
-                                                       for r in rows if r["kind"].startswith("prune")]
+                                                       for r in rows if r["kind"] in retrained]
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     summary = {"command": command, "commit": commit, "curve": curve, "cell_cpu_minutes": round(cpu_min, 1)}
     (results / "miniature_structured.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
@@ -846,6 +885,9 @@ def main(argv=None):
     p.add_argument("--init", default=str(SSL_BACKBONE), help="ssl-pilot: the backbone to pilot")
     p.add_argument("--pilot-tag", default="ssl", help="ssl-pilot: its name in the table and in the cell names")
     p.add_argument("--speed-rounds", type=int, default=SPEED_ROUNDS, help="interleaved timing rounds of the curve")
+    p.add_argument("--curve-kinds", nargs="*", default=DEFAULT_CURVE_KINDS, choices=[k for k, *_ in CURVE_KINDS],
+                   help="pruning methods of the curve (default: %(default)s; parp and imp retrain the weights, imp "
+                   f"in {IMP_ROUNDS} rounds)")
     a = p.parse_args(argv)
     out = Path(a.out)
     stages = set(a.stage.split(","))
@@ -863,7 +905,7 @@ def main(argv=None):
     if stage("bundle"):
         run_bundle(out, a.langs)
     if stage("curve") and CURVE_LANG in a.langs:
-        curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds)
+        curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds, a.curve_kinds)
         structured_report(out, curve, " ".join(["python -m tools.miniature", *(sys.argv[1:] if argv is None
                                                                                 else argv)]))
     if stage("similarity"):

@@ -179,10 +179,11 @@ class HubertHead(nn.Module):
         return F.cosine_similarity(self.final_proj(x)[:, None, :], self.label_embs_concat[None], dim=-1) / LOGIT_TEMP
 
 
-def hubert_step(model, head, wav, lengths, targets, mask_prob: float = MASK_PROB, mask_length: int = MASK_LENGTH):
+def hubert_step(model, head, wav, lengths, targets, mask_prob: float = MASK_PROB, mask_length: int = MASK_LENGTH,
+                feature_grad_mult: float = FEATURE_GRAD_MULT):
     """One masked-prediction forward: (loss, feature penalty, masked accuracy, masked frames)."""
     features = model.feature_extractor(wav, lengths)  # (B, T, 512)
-    features = features * FEATURE_GRAD_MULT + features.detach() * (1 - FEATURE_GRAD_MULT)  # fairseq GradMultiply
+    features = features * feature_grad_mult + features.detach() * (1 - feature_grad_mult)  # fairseq GradMultiply
     feature_pen = features.float().pow(2).mean()
     x = model.feature_projection(features)  # (B, T, C)
     B, T, _ = x.shape
@@ -279,7 +280,8 @@ def conv_feature_layers(c: Wav2Vec2Config) -> str:
 
 
 def hubert_checkpoint(model: Wav2Vec2ForCTC, head: HubertHead, extra: dict,
-                      mask: tuple[float, int] = (MASK_PROB, MASK_LENGTH)) -> dict:
+                      mask: tuple[float, int] = (MASK_PROB, MASK_LENGTH), feature_grad_mult: float = FEATURE_GRAD_MULT,
+                      feature_pen: float = FEATURE_PEN) -> dict:
     """A fairseq HuBERT pretraining checkpoint ({cfg: {model, task, criterion}, model: state}) in fp16."""
     c = model.config
     state = {fairseq_key(k): v for k, v in model.state_dict().items()}
@@ -294,14 +296,14 @@ def hubert_checkpoint(model: Wav2Vec2ForCTC, head: HubertHead, extra: dict,
                  "conv_pos": c.conv_pos_kernel, "conv_pos_groups": c.conv_pos_groups,
                  "dropout": reg["hidden_dropout"], "attention_dropout": reg["attention_dropout"],
                  "activation_dropout": reg["activation_dropout"], "encoder_layerdrop": reg["layerdrop"],
-                 "dropout_input": 0.0, "dropout_features": 0.0, "feature_grad_mult": FEATURE_GRAD_MULT,
+                 "dropout_input": 0.0, "dropout_features": 0.0, "feature_grad_mult": feature_grad_mult,
                  "mask_prob": mask[0], "mask_length": mask[1], "mask_selection": "static",
                  "mask_channel_prob": 0.0, "final_dim": FINAL_DIM, "untie_final_proj": False,
                  "logit_temp": LOGIT_TEMP, "skip_masked": False, "skip_nomask": True}
     task_cfg = {"_name": "hubert_pretraining", "labels": ["km"], "label_rate": 50.0, "sample_rate": 16000,
                 "normalize": False, "max_sample_size": 250000}
     criterion = {"_name": "hubert", "pred_masked_weight": 1.0, "pred_nomask_weight": 0.0,
-                 "loss_weights": [FEATURE_PEN]}
+                 "loss_weights": [feature_pen]}
     return {"cfg": {"model": model_cfg, "task": task_cfg, "criterion": criterion, "common": {"fp16": True}},
             "model": {k: v.detach().half() for k, v in state.items()},
             "optimizer_history": [], "extra_state": extra}
@@ -324,6 +326,10 @@ def main(argv=None):
     p.add_argument("--batch-seconds", type=float, default=8.0, help="padded audio seconds per batch")
     p.add_argument("--crop-seconds", type=float, default=5.0, help="longer clips are cut at a random offset")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--feature-pen", type=float, default=FEATURE_PEN,
+                   help="weight of the conv features' mean square (fairseq loss_weights; HuBERT: 10)")
+    p.add_argument("--feature-grad-mult", type=float, default=FEATURE_GRAD_MULT,
+                   help="gradient scale into the conv stack (fairseq feature_grad_mult; HuBERT: 0.1)")
     p.add_argument("--mask-prob", type=float, default=MASK_PROB, help="fairseq mask_prob (HuBERT base: 0.8)")
     p.add_argument("--mask-length", type=int, default=MASK_LENGTH, help="fairseq mask_length (HuBERT base: 10)")
     p.add_argument("--warmup", type=int, default=150)
@@ -401,9 +407,9 @@ def main(argv=None):
             tgts = [targets["train"][i][o:] for i, o in zip(idx, offsets, strict=True)]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss, pen, acc, _ = hubert_step(model, head, wav, lens, tgts, *mask)
+            loss, pen, acc, _ = hubert_step(model, head, wav, lens, tgts, *mask, a.feature_grad_mult)
             opt.zero_grad(set_to_none=True)
-            (loss + FEATURE_PEN * pen).backward()
+            (loss + a.feature_pen * pen).backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             step, pos = step + 1, pos + 1
@@ -434,7 +440,7 @@ def main(argv=None):
               "train_hours": round(hours, 2),
               "params": sum(p.numel() for p in model.parameters()), **val,
               "command": " ".join(["python -m tools.pretrain_backbone", *(sys.argv[1:] if argv is None else argv)])}
-    ckpt = hubert_checkpoint(model, head, {"miniature": report}, mask)
+    ckpt = hubert_checkpoint(model, head, {"miniature": report}, mask, a.feature_grad_mult, a.feature_pen)
     save_atomic(ckpt, out / "checkpoint.pt")
     if a.save:
         Path(a.save).parent.mkdir(parents=True, exist_ok=True)
