@@ -29,6 +29,28 @@ def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor | None, vocab: Voc
 
 
 @torch.no_grad()
+def run_over(model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+             autocast: Callable = contextlib.nullcontext):
+    """Yield (ids, references, model output) for each batch of `loader`, with the model in eval mode.
+
+    Utterances the loader skipped (skip_bad) are named on stderr.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            for path, reason in batch["skipped"]:
+                print(f"skipped {path}: {reason}", file=sys.stderr)
+            if not batch["ids"]:
+                continue
+            with autocast():
+                output = model(batch["wav"].to(device), batch["lengths"].to(device))
+            refs = [loader.dataset.utterances[i].text for i in batch["indices"]]  # normalized transcripts
+            yield batch["ids"], refs, output
+    finally:
+        model.train(was_training)
+
+
 def transcribe(model: torch.nn.Module, loader: torch.utils.data.DataLoader, vocab: Vocabulary, device: torch.device,
                autocast: Callable = contextlib.nullcontext,
                decode: Callable | None = None) -> list[tuple[str, str, str]]:
@@ -37,20 +59,9 @@ def transcribe(model: torch.nn.Module, loader: torch.utils.data.DataLoader, voca
     Utterances the loader skipped (skip_bad) are named on stderr; score the rows with s3r.metrics.score.
     """
     decode = decode or (lambda logits, lengths: greedy_decode(logits, lengths, vocab))
-    was_training = model.training
-    model.eval()
     rows = []
-    for batch in loader:
-        for path, reason in batch["skipped"]:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        if not batch["ids"]:
-            continue
-        with autocast():
-            logits, lengths = model(batch["wav"].to(device), batch["lengths"].to(device))  # (B, T, V), (B,)
-        hyps = decode(logits.float(), lengths)
-        refs = [loader.dataset.utterances[i].text for i in batch["indices"]]  # normalized transcripts
-        rows += zip(batch["ids"], refs, hyps, strict=True)
-    model.train(was_training)
+    for ids, refs, (logits, lengths) in run_over(model, loader, device, autocast):  # (B, T, V), (B,)
+        rows += zip(ids, refs, decode(logits.float(), lengths), strict=True)
     return rows
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Corpus, DataError, Utterance, _first_dir, _Problems, _read_bytes, _read_lines, scan_audio
+from .decode import run_over
 from .errors import S3RError
 
 KS_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -229,25 +230,14 @@ def _read_label_manifest(tsv: Path, bad: _Problems) -> list:
 
 
 # ---------------------------------------------------------------- predicting and scoring
-@torch.no_grad()
 def classify(model: torch.nn.Module, loader: torch.utils.data.DataLoader, labels: Labels, device: torch.device,
              autocast: Callable = contextlib.nullcontext) -> list[tuple[str, str, str]]:
     """[(id, reference label, predicted label)] for every utterance of `loader` (the rows `transcribe` gives for
     CTC); utterances the loader skipped (skip_bad) are named on stderr."""
-    was_training = model.training
-    model.eval()
     rows = []
-    for batch in loader:
-        for path, reason in batch["skipped"]:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        if not batch["ids"]:
-            continue
-        with autocast():
-            logits, _ = model(batch["wav"].to(device), batch["lengths"].to(device))  # (B, K)
+    for ids, refs, (logits, _) in run_over(model, loader, device, autocast):  # (B, K)
         best = logits.float().argmax(-1).tolist()
-        refs = [loader.dataset.utterances[i].text for i in batch["indices"]]
-        rows += zip(batch["ids"], refs, [labels.labels[k] for k in best], strict=True)
-    model.train(was_training)
+        rows += zip(ids, refs, [labels.labels[k] for k in best], strict=True)
     return rows
 
 
