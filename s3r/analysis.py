@@ -204,7 +204,7 @@ def print_sparsity(path: str | Path, trust_checkpoint: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m s3r.analysis", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("similarity", help="pairwise mask similarity of routes or checkpoints")
     c.add_argument("routes", nargs="+", help="ROUTE or NAME=ROUTE (route files or checkpoints)")

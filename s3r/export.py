@@ -136,7 +136,7 @@ def export_hf(model: Wav2Vec2ForCTC, directory: str | Path, model_type: str | No
 
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m s3r.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="an s3r checkpoint (mask mode or dense), or pretrained weights with --route")
     p.add_argument("--hf", metavar="DIR", help="write a Hugging Face model directory")
     p.add_argument("--dense", metavar="OUT", help="write a dense s3r checkpoint with the masks folded in")

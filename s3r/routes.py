@@ -333,7 +333,7 @@ def parse_named(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m s3r.routes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("export", help="the route of a mask-mode checkpoint, one bit per routed weight")
     c.add_argument("checkpoint")

@@ -363,7 +363,7 @@ def parse_per_route(items: list[str] | None, names: list[str], flag: str) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m s3r.transcribe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a route bundle (python -m s3r.routes bundle) or a CTC / classification checkpoint")
     p.add_argument("files", nargs="+", help="audio files; ROUTE=FILE gives a file its own route")
     p.add_argument("--route", default=None, help="route for files without one; 'auto': a language-ID route picks")
