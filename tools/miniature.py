@@ -1,7 +1,9 @@
 """The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech.
 
-    python -m tools.miniature                 # all: corpus, backbone, grid, bundle, curve, similarity, report
-    python -m tools.miniature --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
+    python -m tools.miniature                 # all: corpus, backbone, lr, grid, bundle, curve, similarity, report
+    python -m tools.miniature --stage corpus  # one stage (any of those; comma-separated: several)
+    python -m tools.miniature --stage lr,grid --backbone s3r/assets/miniature/backbone-ssl.pt
+                                              # each family's lr chosen on fr/tt dev, then the grid at those lrs
     python -m tools.miniature --stage ssl-pilot --init CKPT --pilot-tag NAME  # a backbone's pilot (es, ru; 3 methods)
     python -m tools.miniature --stage curve --langs es --curve-kinds omp prune parp imp --curve-rates 0.3
                                               # the pruning curve with PARP and IMP beside OMP and S3-Router pruning
@@ -187,30 +189,53 @@ def write_reference(out: Path, langs: list[str]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ grid
-BACKBONE = ROOT / "s3r" / "assets" / "demo" / "backbone.pt"
-# Application 1 methods, in the order they run; the grid runs every method for one seed before the next seed.
-# "head": the frozen-encoder baseline, only the CTC head learns: weight finetuning with the encoder frozen for every
-# update (upstream freeze_finetune_updates), so that no gradient flows into it (S3-Router at prune rate 1.0 learns the
-# same, but pays for a backward pass through the encoder).
-# Peak lr per method: the better of 3e-3 and 1e-2 for each on the built-in demo corpus (Spanish, 200 updates; PER
-# head 9.1 at 1e-2 (75.8 at 1e-3), ft 12.4 / 13.6, s3r-0.9 9.1 / 7.6 at 3e-3 / 1e-2).
-FT_LR, ROUTE_LR = "3e-3", "1e-2"
-METHODS = {
-    "head": ["--finetune-weights", "--freeze-finetune-updates", "1000000", "--lr", ROUTE_LR],
-    "ft": ["--finetune-weights", "--lr", FT_LR],
-    "s3r-0.9": ["--prune-rate", "0.9", "--no-fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.9-fa": ["--prune-rate", "0.9", "--fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.7": ["--prune-rate", "0.7", "--no-fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.7-fa": ["--prune-rate", "0.7", "--fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.5": ["--prune-rate", "0.5", "--no-fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.5-fa": ["--prune-rate", "0.5", "--fix-attn", "--lr", ROUTE_LR],
-    # S3-Router at ft's lr: at 1e-2, 200 Adam steps move a score (kaiming scale, ~0.07 here) far more than its initial
-    # value, so the learned masks keep little of their weight_rank init; this column shows what a gentler lr gives
-    # (PER, and in application 4, how language-specific the masks are).
-    "s3r-0.9-lr3e-3": ["--prune-rate", "0.9", "--no-fix-attn", "--lr", FT_LR],
-}
-SIMILARITY_METHODS = ["s3r-0.9", "s3r-0.9-lr3e-3"]
-DEFAULT_METHODS = list(METHODS)
+DEMO_BACKBONE = ROOT / "s3r" / "assets" / "demo" / "backbone.pt"  # the supervised stand-in (stage backbone)
+SSL_BACKBONE = ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"  # tools/pretrain_backbone.py
+# The backbone every cell starts from: --backbone; by default the self-supervised one once it is committed.
+BACKBONE = SSL_BACKBONE if SSL_BACKBONE.exists() else DEMO_BACKBONE
+# Peak lr per method family, until the lr stage has chosen them (bench/results/miniature_lr.json): the better of 3e-3
+# and 1e-2 for each on the built-in demo corpus (Spanish, 200 updates; PER head 9.1 at 1e-2 (75.8 at 1e-3), ft 12.4
+# / 13.6, s3r-0.9 9.1 / 7.6 at 3e-3 / 1e-2).
+DEMO_LRS = {"head": "1e-2", "ft": "3e-3", "s3r": "1e-2"}
+RESULTS = ROOT / "bench" / "results"  # where every stage writes its committed results
+
+
+def make_methods(lrs: dict[str, str]) -> dict[str, list[str]]:
+    """Application 1 methods, in the order they run (the grid runs every method for one seed before the next seed),
+    at the peak lr of their family (head, ft, s3r).
+
+    "head": the frozen-encoder baseline, only the CTC head learns: weight finetuning with the encoder frozen for every
+    update (upstream freeze_finetune_updates), so that no gradient flows into it (S3-Router at prune rate 1.0 learns
+    the same, but pays for a backward pass through the encoder). The last method is S3-Router 0.9 at a second lr
+    (3e-3, or 1e-2 when 3e-3 is the family's): how much the masks and their similarity (application 4) depend on it.
+    """
+    route = lrs["s3r"]
+    other = "3e-3" if float(route) != 3e-3 else "1e-2"
+    methods = {"head": ["--finetune-weights", "--freeze-finetune-updates", "1000000", "--lr", lrs["head"]],
+               "ft": ["--finetune-weights", "--lr", lrs["ft"]]}
+    for rate in ("0.9", "0.7", "0.5"):
+        methods[f"s3r-{rate}"] = ["--prune-rate", rate, "--no-fix-attn", "--lr", route]
+        methods[f"s3r-{rate}-fa"] = ["--prune-rate", rate, "--fix-attn", "--lr", route]
+    methods[f"s3r-0.9-lr{other}"] = ["--prune-rate", "0.9", "--no-fix-attn", "--lr", other]
+    return methods
+
+
+def selected_lrs(path: Path | None = None) -> dict[str, str]:
+    """The lr stage's choice per family (where it has made one), else the demo corpus's."""
+    path = path or RESULTS / "miniature_lr.json"
+    chosen = json.loads(path.read_text())["selected"] if path.exists() else {}
+    return {**DEMO_LRS, **{k: v for k, v in chosen.items() if v is not None}}
+
+
+def use_lrs(lrs: dict[str, str]) -> None:
+    """Set the methods (and the lrs the pruning curve uses: ft's for weight retraining, s3r's for scores)."""
+    global LRS, FT_LR, ROUTE_LR, METHODS, SIMILARITY_METHODS
+    LRS, FT_LR, ROUTE_LR = dict(lrs), lrs["ft"], lrs["s3r"]
+    METHODS = make_methods(lrs)
+    SIMILARITY_METHODS = ["s3r-0.9", list(METHODS)[-1]]
+
+
+use_lrs(selected_lrs())
 # the first 6 are the minimum; zh-TW last: see make_corpus
 GRID_LANGS = ["es", "ru", "nl", "it", "tr", "sv-SE", "fr", "tt", "ky", "zh-TW"]
 SEEDS = [1, 2]
@@ -262,31 +287,34 @@ def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int) ->
 
 
 def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], threads: int,
-               init: Path = BACKBONE, tag: str = "") -> dict:
-    """One experiment: train.py on <lang>-train (validated on <lang>-dev), eval.py on <lang>-test; cached as JSON."""
+               init: Path | None = None, tag: str = "", split: str = "test") -> dict:
+    """One experiment: train.py on <lang>-train (validated on <lang>-dev), eval.py on <lang>-<split> (test; dev for
+    the lr stage); cached as JSON, keyed by the backbone file, the recipe and args, the split and the thread count."""
+    init = BACKBONE if init is None else init
     name = f"{method}{tag}-s{seed}"
     cell = out / "cells" / lang / name
     result_path = cell / "result.json"
     backbone = file_sha256(init)  # the cache is keyed by the backbone a cell starts from
     if result_path.exists():
         result = json.loads(result_path.read_text())
-        if result.get("backbone_sha256") == backbone and result.get("recipe") == RECIPE + args:
+        key = (result.get("backbone_sha256"), result.get("recipe"), result.get("threads"), result.get("split", "test"))
+        if key == (backbone, RECIPE + args, threads, split):
             return result
-        shutil.rmtree(cell)  # trained on another backbone or recipe: stale
-        log(f"cell {lang} {name}: recomputed (the backbone or the recipe changed)")
+        shutil.rmtree(cell)  # trained on another backbone, recipe or lr, or at another thread count: stale
+        log(f"cell {lang} {name}: recomputed (the backbone, the recipe or the thread count changed)")
     t0 = time.time()
     cpu = run_logged(python_cmd("train.py", "--init", init, "--data", f"{lang}-train", "--data-root", corpus_root(out),
                                 "--valid", f"{lang}-dev", "--save-dir", cell, "--seed", seed, *RECIPE, *args),
                      cell / "train.log", threads)
     best = cell / "checkpoint_best.pt"
     ckpt = best if best.exists() else cell / "checkpoint_last.pt"
-    test = evaluate(ckpt, f"{lang}-test", out, cell / "test.json", threads)
-    result = {"lang": lang, "method": method + tag, "seed": seed, "per": test["per"],
-              "test_utterances": test["utterances"], "checkpoint": str(ckpt.relative_to(out)),
+    scored = evaluate(ckpt, f"{lang}-{split}", out, cell / f"{split}.json", threads)
+    result = {"lang": lang, "method": method + tag, "seed": seed, "per": scored["per"], "split": split,
+              f"{split}_utterances": scored["utterances"], "checkpoint": str(ckpt.relative_to(out)),
               "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1), "threads": threads,
               "args": args, "recipe": RECIPE + args, "backbone_sha256": backbone}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"cell {lang} {name}: PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
+    log(f"cell {lang} {name}: {split} PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
     return result
 
 
@@ -304,10 +332,88 @@ def run_grid(out: Path, langs: list[str], methods: list[str], seeds: list[int], 
                 log(f"error: {e}")
 
 
+# ------------------------------------------------------------------------------------------------ learning rates
+# Each family's peak lr is chosen on the dev split of two held-out languages that no reported result uses (the grid
+# reports GRID_LANGS[:6]), with one seed, from a small grid; the grid then runs at the chosen lrs.
+LR_LANGS = ["fr", "tt"]
+LR_GRID = {"head": ["3e-3", "1e-2", "3e-2"], "ft": ["3e-4", "1e-3", "3e-3"], "s3r": ["3e-3", "1e-2", "3e-2"]}
+LR_PROBES = {"head": "head", "ft": "ft", "s3r": "s3r-0.9"}  # the method each family's lr is chosen with
+
+
+def with_lr(args: list[str], lr: str) -> list[str]:
+    """A method's train.py arguments with its --lr replaced."""
+    i = args.index("--lr")
+    return [*args[:i + 1], lr, *args[i + 2:]]
+
+
+def run_lr(out: Path, langs: list[str] = LR_LANGS, seed: int = SEEDS[0], jobs: int = 2, command: str = "",
+           grid: dict[str, list[str]] | None = None) -> dict:
+    """Train every (family, lr, language) cell, score its dev PER, pick per family the lr with the lowest mean dev
+    PER over `langs` (a family with a failed cell keeps its current lr); write bench/results/miniature_lr.json|md."""
+    from concurrent.futures import ThreadPoolExecutor
+    reported = set(GRID_LANGS[:6])
+    if reported & set(langs):
+        raise SystemExit(f"error: --lr-langs {' '.join(langs)}: {', '.join(sorted(reported & set(langs)))} is "
+                         "reported by the grid; choose the lrs on languages it does not report")
+    grid = grid or LR_GRID
+    threads = max(1, 2 // jobs)
+    cells = [(fam, lr, lang) for fam, lrs in grid.items() for lr in lrs for lang in langs]
+    base = make_methods(DEMO_LRS)
+    per, cpu, failed = {}, 0.0, []
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {c: pool.submit(train_cell, out, c[2], f"lr-{c[0]}-{c[1]}", seed,
+                                  with_lr(base[LR_PROBES[c[0]]], c[1]), threads, split="dev") for c in cells}
+        for (fam, lr, lang), f in futures.items():
+            try:
+                r = f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+                failed.append(f"{fam} {lr} {lang}")
+                continue
+            per.setdefault(fam, {}).setdefault(lr, {})[lang] = r["per"]
+            cpu += r["train_cpu_s"]
+    mean = {fam: {lr: sum(v.values()) / len(v) for lr, v in per[fam].items() if len(v) == len(langs)}
+            for fam in per}
+    selected = {fam: (min(grid[fam], key=lambda lr, fam=fam: mean[fam][lr])
+                      if fam in mean and len(mean[fam]) == len(grid[fam]) else None) for fam in grid}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    res = {"command": command, "commit": commit, "langs": langs, "seed": seed, "split": "dev", "grid": grid,
+           "probes": {fam: LR_PROBES[fam] for fam in grid}, "dev_per": per, "mean_dev_per": mean,
+           "selected": selected, "failed": failed, "cpu_minutes": round(cpu / 60, 1), "threads": threads,
+           "backbone": str(BACKBONE.relative_to(ROOT)) if BACKBONE.is_relative_to(ROOT) else str(BACKBONE),
+           "backbone_sha256": file_sha256(BACKBONE), "recipe": RECIPE}
+    path = RESULTS / "miniature_lr.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    md = ["# The miniature's learning rates, chosen on dev languages the grid does not report", "",
+          f"Regenerate: `{command}` (cells cached under runs/miniature/cells/<lang>/lr-*). Commit {commit}. "
+          f"{res['cpu_minutes']:.0f} CPU minutes for {len(cells)} cells ({threads} thread(s) each). Backbone "
+          f"`{res['backbone']}` (sha256 {res['backbone_sha256'][:12]}).", "",
+          f"Each family's lr is chosen with one method ({', '.join(f'{f}: `{m}`' for f, m in res['probes'].items())}),"
+          f" trained with the grid's recipe on the train split of {' and '.join(langs)} (seed {seed}) and scored by "
+          "phone error rate on their dev split (the checkpoint the grid would keep, chosen on the same dev split), "
+          "never on a test split. The grid then runs every method of a family at its chosen lr (s3r: every "
+          "S3-Router method, and S3-Router pruning in the pruning curve; ft: weight finetuning, PARP and IMP).", "",
+          "| family | peak lr | " + " | ".join(f"{lg} dev PER (%)" for lg in langs) + " | mean | |",
+          "|---|---:|" + "---:|" * len(langs) + "---:|---|"]
+    for fam, lrs in grid.items():
+        for lr in lrs:
+            vals = [per.get(fam, {}).get(lr, {}).get(lg) for lg in langs]
+            m, chosen = mean.get(fam, {}).get(lr), "**chosen**" if selected[fam] == lr else ""
+            md.append(f"| {fam} | {lr} | " + " | ".join("failed" if v is None else f"{100 * v:.1f}" for v in vals)
+                      + f" | {'-' if m is None else f'{100 * m:.1f}'} | {chosen} |")
+    if failed:
+        md += ["", f"Failed cells (their family keeps its lr): {', '.join(failed)}."]
+    md += ["", "Chosen: " + ", ".join(f"{fam} {lr or 'none (kept ' + LRS[fam] + ')'}" for fam, lr in selected.items())
+           + ".", ""]
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    log("lr: chosen " + ", ".join(f"{fam} {lr}" for fam, lr in selected.items()))
+    return res
+
+
 # ------------------------------------------------------------------------------------------------ SSL pilot
-SSL_BACKBONE = ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"
 PILOT_LANGS, PILOT_METHODS = ["es", "ru"], ["head", "ft", "s3r-0.9"]
-PILOT_RESULTS = ROOT / "bench" / "results" / "backbone_pilot"
 
 
 def run_pilot(out: Path, init: Path, tag: str, jobs: int, seed: int = SEEDS[0]) -> dict:
@@ -320,7 +426,7 @@ def run_pilot(out: Path, init: Path, tag: str, jobs: int, seed: int = SEEDS[0]) 
     with ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(lambda c: train_cell(out, c[0], c[1], seed, METHODS[c[1]], threads, init=init,
                                                      tag=f"-{tag}"), cells))
-    path = PILOT_RESULTS.with_suffix(".json")
+    path = (RESULTS / "backbone_pilot").with_suffix(".json")
     table = json.loads(path.read_text()) if path.exists() else {"backbones": {}}
     table["backbones"][tag] = {
         "init": str(Path(init).resolve().relative_to(ROOT)) if Path(init).resolve().is_relative_to(ROOT) else str(init),
@@ -340,7 +446,7 @@ def run_pilot(out: Path, init: Path, tag: str, jobs: int, seed: int = SEEDS[0]) 
         cols = [row["per"].get(lg, {}).get(m) for lg in PILOT_LANGS for m in PILOT_METHODS]
         lines.append(f"| {name} (`{row['init']}`) | " + " | ".join("" if v is None else f"{v:.1f}" for v in cols)
                      + f" | {row['cpu_minutes']} |")
-    PILOT_RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "backbone_pilot").with_suffix(".md").write_text("\n".join(lines) + "\n")
     log(f"pilot {tag}: " + json.dumps(table["backbones"][tag]["per"]))
     return table
 
@@ -465,7 +571,8 @@ def imp_cell(out: Path, lang: str, seed: int, rate: float, ft_ckpt: Path, thread
     args = ["--data", f"{lang}-train", "--data-root", corpus_root(out), "--valid", f"{lang}-dev", "--seed", seed,
             *RECIPE, "--lr", FT_LR]
     result = cell_result(out, lang, cell.name)
-    if result and result.get("recipe") == list(map(str, args)) and result.get("finetuned") == file_sha256(ft_ckpt):
+    if result and (result.get("recipe"), result.get("finetuned"), result.get("threads")) == (
+            list(map(str, args)), file_sha256(ft_ckpt), threads):
         return result
     t0 = time.time()
     cpu = run_logged(python_cmd("-m", "s3r.prune", "imp", BACKBONE, cell, "--prune-rate", rate, "--rounds", IMP_ROUNDS,
@@ -554,7 +661,7 @@ def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: i
     routes = [f"{lg}={out / cell_result(out, lg, f'{method}-s{seed}')['checkpoint']}" for lg in have]
     res_path = out / f"similarity-{method}.json"
     run_logged(python_cmd("-m", "s3r.analysis", "similarity", *routes, "--json", res_path, "--reference", ref,
-                          "--plot", ROOT / "bench" / "results" / f"miniature_similarity_{method}.png"),
+                          "--plot", RESULTS / f"miniature_similarity_{method}.png"),
                out / "similarity.log", 2)
     result = json.loads(res_path.read_text())
     result["method"] = method
@@ -629,7 +736,7 @@ def report(out: Path, a):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    results = ROOT / "bench" / "results"
+    results = RESULTS
     results.mkdir(parents=True, exist_ok=True)
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/result.json"))]
     grid = [c for c in cells if c["method"] in METHODS]
@@ -766,7 +873,7 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
-    results = ROOT / "bench" / "results"
+    results = RESULTS
     results.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
@@ -869,13 +976,20 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
 
 
 def main(argv=None):
+    global BACKBONE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
-                   "grid, bundle, curve, similarity, report; or ssl-pilot (see --init)")
+                   "lr, grid, bundle, curve, similarity, report; or ssl-pilot (see --init)")
+    p.add_argument("--backbone", default=str(BACKBONE.relative_to(ROOT)), help="the checkpoint every cell starts "
+                   "from (default: %(default)s: the self-supervised backbone when committed, else the supervised "
+                   "stand-in)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--langs", nargs="*", default=GRID_LANGS[:6], help="held-out languages of the grid, in order "
                    f"(default: the first six of {', '.join(GRID_LANGS)})")
-    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, help=f"subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="*", help=f"subset of {', '.join(METHODS)} (default: all; the last one's "
+                   "name carries its lr)")
+    p.add_argument("--lr-langs", nargs="*", default=LR_LANGS, help="lr stage: the dev languages the lrs are chosen "
+                   "on, none of them reported (default: %(default)s)")
     p.add_argument("--seeds", nargs="*", type=int, default=SEEDS)
     p.add_argument("--jobs", type=int, default=2, help="cells trained side by side (one thread each with 2)")
     p.add_argument("--corpus-langs", nargs="*", default=CORPUS_LANGS, help="languages the corpus stage makes "
@@ -890,24 +1004,36 @@ def main(argv=None):
                    f"in {IMP_ROUNDS} rounds)")
     a = p.parse_args(argv)
     out = Path(a.out)
+    command = " ".join(["python -m tools.miniature", *(sys.argv[1:] if argv is None else argv)])
+    BACKBONE = Path(a.backbone) if Path(a.backbone).exists() else ROOT / a.backbone  # as given, or in the repo
+    BACKBONE = BACKBONE.resolve()
+    if not BACKBONE.exists() and not {"corpus", "demo", "backbone"} >= set(a.stage.split(",")):
+        raise SystemExit(f"error: --backbone {a.backbone}: no such file")
     stages = set(a.stage.split(","))
     stage = lambda name: name in stages or "all" in stages  # noqa: E731  a predicate read 8 times below
     if stage("corpus"):
         make_corpus(out, a.corpus_langs)
     if stage("demo"):
         make_demo(out)
-    if stage("backbone") and not BACKBONE.exists():
+    if stage("backbone") and not DEMO_BACKBONE.exists():
         run_logged(python_cmd("-m", "tools.pretrain_supervised", "--data-root", corpus_root(out),
                               "--out", out / "backbone",
-                              "--save", BACKBONE), out / "backbone.log", 2)
+                              "--save", DEMO_BACKBONE), out / "backbone.log", 2)
+    if stage("lr"):
+        run_lr(out, a.lr_langs, SEEDS[0], a.jobs, command)
+        use_lrs(selected_lrs())
+    a.methods = a.methods or list(METHODS)
+    unknown = [m for m in a.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: --methods {' '.join(unknown)}: not a method at the current lrs "
+                         f"({', '.join(METHODS)})")
     if stage("grid"):
         run_grid(out, a.langs, a.methods, a.seeds, a.jobs)
     if stage("bundle"):
         run_bundle(out, a.langs)
     if stage("curve") and CURVE_LANG in a.langs:
         curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds, a.curve_kinds)
-        structured_report(out, curve, " ".join(["python -m tools.miniature", *(sys.argv[1:] if argv is None
-                                                                                else argv)]))
+        structured_report(out, curve, command)
     if stage("similarity"):
         for method in SIMILARITY_METHODS:
             run_similarity(out, a.langs, method)
