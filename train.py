@@ -57,6 +57,7 @@ from s3r import cluster, errors
 from s3r.checkpoint import s3r_checkpoint, save_atomic, weights_fingerprint
 from s3r.classify import is_head
 from s3r.data import SAMPLE_RATE, make_loader, set_epoch
+from s3r.decode import greedy_decode
 from s3r.errors import S3RError
 from s3r.prune import PRUNED_NAME, reprune, reprune_due, save_pruned
 from s3r.recipe import (
@@ -77,6 +78,9 @@ from s3r.recipe import (
     tri_stage_lr,
 )
 from s3r.text import Vocabulary
+
+# A CTC run has collapsed to blanks when, after the warm-up, validation decodes (almost) nothing.
+COLLAPSED_BLANK_RATE = 0.99  # of the validation frames whose best unit is the blank
 
 
 @dataclass
@@ -143,6 +147,7 @@ class Run:
     amp: str = "none"
     autocast: object = contextlib.nullcontext  # () -> the context one forward runs in
     task: Task = None  # loss, validation and best metric: CTC, or classification (s3r/recipe.py)
+    collapse_warned: bool = False  # the collapse warning is printed once per run
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -337,18 +342,62 @@ def optimizer_step(run: Run, step: Step, update: int) -> None:
 # ---------------------------------------------------------------------- validation and checkpoints
 def validate(run: Run) -> dict:
     """Greedy-decode (or classify) the validation set, sharded over ranks; every rank gets all of
-    its scores."""
+    its scores. A CTC run adds blank_rate (the fraction of frames whose best unit is the blank) and
+    empty (the fraction of hypotheses that decode to nothing): a run collapsing to blanks shows
+    in them before its error rate says why."""
+    ctc = isinstance(run.vocab, Vocabulary)
+    frames = [0, 0]  # this rank's frames whose best unit is the blank, and all its frames
+    decode = {"decode": counting_blanks(run.vocab, frames)} if ctc else {}
     with cluster.signals_deferred():  # the loader forks its workers in there
-        rows = run.task.predict(run.model, run.valid_loader, run.vocab, run.device, run.autocast)
-    parts = cluster.gather(rows, run.ddp, run.world)
-    return run.task.score([r for part in parts for r in part])
+        rows = run.task.predict(run.model, run.valid_loader, run.vocab, run.device, run.autocast,
+                                **decode)
+    parts = cluster.gather((rows, frames), run.ddp, run.world)
+    rows = [r for part, _ in parts for r in part]
+    metrics = run.task.score(rows)
+    if ctc:
+        metrics["blank_rate"] = sum(f[0] for _, f in parts) / max(sum(f[1] for _, f in parts), 1)
+        metrics["empty"] = sum(not hyp.strip() for _, _, hyp in rows) / max(len(rows), 1)
+    return metrics
+
+
+def counting_blanks(vocab: Vocabulary, frames: list[int]):
+    """Greedy CTC decoding that also adds, to `frames`, the frames whose argmax is the blank
+    (index 0) and all frames (padding excluded)."""
+    def decode(logits: torch.Tensor, lengths: torch.Tensor | None) -> list[str]:
+        best = logits.argmax(-1)  # (B, T)
+        valid = torch.ones_like(best, dtype=torch.bool)
+        if lengths is not None:
+            valid = torch.arange(best.shape[1], device=best.device) < lengths[:, None]
+        frames[0] += int(((best == 0) & valid).sum())
+        frames[1] += int(valid.sum())
+        return greedy_decode(logits, lengths, vocab)
+    return decode
+
+
+def collapsed(run: Run, update: int, metrics: dict) -> str | None:
+    """One line when a CTC run has collapsed to blanks after its warm-up (every validation
+    hypothesis empty, or COLLAPSED_BLANK_RATE of the frames blank), naming the usual causes."""
+    warmup = int((run.cfg.schedule_updates or run.cfg.max_updates) * run.cfg.phase_ratio[0])
+    if "blank_rate" not in metrics or update == 0 or update < warmup:
+        return None
+    rate, empty = metrics["blank_rate"], metrics["empty"]
+    if empty < 1.0 and rate < COLLAPSED_BLANK_RATE:
+        return None
+    causes = [f"a peak --lr too high or too low ({run.cfg.lr:g})",
+              "too short a warm-up (--phase-ratio)"]
+    if not run.cfg.finetune_weights:
+        causes.append(f"too few kept weights (--prune-rate {run.cfg.route.prune_rate:g})")
+    causes.append("too few updates to leave CTC's all-blank plateau (--max-updates)")
+    return (f"update {update}: the model has collapsed to blanks ({100 * rate:.1f}% of the "
+            f"validation frames blank, {100 * empty:.0f}% of its hypotheses empty); likely causes: "
+            + ", ".join(causes))
 
 
 def report(run: Run, progress: Progress, metrics: dict, out: RunLog) -> None:
     """One validation line in log.jsonl and on stdout."""
     out.log({"valid": run.valid_name, "update": progress.update, **metrics, "best": progress.best})
-    rates = " | ".join(f"{k} {100 * metrics[k]:.2f}"
-                       for k in ("wer", "cer", "uer", "per", "accuracy") if k in metrics)
+    keys = ("wer", "cer", "uer", "per", "accuracy", "blank_rate", "empty")
+    rates = " | ".join(f"{k} {100 * metrics[k]:.2f}" for k in keys if k in metrics)
     best = "-" if progress.best is None else f"{100 * progress.best:.2f}"
     out.write(f"valid {run.valid_name} | update {progress.update} | {rates} | "
               f"best {run.metric} {best} | {metrics['utterances']} utterances")
@@ -392,6 +441,11 @@ def validate_and_save(run: Run, progress: Progress, step: Step, out: RunLog) -> 
         if saving and improves(run.task, metrics[run.metric], progress.best):
             progress.best, best = metrics[run.metric], True
         report(run, progress, metrics, out)
+        warning = None if run.collapse_warned else collapsed(run, update, metrics)
+        if warning and run.rank == 0:
+            out.log({"update": update, "warning": warning})
+            out.warn(f"warning: {warning}")
+        run.collapse_warned = run.collapse_warned or warning is not None
     if not saving:
         return False
     names = ["checkpoint_last.pt"] + ["checkpoint_best.pt"] * best

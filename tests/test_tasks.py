@@ -193,6 +193,7 @@ def test_train_and_eval_on_a_classification_set(tasks_root, tiny_init, tmp_path,
     valid = [e for e in log if "valid" in e]
     assert [e["update"] for e in valid] == [2, 4] and valid[0]["valid"] == str(lid / "valid.tsv")
     assert all(e["utterances"] == len(synth_tasks.LANGUAGES) and 0 <= e["accuracy"] <= 1 for e in valid)
+    assert not any("blank_rate" in e or "warning" in e for e in log)  # a classifier has no CTC blank
     assert valid[-1]["best"] == max(e["accuracy"] for e in valid)  # higher is better
     assert "accuracy" in capsys.readouterr().out
     model = load_pretrained(save / "checkpoint_best.pt")

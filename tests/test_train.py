@@ -409,6 +409,55 @@ def test_batch_size_multiple_reaches_the_loader(tiny_init, corpus_root, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Collapse to blanks: the blank rate of validation, and one warning
+
+
+def test_blank_count_is_over_unpadded_frames(tiny_vocab):
+    """Hand-counted: frames 0-3 of utterance 0 and 0-1 of utterance 1 are real; 2 + 2 of those 6 are blank."""
+    best = torch.tensor([[0, 5, 0, 6], [0, 0, 5, 0]])  # the argmax units; utterance 1's last 2 frames are padding
+    logits = torch.nn.functional.one_hot(best, len(tiny_vocab)).float()
+    frames = [0, 0]
+    hyps = train.counting_blanks(tiny_vocab, frames)(logits, torch.tensor([4, 2]))
+    assert frames == [4, 6] and hyps == ["ab", ""]
+
+
+def blank_biased(monkeypatch, bias: float):
+    """build_for, with fairseq's blank_weight added to every frame's blank logit (a forced model)."""
+    build_for = train.build_for
+
+    def build(*a, **kw):
+        model, vocab, pretrained = build_for(*a, **kw)
+        model.config.blank_weight, model.config.blank_mode = bias, "add"
+        return model, vocab, pretrained
+    monkeypatch.setattr(train, "build_for", build)
+
+
+@pytest.mark.parametrize("bias", [100.0, -100.0])
+def test_collapse_to_blanks_is_logged_and_warned_once(tiny_init, corpus_root, tmp_path, monkeypatch, capsys, bias):
+    """A model forced to the blank (blank logit +100) is all blank and every hypothesis empty: logged at every
+    validation, warned once after the warm-up; one forced away from it (-100) has neither, and no warning."""
+    blank_biased(monkeypatch, bias)
+    assert train.main(args(tiny_init, corpus_root, tmp_path, "--max-updates", 4, "--validate-interval", 1,
+                           "--phase-ratio", 0.5, 0.25, 0.25, "--validate-before")) == 0
+    out = capsys.readouterr()
+    valid = [line for line in log_lines(tmp_path) if "valid" in line]
+    assert [v["update"] for v in valid] == [0, 1, 2, 3, 4]
+    expected = 1.0 if bias > 0 else 0.0
+    assert all(v["blank_rate"] == expected and v["empty"] == expected for v in valid), valid
+    assert all(f"blank_rate {100 * expected:.2f} | empty {100 * expected:.2f}" in line
+               for line in out.out.splitlines() if line.startswith("valid"))
+    warnings = [line for line in out.err.splitlines() if line.startswith("warning:")]
+    logged = [line for line in log_lines(tmp_path) if "warning" in line]
+    if bias < 0:
+        assert warnings == [] and logged == []
+        return
+    # the warm-up is updates 0 and 1 (int(4 * 0.5) = 2): the first collapsed validation after it is at update 2
+    assert len(warnings) == 1 and "update 2:" in warnings[0] and "collapsed to blanks" in warnings[0], warnings
+    assert all(flag in warnings[0] for flag in ("--lr", "--phase-ratio", "--prune-rate", "--max-updates"))
+    assert [(w["update"], "warning: " + w["warning"]) for w in logged] == [(2, warnings[0])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Subprocesses: signals and kills
 
 
