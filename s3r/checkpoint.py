@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from .classify import new_model, with_head
+from .config import RouteConfig, Wav2Vec2Config
 from .errors import ConfigError, S3RError
-from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .model import Routable, Wav2Vec2ForCTC
 from .route_format import ROUTE_FORMAT, check_route, describe, install_route
 from .text import Vocabulary
 
@@ -121,7 +122,7 @@ def torch_load(path: str | Path, trust_checkpoint: bool = False) -> object:
 # ----------------------------------------------------------------------------------------------------------------
 # Config names
 
-# Every Wav2Vec2Config field (model.py says what each does) -> (its fairseq name, its Hugging Face name); None where
+# Every Wav2Vec2Config field (config.py says what each does) -> (its fairseq name, its Hugging Face name); None where
 # that side has no such field. config_from_fairseq and config_from_hf below read them.
 CONFIG_NAMES: dict[str, tuple[str | None, str | None]] = {
     "conv_dim": ("conv_feature_layers[i][0]", "conv_dim"),

@@ -24,8 +24,9 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+from .config import RouteConfig, Wav2Vec2Config
 from .errors import ConfigError
-from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .model import Wav2Vec2ForCTC
 
 HEAD_KEYS = ("lm_head.", "projector.", "classifier.", "layer_weights")  # the task-specific tensors of either kind
 

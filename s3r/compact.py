@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from .classify import new_model
+from .config import Wav2Vec2Config
 from .errors import S3RError
-from .model import MaskedLinear, Wav2Vec2Config, Wav2Vec2ForCTC, WeightNormConv1d
+from .model import MaskedLinear, Wav2Vec2ForCTC, WeightNormConv1d
 from .structured import n_of_m
 
 

@@ -23,8 +23,9 @@ import torch
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
 from .classify import is_head
 from .compact import compact, fold_masks
+from .config import Wav2Vec2Config
 from .errors import ArgumentParser, S3RError
-from .model import Wav2Vec2Config, Wav2Vec2ForCTC
+from .model import Wav2Vec2ForCTC
 
 HF_CLASSES = {"wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2."), "hubert": ("HubertForCTC", "hubert."),
               "data2vec-audio": ("Data2VecAudioForCTC", "data2vec_audio.")}

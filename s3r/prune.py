@@ -32,8 +32,9 @@ import torch
 
 from .checkpoint import load_pretrained, s3r_checkpoint, save_atomic
 from .compact import fold_masks
+from .config import RouteConfig
 from .errors import ConfigError, S3RError
-from .model import RouteConfig, Wav2Vec2ForCTC, kept_count, topk_mask
+from .model import Wav2Vec2ForCTC, kept_count, topk_mask
 from .text import Vocabulary
 
 PARP_REPRUNE_INTERVAL = 50  # the PARP paper's n: updates between re-prunings

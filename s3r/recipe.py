@@ -30,11 +30,12 @@ from .checkpoint import checkpoint_vocab, load_pretrained
 from .classify import Wav2Vec2ForSequenceClassification, is_head
 from .cluster import load_last
 from .compact import fold_masks
+from .config import INIT_SCORES, RouteConfig, Wav2Vec2Config
 from .data import LIBRILIGHT_SPLITS, LIBRISPEECH_SPLITS, Corpus, resolve_corpus
 from .decode import transcribe
 from .errors import ArgumentParser, ConfigError, S3RError, warn
 from .metrics import score
-from .model import INIT_SCORES, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .model import Wav2Vec2ForCTC
 from .prune import PARP_REPRUNE_INTERVAL, load_dense, start_parp
 from .tasks import Labels, TaskCorpus, accuracy, classify, cross_entropy_sum, is_task, resolve_task
 from .text import OutOfVocabularyError, Vocabulary

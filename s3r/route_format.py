@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 
 from .classify import with_head
+from .config import RouteConfig, Wav2Vec2Config
 from .errors import S3RError
-from .model import Routable, RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC, kept_count
+from .model import Routable, Wav2Vec2ForCTC, kept_count
 from .text import Vocabulary
 
 ROUTE_FORMAT, BUNDLE_FORMAT = "s3r-route", "s3r-bundle"

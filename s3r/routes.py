@@ -37,8 +37,9 @@ from .checkpoint import (
 )
 from .classify import head_kind, is_head, with_head
 from .compact import compact, fold_masks
+from .config import RouteConfig, Wav2Vec2Config
 from .errors import ArgumentParser, S3RError
-from .model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
+from .model import Wav2Vec2ForCTC
 from .route_format import (
     BIT_ORDER,
     BUNDLE_FORMAT,

@@ -9,10 +9,12 @@ straight-through gradient can cover groups instead (RouteConfig.route_granularit
     neuron+head   both
     n:m           one per weight, n kept of every m consecutive inputs (2:4: the GPU's sparsity)
 
-A layer routed here keeps two attributes model.py's Routable reads: `view`, the shape its weight is
-seen as so that the group scores broadcast onto it (None: the weight's own), and `n_of_m`. The
-straight-through backward sums dL/dW_eff * W over each group (StraightThrough's sum_to_size).
-model.py imports this module, which reads model.py's layers by attribute only.
+Row and column scores broadcast onto the weight as they are: model.py's per-weight core (top-k of
+|scores|, StraightThrough, whose backward sums dL/dW_eff * W over each group by sum_to_size) runs
+unchanged. Heads and n:m need one step more each, which `GroupScores`, a mixin model.py's masked
+layers take ahead of Routable, adds: a `view` the weight is seen as so that head scores broadcast
+onto it, and the n-of-m selection in place of the top-k. model.py imports this module, which reads
+model.py's layers by attribute only.
 """
 from __future__ import annotations
 
@@ -41,6 +43,25 @@ def n_of_m_mask(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = groups.argsort(dim=-1, descending=True, stable=True)[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return mask.view_as(values)
+
+
+class GroupScores:
+    """Mixin ahead of model.Routable: a layer whose scores may cover groups of its weights."""
+    def drop_scores(self):
+        super().drop_scores()
+        self.view = None  # the shape the weight is seen as for the scores, None: its own
+        self.n_of_m = None  # (n, m): keep n of every m inputs instead of the top-k
+
+    def mask(self) -> torch.Tensor:
+        if self.scores is not None and self.n_of_m:
+            return n_of_m_mask(self.scores.abs(), *self.n_of_m)
+        return super().mask()
+
+    def routed_weight(self) -> torch.Tensor:
+        if self.scores is None or self.view is None:
+            return super().routed_weight()
+        weight = self.dense_weight()
+        return self.apply_mask(weight.view(self.view)).view(weight.shape)
 
 
 def dense_layers(granularity: str) -> tuple[str, ...]:

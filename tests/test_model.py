@@ -571,9 +571,18 @@ def test_bad_blank_mode_and_waveform_shape_are_refused(wav):
 
 
 def test_the_teaching_files_keep_their_size():
-    """s3r/model.py and train.py are read end to end: at most 100 characters a line."""
+    """s3r/model.py and train.py are read end to end: at most 100 characters a line; model.py at most
+    600 lines, its S3-Router core (the section from kept_count to the masked layers) one screen-sized
+    block that names no structured-route attribute (structured.py's `view`, `n_of_m`)."""
     root = Path(__file__).resolve().parent.parent
     for name in ("s3r/model.py", "train.py"):
         lines = (root / name).read_text().splitlines()
         long = [n for n, line in enumerate(lines, 1) if len(line) > 100]
         assert long == [], f"{name}: lines over 100 characters: {long}"
+    lines = (root / "s3r/model.py").read_text().splitlines()
+    assert len(lines) <= 600
+    start = next(n for n, line in enumerate(lines) if line.startswith("def kept_count("))
+    end = next(n for n, line in enumerate(lines) if line.startswith("# ---") and n > start)
+    core = "\n".join(lines[start:end])
+    assert end - start <= 110 and "class MaskedConv1d(" in core
+    assert not any(word in core for word in (".view ", "self.view", "n_of_m", "granularity"))
