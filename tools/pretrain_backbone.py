@@ -136,9 +136,11 @@ def make_targets(clips, args, seed: int) -> tuple[list[torch.Tensor], dict]:
         teacher = load_pretrained(args.label_model)
         feats = [layer_features(teacher, as_float(c), [args.label_layer])[args.label_layer].float() for c in clips]
         source = f"layer {args.label_layer} of {args.label_model}"
+        teacher_info = {"label_model": str(args.label_model), "label_layer": args.label_layer}
     else:
         feats = [mfcc_frames(as_float(c)) for c in clips]
         source = "39-d MFCC (13 + deltas + delta-deltas), per-utterance normalised"
+        teacher_info = {}
     x = torch.cat(feats)
     g = torch.Generator().manual_seed(seed)
     sample = x[torch.randperm(len(x), generator=g)[: args.kmeans_frames]]
@@ -148,7 +150,7 @@ def make_targets(clips, args, seed: int) -> tuple[list[torch.Tensor], dict]:
     p = counts / counts.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(args.units))
     info = {"source": source, "k": args.units, "kmeans_frames": len(sample), "frames": len(x),
-            "units_used": int((counts > 0).sum()), "usage_entropy": round(entropy, 4)}
+            "units_used": int((counts > 0).sum()), "usage_entropy": round(entropy, 4), **teacher_info}
     return units, {"centers": centers, **info}
 
 

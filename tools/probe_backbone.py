@@ -156,6 +156,11 @@ def pnmi(units: torch.Tensor, phones: torch.Tensor) -> dict:
             "phone_purity": round(float(p.max(1).values.sum()), 4)}
 
 
+def teacher_frames(teacher, layer: int, audio: torch.Tensor) -> torch.Tensor:
+    """(T, C) features of one layer of an iteration-2 teacher: what its k-means units were fitted on."""
+    return layer_features(teacher, audio, [layer])[layer].float()
+
+
 def main(argv=None):
     """Rows already in OUT.json from the same languages and utterance count are kept (another backbone's)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -211,13 +216,15 @@ def main(argv=None):
     for spec in a.targets:
         name, path = spec.split("=", 1)
         t = torch.load(path)
-        if "MFCC" not in t["info"]["source"]:
-            continue  # layer targets need their teacher model: scored only for MFCC units here
+        frames_of = mfcc_frames
+        if "label_model" in t["info"]:  # iteration 2's units: k-means of a layer of the teacher model
+            teacher, layer = load_pretrained(t["info"]["label_model"]), t["info"]["label_layer"]
+            frames_of = functools.partial(teacher_frames, teacher, layer)
         centers = t["info"]["centers"]
         units, phones = [], []
         for lang, items in data.items():
             for (audio, _), y in zip(items, labels[lang], strict=True):
-                f = mfcc_frames(audio)[: len(y)]
+                f = frames_of(audio)[: len(y)]
                 units.append(torch.cdist(f, centers).argmin(1))
                 phones.append(y[: len(f)] + 1000 * a.langs.index(lang))  # one phone set per language
         u, ph = torch.cat(units), torch.cat(phones)
