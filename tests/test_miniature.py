@@ -147,3 +147,69 @@ def test_a_cell_is_cached_by_backbone_recipe_lr_and_threads(mini_out, tiny_init,
         trained.clear()
         shutil.rmtree(cell, ignore_errors=True)
         shutil.copytree(tmp_path / "cell", cell)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collapsed runs: counted, investigated, reported
+
+
+def write_cell(out: Path, lang: str, name: str, per: float, valid=(), loss=(), warned=None, args=("--lr", "3e-3")):
+    """A finished grid cell as train_cell leaves it: result.json and (unless `valid` is empty) train.py's log.jsonl
+    lines: (update, per, blank_rate, empty) per validation, (update, loss) per log line, a collapse warning."""
+    cell = out / "cells" / lang / name
+    cell.mkdir(parents=True)
+    method, seed = name.rsplit("-s", 1)
+    (cell / "result.json").write_text(json.dumps({
+        "lang": lang, "method": method, "seed": int(seed), "per": per, "train_cpu_s": 60.0, "args": list(args),
+        "backbone_sha256": mini.file_sha256(mini.BACKBONE), "checkpoint": f"cells/{lang}/{name}/checkpoint_best.pt"}))
+    lines = [{"event": "start", "update": 0, "config": {"valid": "x"}}]
+    lines += [{"update": u, "loss": v, "lr": 1e-3} for u, v in loss]
+    lines += [{"valid": f"{lang}-dev", "update": u, "per": p, "blank_rate": b, "empty": e} for u, p, b, e in valid]
+    lines += [{"update": warned, "warning": "collapsed"}] if warned else []
+    if valid:
+        (cell / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture
+def collapsed_grid(tmp_path):
+    """nl: ft seed 1 collapsed (PER 95%, blank-only, warned at 100) and rerun (lower lr fine, longer warm-up not);
+    head seed 1 blank-only at its last validation though its best checkpoint scored 50%; the other two fine (head
+    seed 2 from before the blank rate was logged)."""
+    out = tmp_path / "out"
+    write_cell(out, "nl", "ft-s1", 0.95, valid=[(100, 0.99, 1.0, 1.0), (200, 1.0, 1.0, 1.0)],
+               loss=[(10, 250.0), (200, 180.0)], warned=100)
+    write_cell(out, "nl", "ft-s2", 0.30, valid=[(100, 0.5, 0.7, 0.0), (200, 0.3, 0.6, 0.0)], loss=[(10, 240.0)])
+    write_cell(out, "nl", "head-s1", 0.50, valid=[(100, 0.5, 0.8, 0.0), (200, 1.0, 0.995, 0.9)], loss=[(10, 9.0)])
+    write_cell(out, "nl", "head-s2", 0.20)
+    write_cell(out, "nl", "ft-lowlr-s1", 0.40, valid=[(200, 0.4, 0.7, 0.0)], args=("--lr", "1e-3"))
+    write_cell(out, "nl", "ft-warmup-s1", 0.97, valid=[(200, 1.0, 1.0, 1.0)])
+    return out
+
+
+def test_collapsed_runs_are_found_and_trained_again(collapsed_grid, monkeypatch):
+    calls = []
+    monkeypatch.setattr(mini, "train_cell", lambda out, lang, m, seed, args, threads, tag="": calls.append(
+        (lang, m, seed, tag, args)))
+    mini.use_lrs(mini.DEMO_LRS)
+    found = mini.run_collapse(collapsed_grid, ["nl"], ["head", "ft"], [1, 2], jobs=2)
+    assert found == [{"lang": "nl", "method": "head", "seed": 1}, {"lang": "nl", "method": "ft", "seed": 1}]
+    by = {(m, tag): args for _, m, _, tag, args in calls}
+    assert len(calls) == 4 and by["ft", "-lowlr"] == ["--finetune-weights", "--lr", "1e-3"]  # 3e-3, one step down
+    assert by["head", "-lowlr"][-2:] == ["--lr", "3e-3"]  # 1e-2, one step down
+    assert by["ft", "-warmup"] == ["--finetune-weights", "--lr", "3e-3", "--phase-ratio", "0.3", "0.2", "0.5"]
+
+
+def test_report_counts_and_explains_collapsed_runs(collapsed_grid, results):
+    import argparse
+    mini.use_lrs(mini.DEMO_LRS)
+    a = argparse.Namespace(langs=["nl"], methods=["head", "ft"], seeds=[1, 2], curve_rates=mini.CURVE_RATES)
+    mini.report(collapsed_grid, a)
+    md = (results / "miniature.md").read_text()
+    assert "| nl | 35.0 ±15.0† | 62.5 ±32.5† |" in md
+    assert "| runs that collapsed (†) | 1 of 2 | 1 of 2 |" in md
+    assert "| nl | ft | 1 | 95.0 | 100% | 100% | 250.0 -> 180.0 | 100 | 40.0, lr 1e-3 | 97.0 (collapsed) |" in md
+    assert "| nl | head | 1 | 50.0 | 100% | 90% | 9.0 -> 9.0 | - | not run | not run |" in md  # 99.5% rounds up
+    assert "The lower lr removed the collapse in 1 of 1 runs." in md
+    assert "The longer warm-up removed the collapse in 0 of 1 runs." in md
+    summary = json.loads((results / "miniature.json").read_text())
+    assert [(r["method"], r["seed"]) for r in summary["collapsed"]] == [("ft", 1), ("head", 1)]

@@ -1,6 +1,7 @@
 """The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech.
 
-    python -m tools.miniature                 # all: corpus, backbone, lr, grid, bundle, curve, similarity, report
+    python -m tools.miniature                 # all: corpus, backbone, lr, grid, collapse, bundle, curve, similarity,
+                                              # report
     python -m tools.miniature --stage corpus  # one stage (any of those; comma-separated: several)
     python -m tools.miniature --stage lr,grid --backbone s3r/assets/miniature/backbone-ssl.pt
                                               # each family's lr chosen on fr/tt dev, then the grid at those lrs
@@ -720,13 +721,134 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
             if speed_path.exists() else None}
 
 
-COLLAPSED = 0.9  # a run whose test PER is above this emits (almost) only blanks: CTC training collapsed
+COLLAPSED = 0.9  # a run whose test PER is above this has collapsed
+BLANK_ONLY = 0.99  # or whose last validation has this share of blank frames (train.py's COLLAPSED_BLANK_RATE)
+LR_LADDER = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]
+
+
+def cell_log(out: Path, lang: str, name: str) -> dict:
+    """What a cell's train.py log.jsonl says about its run: every validation's (update, error rate, blank rate,
+    empty share), the training loss by update, the update of train.py's collapse warning (None: none), and the
+    last validation's blank rate and empty share (None where the log predates them)."""
+    path = out / "cells" / lang / name / "log.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    valid = [(v["update"], v.get("per", v.get("uer")), v.get("blank_rate"), v.get("empty"))
+             for v in lines if "valid" in v]
+    loss = [(v["update"], v["loss"]) for v in lines if "loss" in v and "valid" not in v]
+    warned = [v["update"] for v in lines if "warning" in v]
+    last = valid[-1] if valid else (None, None, None, None)
+    return {"valid": valid, "loss": loss, "warned_at": warned[0] if warned else None, "blank_rate": last[2],
+            "empty": last[3]}
+
+
+def collapsed(cell: dict, health: dict) -> bool:
+    """A collapsed run: test PER above COLLAPSED, or a model that ended blank-only (every hypothesis of its last
+    validation empty, or BLANK_ONLY of its frames blank)."""
+    blank_only = health.get("empty") == 1.0 or (health.get("blank_rate") or 0.0) >= BLANK_ONLY
+    return cell["per"] > COLLAPSED or blank_only
+
+
+def lower_lr(args: list[str]) -> list[str]:
+    """A method's arguments one step down LR_LADDER (a third of its lr)."""
+    lr = args[args.index("--lr") + 1]
+    below = [x for x in LR_LADDER if float(x) < float(lr) * 0.99]
+    return with_lr(args, below[-1] if below else f"{float(lr) / 3:.0e}")
+
+
+LONG_WARMUP = ["--phase-ratio", "0.3", "0.2", "0.5"]  # three times the recipe's warm-up (train.py's 0.1 0.4 0.5)
+
+
+def run_collapse(out: Path, langs: list[str], methods: list[str], seeds: list[int], jobs: int) -> list[dict]:
+    """Every collapsed grid cell trained again twice, at one step lower lr and with a three times longer warm-up (the
+    rest of its recipe the same): whether either removes the collapse. Cells <method>-lowlr / -warmup, cached."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, 2 // jobs)
+    found = [(lg, m, s) for s in seeds for lg in langs for m in methods
+             if (c := cell_result(out, lg, f"{m}-s{s}")) and collapsed(c, cell_log(out, lg, f"{m}-s{s}"))]
+    variants = {"-lowlr": lower_lr, "-warmup": lambda args: [*args, *LONG_WARMUP]}
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(train_cell, out, lg, m, s, fix(METHODS[m]), threads, tag=tag)
+                   for lg, m, s in found for tag, fix in variants.items()]
+        for f in futures:
+            try:
+                f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+    log(f"collapse: {len(found)} collapsed cells, each trained again at a lower lr and with a longer warm-up")
+    return [{"lang": lg, "method": m, "seed": s} for lg, m, s in found]
+
+
+def collapse_rows(out: Path, cells: list[dict]) -> list[dict]:
+    """The collapsed ones among `cells` (grid results), with what their logs say and their reruns' PER."""
+    rows = []
+    for c in cells:
+        name = f"{c['method']}-s{c['seed']}"
+        health = cell_log(out, c["lang"], name)
+        if not collapsed(c, health):
+            continue
+        loss, rerun = health["loss"], {}
+        for tag in ("-lowlr", "-warmup"):
+            variant = f"{c['method']}{tag}-s{c['seed']}"
+            if r := cell_result(out, c["lang"], variant):
+                rerun[tag] = {"per": r["per"], "collapsed": collapsed(r, cell_log(out, c["lang"], variant)),
+                              "lr": r["args"][r["args"].index("--lr") + 1]}
+        rows.append({"lang": c["lang"], "method": c["method"], "seed": c["seed"], "per": c["per"],
+                     "blank_rate": health["blank_rate"], "empty": health["empty"], "warned_at": health["warned_at"],
+                     "loss_first": loss[0][1] if loss else None, "loss_last": loss[-1][1] if loss else None,
+                     "valid": health["valid"], "rerun": rerun})
+    return rows
 
 
 def per_cell(pers: list[float]) -> str:
     """'81.6 ±1.2' (mean ± half the range over seeds, in %), or '81.6 (1)' for a single seed."""
     mean = 100 * sum(pers) / len(pers)
     return f"{mean:.1f} ±{50 * (max(pers) - min(pers)):.1f}" if len(pers) > 1 else f"{mean:.1f} (1)"
+
+
+def collapse_md(rows: list[dict]) -> list[str]:
+    """The report's section on collapsed runs: what the loss and the blank rate did, and what the reruns gave."""
+    if not rows:
+        return []
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731  four columns below
+    md = ["### Collapsed runs", "",
+          "Each collapsed grid run, with what its log.jsonl says (the last validation on the dev split; the training "
+          "loss, nats per utterance, at the first and last logged update; the update of train.py's collapse "
+          "warning) and its reruns (`--stage collapse`): one lr step lower, and a three times longer warm-up.", "",
+          "| language | method | seed | test PER | blank frames | empty hypotheses | loss, first -> last | warned at "
+          "| lower lr | longer warm-up |", "|---|---|---:|---:|---:|---:|---|---:|---|---|"]
+    rerun = lambda r, tag: (f"{100 * r['rerun'][tag]['per']:.1f}" + (" (collapsed)" if r["rerun"][tag]["collapsed"]  # noqa: E731
+                            else "") + (f", lr {r['rerun'][tag]['lr']}" if tag == "-lowlr" else "")
+                            if tag in r["rerun"] else "not run")
+    for r in rows:
+        loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.1f} -> {r['loss_last']:.1f}"
+        md.append(f"| {r['lang']} | {r['method']} | {r['seed']} | {100 * r['per']:.1f} | {pct(r['blank_rate'])} | "
+                  f"{pct(r['empty'])} | {loss} | {r['warned_at'] or '-'} | {rerun(r, '-lowlr')} | "
+                  f"{rerun(r, '-warmup')} |")
+    for tag, name in (("-lowlr", "the lower lr"), ("-warmup", "the longer warm-up")):
+        done = [r for r in rows if tag in r["rerun"]]
+        if done:
+            fixed = sum(not r["rerun"][tag]["collapsed"] for r in done)
+            md.append(f"\n{name.capitalize()} removed the collapse in {fixed} of {len(done)} runs.")
+    return md + [""]
+
+
+def backbone_text(backbones: list[str], bb: dict, supervised: str | None) -> str:
+    """The report's sentence on the backbone the grid cells (their sha256s: `backbones`) started from."""
+    if len(backbones) > 1:
+        return f"MIXED: the cells come from {len(backbones)} backbone files; rerun the grid on one."
+    if backbones == [supervised] and not bb:
+        return f"the supervised stand-in `{DEMO_BACKBONE.relative_to(ROOT)}`."
+    if backbones == [supervised]:
+        return (f"{bb.get('params', 0) / 1e6:.2f}M-parameter pre-LN wav2vec 2.0 trained with SUPERVISED phone CTC plus "
+                f"HuBERT-style MFCC k-means unit prediction on {', '.join(text_sources.PRETRAIN)} "
+                f"({bb.get('train_audio_minutes', 0) / 60:.1f} h of speech, {bb.get('updates')} updates, held-in PER "
+                f"{100 * bb.get('per', float('nan')):.1f}%): a stand-in for self-supervised pretraining.")
+    path = BACKBONE.relative_to(ROOT) if BACKBONE.is_relative_to(ROOT) else BACKBONE
+    if backbones[0] != file_sha256(BACKBONE):
+        return f"sha256 {backbones[0][:12]}, not --backbone `{path}`: rerun the grid on it."
+    ssl = SSL_BACKBONE.exists() and backbones == [file_sha256(SSL_BACKBONE)]
+    return (f"`{path}` (sha256 {backbones[0][:12]})" + (f", self-supervised on {', '.join(text_sources.PRETRAIN)} "
+            "(tools/pretrain_backbone.py; bench/results/backbone.md)." if ssl else "."))
 
 
 def report(out: Path, a):
@@ -746,15 +868,27 @@ def report(out: Path, a):
     langs = [lg for lg in a.langs if lg in table]
     methods = [m for m in METHODS if any(m in table[lg] for lg in langs)]
     mean = {lg: {m: statistics.mean(v) for m, v in table[lg].items()} for lg in langs}
+    collapses = collapse_rows(out, [c for c in grid if c["lang"] in langs])
+    n_collapsed = {(r["lang"], r["method"]): 0 for r in collapses}
+    for r in collapses:
+        n_collapsed[r["lang"], r["method"]] += 1
     backbone_report = out / "backbone" / "report.json"
-    bb = json.loads(backbone_report.read_text()) if backbone_report.exists() else {}
+    supervised = file_sha256(DEMO_BACKBONE) if DEMO_BACKBONE.exists() else None
+    backbones = sorted({c["backbone_sha256"] for c in grid}) or [file_sha256(BACKBONE)]
+    bb = json.loads(backbone_report.read_text()) if backbone_report.exists() and supervised in backbones else {}
+    lr_path = results / "miniature_lr.json"
+    lr_choice = json.loads(lr_path.read_text()) if lr_path.exists() else None
+    backbone_arg = "" if BACKBONE == DEMO_BACKBONE or not BACKBONE.is_relative_to(ROOT) else \
+        f" --backbone {BACKBONE.relative_to(ROOT)}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
     curve = curve_rows(out, rates=a.curve_rates)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
-    summary = {"command": "python -m tools.miniature", "commit": commit, "cells": cells, "per_mean": mean,
+    summary = {"command": f"python -m tools.miniature{backbone_arg}", "commit": commit, "cells": cells,
+               "per_mean": mean, "collapsed": collapses, "backbone_sha256": backbones, "lrs": LRS,
+               "lr_selection": lr_choice and {k: lr_choice[k] for k in ("langs", "mean_dev_per", "selected")},
                "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
                "bundle": bundle, "curve": curve,
@@ -766,7 +900,8 @@ def report(out: Path, a):
     corpus_s = sum(json.loads(d.read_text())["seconds_to_make"]
                    for d in (corpus_root(out) / RELEASE).glob("*/DONE"))
     md = ["# The miniature: S3-Router on synthetic multilingual speech, CPU scale", "",
-          f"Regenerate: `python -m tools.miniature` (resumable; cells cached under runs/miniature/cells). "
+          f"Regenerate: `python -m tools.miniature{backbone_arg}` (resumable; cells cached under "
+          "runs/miniature/cells). "
           f"Commit {commit}. "
           f"Cost on the 2-core development machine: corpus {corpus_s / 60:.0f} min wall"
           + (f", backbone {bb.get('train_cpu_minutes')} min of training steps" if bb else "")
@@ -777,34 +912,40 @@ def report(out: Path, a):
           "Speech: espeak-ng reading Debian-packaged text (tools/text_sources.py), CommonVoice layout, ~5 minutes of "
           "training speech per held-out language; targets are the espeak-ng phone transcripts, scored by phone error "
           "rate (PER, %, greedy CTC, test split). Backbone: "
-          f"{bb.get('params', 0) / 1e6:.2f}M-parameter pre-LN wav2vec 2.0 trained with SUPERVISED phone CTC plus "
-          f"HuBERT-style MFCC k-means unit prediction on {', '.join(text_sources.PRETRAIN)} "
-          f"({bb.get('train_audio_minutes', 0) / 60:.1f} h of speech, {bb.get('updates')} updates, held-in PER "
-          f"{100 * bb.get('per', float('nan')):.1f}%): a stand-in for self-supervised pretraining, which two CPU cores "
-          "cannot do. The held-out languages below were never seen by it.", "",
+          + backbone_text(backbones, bb, supervised)
+          + " The held-out languages below were never seen by it.", "",
           "Caveats: every method gets the same recipe (200 updates of 10 s of audio, tri-stage schedule) with its "
-          f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others {ROUTE_LR}); "
-          "in the pruning curve, S3-Router pruning trains scores and head for 200 more updates on top of the finetuned "
-          "model while OMP (as upstream's baseline) does no retraining; "
+          + (f"family's peak lr chosen on the dev split of {' and '.join(lr_choice['langs'])}, languages reported "
+             f"nowhere else (miniature_lr.md: head {LRS['head']}, ft {LRS['ft']}, s3r {LRS['s3r']}); "
+             if lr_choice else
+             f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others "
+             f"{ROUTE_LR}); ")
+          + "in the pruning curve, S3-Router pruning trains scores and head for 200 more updates on top of the "
+          "finetuned model while OMP (as upstream's baseline) does no retraining; "
           "the espeak-ng voices are far more regular than real speakers, so absolute PERs say little about real "
           "speech, only the comparisons between methods do.", ""]
     if langs:
         md += ["## Application 1: PER (%) per held-out language, mean over seeds", "",
                "| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for lg in langs:
-            cells_md = (per_cell(table[lg][m]) if m in table[lg] else "-" for m in methods)
+            cells_md = (per_cell(table[lg][m]) + "†" * n_collapsed.get((lg, m), 0) if m in table[lg] else "-"
+                        for m in methods)
             md.append(f"| {lg} | " + " | ".join(cells_md) + " |")
         full = [lg for lg in langs if all(m in mean[lg] for m in methods)]
         if full:
             md.append(f"| mean of {len(full)} | " + " | ".join(
                 f"{100 * statistics.mean(mean[lg][m] for lg in full):.1f}"
                                                           for m in methods) + " |")
-            md.append(f"| runs that collapsed (PER > {100 * COLLAPSED:.0f}%) | " + " | ".join(
-                str(sum(p > COLLAPSED for lg in full for p in table[lg][m])) for m in methods) + " |")
+        md.append("| runs that collapsed (†) | " + " | ".join(
+            f"{sum(r['method'] == m for r in collapses)} of {sum(len(table[lg].get(m, [])) for lg in langs)}"
+            for m in methods) + " |")
         md += ["", "Mean over seeds ± half their range; (1) = one seed finished so far. head: frozen encoder, CTC head "
                "only; ft: standard weight finetuning; s3r-R: S3-Router keeping fraction R of attention+FFN weights; "
-               "-fa: --fix-attn (FFN only routed).", "",
+               f"-fa: --fix-attn (FFN only routed). †: one run collapsed (test PER above {100 * COLLAPSED:.0f}%, or "
+               f"its last validation blank-only: every hypothesis empty or {100 * BLANK_ONLY:.0f}% of the frames "
+               "blank).", "",
                "![PER per language](miniature_per.png)", ""]
+        md += collapse_md(collapses)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(langs) * len(methods)), 4))
         w = 0.8 / len(methods)
         for k, m in enumerate(methods):
@@ -979,7 +1120,7 @@ def main(argv=None):
     global BACKBONE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
-                   "lr, grid, bundle, curve, similarity, report; or ssl-pilot (see --init)")
+                   "lr, grid, collapse, bundle, curve, similarity, report; or ssl-pilot (see --init)")
     p.add_argument("--backbone", default=str(BACKBONE.relative_to(ROOT)), help="the checkpoint every cell starts "
                    "from (default: %(default)s: the self-supervised backbone when committed, else the supervised "
                    "stand-in)")
@@ -1029,6 +1170,8 @@ def main(argv=None):
                          f"({', '.join(METHODS)})")
     if stage("grid"):
         run_grid(out, a.langs, a.methods, a.seeds, a.jobs)
+    if stage("collapse"):
+        run_collapse(out, a.langs, a.methods, a.seeds, a.jobs)
     if stage("bundle"):
         run_bundle(out, a.langs)
     if stage("curve") and CURVE_LANG in a.langs:
