@@ -1,7 +1,10 @@
 """The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech.
 
-    python -m tools.miniature                 # all: corpus, backbone, grid, bundle, curve, similarity, report
-    python -m tools.miniature --stage corpus  # one stage (corpus, backbone, grid, bundle, curve, similarity, report)
+    python -m tools.miniature                 # all: corpus, backbone, lr, grid, collapse, bundle, curve, similarity,
+                                              # report
+    python -m tools.miniature --stage corpus  # one stage (any of those; comma-separated: several)
+    python -m tools.miniature --stage lr,grid --backbone s3r/assets/miniature/backbone-ssl.pt
+                                              # each family's lr chosen on fr/tt dev, then the grid at those lrs
     python -m tools.miniature --stage ssl-pilot --init CKPT --pilot-tag NAME  # a backbone's pilot (es, ru; 3 methods)
     python -m tools.miniature --stage curve --langs es --curve-kinds omp prune parp imp --curve-rates 0.3
                                               # the pruning curve with PARP and IMP beside OMP and S3-Router pruning
@@ -187,30 +190,53 @@ def write_reference(out: Path, langs: list[str]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ grid
-BACKBONE = ROOT / "s3r" / "assets" / "demo" / "backbone.pt"
-# Application 1 methods, in the order they run; the grid runs every method for one seed before the next seed.
-# "head": the frozen-encoder baseline, only the CTC head learns: weight finetuning with the encoder frozen for every
-# update (upstream freeze_finetune_updates), so that no gradient flows into it (S3-Router at prune rate 1.0 learns the
-# same, but pays for a backward pass through the encoder).
-# Peak lr per method: the better of 3e-3 and 1e-2 for each on the built-in demo corpus (Spanish, 200 updates; PER
-# head 9.1 at 1e-2 (75.8 at 1e-3), ft 12.4 / 13.6, s3r-0.9 9.1 / 7.6 at 3e-3 / 1e-2).
-FT_LR, ROUTE_LR = "3e-3", "1e-2"
-METHODS = {
-    "head": ["--finetune-weights", "--freeze-finetune-updates", "1000000", "--lr", ROUTE_LR],
-    "ft": ["--finetune-weights", "--lr", FT_LR],
-    "s3r-0.9": ["--prune-rate", "0.9", "--no-fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.9-fa": ["--prune-rate", "0.9", "--fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.7": ["--prune-rate", "0.7", "--no-fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.7-fa": ["--prune-rate", "0.7", "--fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.5": ["--prune-rate", "0.5", "--no-fix-attn", "--lr", ROUTE_LR],
-    "s3r-0.5-fa": ["--prune-rate", "0.5", "--fix-attn", "--lr", ROUTE_LR],
-    # S3-Router at ft's lr: at 1e-2, 200 Adam steps move a score (kaiming scale, ~0.07 here) far more than its initial
-    # value, so the learned masks keep little of their weight_rank init; this column shows what a gentler lr gives
-    # (PER, and in application 4, how language-specific the masks are).
-    "s3r-0.9-lr3e-3": ["--prune-rate", "0.9", "--no-fix-attn", "--lr", FT_LR],
-}
-SIMILARITY_METHODS = ["s3r-0.9", "s3r-0.9-lr3e-3"]
-DEFAULT_METHODS = list(METHODS)
+DEMO_BACKBONE = ROOT / "s3r" / "assets" / "demo" / "backbone.pt"  # the supervised stand-in (stage backbone)
+SSL_BACKBONE = ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"  # tools/pretrain_backbone.py
+# The backbone every cell starts from: --backbone; by default the self-supervised one once it is committed.
+BACKBONE = SSL_BACKBONE if SSL_BACKBONE.exists() else DEMO_BACKBONE
+# Peak lr per method family, until the lr stage has chosen them (bench/results/miniature_lr.json): the better of 3e-3
+# and 1e-2 for each on the built-in demo corpus (Spanish, 200 updates; PER head 9.1 at 1e-2 (75.8 at 1e-3), ft 12.4
+# / 13.6, s3r-0.9 9.1 / 7.6 at 3e-3 / 1e-2).
+DEMO_LRS = {"head": "1e-2", "ft": "3e-3", "s3r": "1e-2"}
+RESULTS = ROOT / "bench" / "results"  # where every stage writes its committed results
+
+
+def make_methods(lrs: dict[str, str]) -> dict[str, list[str]]:
+    """Application 1 methods, in the order they run (the grid runs every method for one seed before the next seed),
+    at the peak lr of their family (head, ft, s3r).
+
+    "head": the frozen-encoder baseline, only the CTC head learns: weight finetuning with the encoder frozen for every
+    update (upstream freeze_finetune_updates), so that no gradient flows into it (S3-Router at prune rate 1.0 learns
+    the same, but pays for a backward pass through the encoder). The last method is S3-Router 0.9 at a second lr
+    (3e-3, or 1e-2 when 3e-3 is the family's): how much the masks and their similarity (application 4) depend on it.
+    """
+    route = lrs["s3r"]
+    other = "3e-3" if float(route) != 3e-3 else "1e-2"
+    methods = {"head": ["--finetune-weights", "--freeze-finetune-updates", "1000000", "--lr", lrs["head"]],
+               "ft": ["--finetune-weights", "--lr", lrs["ft"]]}
+    for rate in ("0.9", "0.7", "0.5"):
+        methods[f"s3r-{rate}"] = ["--prune-rate", rate, "--no-fix-attn", "--lr", route]
+        methods[f"s3r-{rate}-fa"] = ["--prune-rate", rate, "--fix-attn", "--lr", route]
+    methods[f"s3r-0.9-lr{other}"] = ["--prune-rate", "0.9", "--no-fix-attn", "--lr", other]
+    return methods
+
+
+def selected_lrs(path: Path | None = None) -> dict[str, str]:
+    """The lr stage's choice per family (where it has made one), else the demo corpus's."""
+    path = path or RESULTS / "miniature_lr.json"
+    chosen = json.loads(path.read_text())["selected"] if path.exists() else {}
+    return {**DEMO_LRS, **{k: v for k, v in chosen.items() if v is not None}}
+
+
+def use_lrs(lrs: dict[str, str]) -> None:
+    """Set the methods (and the lrs the pruning curve uses: ft's for weight retraining, s3r's for scores)."""
+    global LRS, FT_LR, ROUTE_LR, METHODS, SIMILARITY_METHODS
+    LRS, FT_LR, ROUTE_LR = dict(lrs), lrs["ft"], lrs["s3r"]
+    METHODS = make_methods(lrs)
+    SIMILARITY_METHODS = ["s3r-0.9", list(METHODS)[-1]]
+
+
+use_lrs(selected_lrs())
 # the first 6 are the minimum; zh-TW last: see make_corpus
 GRID_LANGS = ["es", "ru", "nl", "it", "tr", "sv-SE", "fr", "tt", "ky", "zh-TW"]
 SEEDS = [1, 2]
@@ -262,31 +288,34 @@ def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int) ->
 
 
 def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], threads: int,
-               init: Path = BACKBONE, tag: str = "") -> dict:
-    """One experiment: train.py on <lang>-train (validated on <lang>-dev), eval.py on <lang>-test; cached as JSON."""
+               init: Path | None = None, tag: str = "", split: str = "test") -> dict:
+    """One experiment: train.py on <lang>-train (validated on <lang>-dev), eval.py on <lang>-<split> (test; dev for
+    the lr stage); cached as JSON, keyed by the backbone file, the recipe and args, the split and the thread count."""
+    init = BACKBONE if init is None else init
     name = f"{method}{tag}-s{seed}"
     cell = out / "cells" / lang / name
     result_path = cell / "result.json"
     backbone = file_sha256(init)  # the cache is keyed by the backbone a cell starts from
     if result_path.exists():
         result = json.loads(result_path.read_text())
-        if result.get("backbone_sha256") == backbone and result.get("recipe") == RECIPE + args:
+        key = (result.get("backbone_sha256"), result.get("recipe"), result.get("threads"), result.get("split", "test"))
+        if key == (backbone, RECIPE + args, threads, split):
             return result
-        shutil.rmtree(cell)  # trained on another backbone or recipe: stale
-        log(f"cell {lang} {name}: recomputed (the backbone or the recipe changed)")
+        shutil.rmtree(cell)  # trained on another backbone, recipe or lr, or at another thread count: stale
+        log(f"cell {lang} {name}: recomputed (the backbone, the recipe or the thread count changed)")
     t0 = time.time()
     cpu = run_logged(python_cmd("train.py", "--init", init, "--data", f"{lang}-train", "--data-root", corpus_root(out),
                                 "--valid", f"{lang}-dev", "--save-dir", cell, "--seed", seed, *RECIPE, *args),
                      cell / "train.log", threads)
     best = cell / "checkpoint_best.pt"
     ckpt = best if best.exists() else cell / "checkpoint_last.pt"
-    test = evaluate(ckpt, f"{lang}-test", out, cell / "test.json", threads)
-    result = {"lang": lang, "method": method + tag, "seed": seed, "per": test["per"],
-              "test_utterances": test["utterances"], "checkpoint": str(ckpt.relative_to(out)),
+    scored = evaluate(ckpt, f"{lang}-{split}", out, cell / f"{split}.json", threads)
+    result = {"lang": lang, "method": method + tag, "seed": seed, "per": scored["per"], "split": split,
+              f"{split}_utterances": scored["utterances"], "checkpoint": str(ckpt.relative_to(out)),
               "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1), "threads": threads,
               "args": args, "recipe": RECIPE + args, "backbone_sha256": backbone}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"cell {lang} {name}: PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
+    log(f"cell {lang} {name}: {split} PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
     return result
 
 
@@ -304,10 +333,88 @@ def run_grid(out: Path, langs: list[str], methods: list[str], seeds: list[int], 
                 log(f"error: {e}")
 
 
+# ------------------------------------------------------------------------------------------------ learning rates
+# Each family's peak lr is chosen on the dev split of two held-out languages that no reported result uses (the grid
+# reports GRID_LANGS[:6]), with one seed, from a small grid; the grid then runs at the chosen lrs.
+LR_LANGS = ["fr", "tt"]
+LR_GRID = {"head": ["3e-3", "1e-2", "3e-2"], "ft": ["3e-4", "1e-3", "3e-3"], "s3r": ["3e-3", "1e-2", "3e-2"]}
+LR_PROBES = {"head": "head", "ft": "ft", "s3r": "s3r-0.9"}  # the method each family's lr is chosen with
+
+
+def with_lr(args: list[str], lr: str) -> list[str]:
+    """A method's train.py arguments with its --lr replaced."""
+    i = args.index("--lr")
+    return [*args[:i + 1], lr, *args[i + 2:]]
+
+
+def run_lr(out: Path, langs: list[str] = LR_LANGS, seed: int = SEEDS[0], jobs: int = 2, command: str = "",
+           grid: dict[str, list[str]] | None = None) -> dict:
+    """Train every (family, lr, language) cell, score its dev PER, pick per family the lr with the lowest mean dev
+    PER over `langs` (a family with a failed cell keeps its current lr); write bench/results/miniature_lr.json|md."""
+    from concurrent.futures import ThreadPoolExecutor
+    reported = set(GRID_LANGS[:6])
+    if reported & set(langs):
+        raise SystemExit(f"error: --lr-langs {' '.join(langs)}: {', '.join(sorted(reported & set(langs)))} is "
+                         "reported by the grid; choose the lrs on languages it does not report")
+    grid = grid or LR_GRID
+    threads = max(1, 2 // jobs)
+    cells = [(fam, lr, lang) for fam, lrs in grid.items() for lr in lrs for lang in langs]
+    base = make_methods(DEMO_LRS)
+    per, cpu, failed = {}, 0.0, []
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {c: pool.submit(train_cell, out, c[2], f"lr-{c[0]}-{c[1]}", seed,
+                                  with_lr(base[LR_PROBES[c[0]]], c[1]), threads, split="dev") for c in cells}
+        for (fam, lr, lang), f in futures.items():
+            try:
+                r = f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+                failed.append(f"{fam} {lr} {lang}")
+                continue
+            per.setdefault(fam, {}).setdefault(lr, {})[lang] = r["per"]
+            cpu += r["train_cpu_s"]
+    mean = {fam: {lr: sum(v.values()) / len(v) for lr, v in per[fam].items() if len(v) == len(langs)}
+            for fam in per}
+    selected = {fam: (min(grid[fam], key=lambda lr, fam=fam: mean[fam][lr])
+                      if fam in mean and len(mean[fam]) == len(grid[fam]) else None) for fam in grid}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    res = {"command": command, "commit": commit, "langs": langs, "seed": seed, "split": "dev", "grid": grid,
+           "probes": {fam: LR_PROBES[fam] for fam in grid}, "dev_per": per, "mean_dev_per": mean,
+           "selected": selected, "failed": failed, "cpu_minutes": round(cpu / 60, 1), "threads": threads,
+           "backbone": str(BACKBONE.relative_to(ROOT)) if BACKBONE.is_relative_to(ROOT) else str(BACKBONE),
+           "backbone_sha256": file_sha256(BACKBONE), "recipe": RECIPE}
+    path = RESULTS / "miniature_lr.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    md = ["# The miniature's learning rates, chosen on dev languages the grid does not report", "",
+          f"Regenerate: `{command}` (cells cached under runs/miniature/cells/<lang>/lr-*). Commit {commit}. "
+          f"{res['cpu_minutes']:.0f} CPU minutes for {len(cells)} cells ({threads} thread(s) each). Backbone "
+          f"`{res['backbone']}` (sha256 {res['backbone_sha256'][:12]}).", "",
+          f"Each family's lr is chosen with one method ({', '.join(f'{f}: `{m}`' for f, m in res['probes'].items())}),"
+          f" trained with the grid's recipe on the train split of {' and '.join(langs)} (seed {seed}) and scored by "
+          "phone error rate on their dev split (the checkpoint the grid would keep, chosen on the same dev split), "
+          "never on a test split. The grid then runs every method of a family at its chosen lr (s3r: every "
+          "S3-Router method, and S3-Router pruning in the pruning curve; ft: weight finetuning, PARP and IMP).", "",
+          "| family | peak lr | " + " | ".join(f"{lg} dev PER (%)" for lg in langs) + " | mean | |",
+          "|---|---:|" + "---:|" * len(langs) + "---:|---|"]
+    for fam, lrs in grid.items():
+        for lr in lrs:
+            vals = [per.get(fam, {}).get(lr, {}).get(lg) for lg in langs]
+            m, chosen = mean.get(fam, {}).get(lr), "**chosen**" if selected[fam] == lr else ""
+            md.append(f"| {fam} | {lr} | " + " | ".join("failed" if v is None else f"{100 * v:.1f}" for v in vals)
+                      + f" | {'-' if m is None else f'{100 * m:.1f}'} | {chosen} |")
+    if failed:
+        md += ["", f"Failed cells (their family keeps its lr): {', '.join(failed)}."]
+    md += ["", "Chosen: " + ", ".join(f"{fam} {lr or 'none (kept ' + LRS[fam] + ')'}" for fam, lr in selected.items())
+           + ".", ""]
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    log("lr: chosen " + ", ".join(f"{fam} {lr}" for fam, lr in selected.items()))
+    return res
+
+
 # ------------------------------------------------------------------------------------------------ SSL pilot
-SSL_BACKBONE = ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"
 PILOT_LANGS, PILOT_METHODS = ["es", "ru"], ["head", "ft", "s3r-0.9"]
-PILOT_RESULTS = ROOT / "bench" / "results" / "backbone_pilot"
 
 
 def run_pilot(out: Path, init: Path, tag: str, jobs: int, seed: int = SEEDS[0]) -> dict:
@@ -320,7 +427,7 @@ def run_pilot(out: Path, init: Path, tag: str, jobs: int, seed: int = SEEDS[0]) 
     with ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(lambda c: train_cell(out, c[0], c[1], seed, METHODS[c[1]], threads, init=init,
                                                      tag=f"-{tag}"), cells))
-    path = PILOT_RESULTS.with_suffix(".json")
+    path = (RESULTS / "backbone_pilot").with_suffix(".json")
     table = json.loads(path.read_text()) if path.exists() else {"backbones": {}}
     table["backbones"][tag] = {
         "init": str(Path(init).resolve().relative_to(ROOT)) if Path(init).resolve().is_relative_to(ROOT) else str(init),
@@ -340,7 +447,7 @@ def run_pilot(out: Path, init: Path, tag: str, jobs: int, seed: int = SEEDS[0]) 
         cols = [row["per"].get(lg, {}).get(m) for lg in PILOT_LANGS for m in PILOT_METHODS]
         lines.append(f"| {name} (`{row['init']}`) | " + " | ".join("" if v is None else f"{v:.1f}" for v in cols)
                      + f" | {row['cpu_minutes']} |")
-    PILOT_RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "backbone_pilot").with_suffix(".md").write_text("\n".join(lines) + "\n")
     log(f"pilot {tag}: " + json.dumps(table["backbones"][tag]["per"]))
     return table
 
@@ -465,7 +572,8 @@ def imp_cell(out: Path, lang: str, seed: int, rate: float, ft_ckpt: Path, thread
     args = ["--data", f"{lang}-train", "--data-root", corpus_root(out), "--valid", f"{lang}-dev", "--seed", seed,
             *RECIPE, "--lr", FT_LR]
     result = cell_result(out, lang, cell.name)
-    if result and result.get("recipe") == list(map(str, args)) and result.get("finetuned") == file_sha256(ft_ckpt):
+    if result and (result.get("recipe"), result.get("finetuned"), result.get("threads")) == (
+            list(map(str, args)), file_sha256(ft_ckpt), threads):
         return result
     t0 = time.time()
     cpu = run_logged(python_cmd("-m", "s3r.prune", "imp", BACKBONE, cell, "--prune-rate", rate, "--rounds", IMP_ROUNDS,
@@ -554,7 +662,7 @@ def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: i
     routes = [f"{lg}={out / cell_result(out, lg, f'{method}-s{seed}')['checkpoint']}" for lg in have]
     res_path = out / f"similarity-{method}.json"
     run_logged(python_cmd("-m", "s3r.analysis", "similarity", *routes, "--json", res_path, "--reference", ref,
-                          "--plot", ROOT / "bench" / "results" / f"miniature_similarity_{method}.png"),
+                          "--plot", RESULTS / f"miniature_similarity_{method}.png"),
                out / "similarity.log", 2)
     result = json.loads(res_path.read_text())
     result["method"] = method
@@ -613,13 +721,134 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
             if speed_path.exists() else None}
 
 
-COLLAPSED = 0.9  # a run whose test PER is above this emits (almost) only blanks: CTC training collapsed
+COLLAPSED = 0.9  # a run whose test PER is above this has collapsed
+BLANK_ONLY = 0.99  # or whose last validation has this share of blank frames (train.py's COLLAPSED_BLANK_RATE)
+LR_LADDER = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]
+
+
+def cell_log(out: Path, lang: str, name: str) -> dict:
+    """What a cell's train.py log.jsonl says about its run: every validation's (update, error rate, blank rate,
+    empty share), the training loss by update, the update of train.py's collapse warning (None: none), and the
+    last validation's blank rate and empty share (None where the log predates them)."""
+    path = out / "cells" / lang / name / "log.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    valid = [(v["update"], v.get("per", v.get("uer")), v.get("blank_rate"), v.get("empty"))
+             for v in lines if "valid" in v]
+    loss = [(v["update"], v["loss"]) for v in lines if "loss" in v and "valid" not in v]
+    warned = [v["update"] for v in lines if "warning" in v]
+    last = valid[-1] if valid else (None, None, None, None)
+    return {"valid": valid, "loss": loss, "warned_at": warned[0] if warned else None, "blank_rate": last[2],
+            "empty": last[3]}
+
+
+def collapsed(cell: dict, health: dict) -> bool:
+    """A collapsed run: test PER above COLLAPSED, or a model that ended blank-only (every hypothesis of its last
+    validation empty, or BLANK_ONLY of its frames blank)."""
+    blank_only = health.get("empty") == 1.0 or (health.get("blank_rate") or 0.0) >= BLANK_ONLY
+    return cell["per"] > COLLAPSED or blank_only
+
+
+def lower_lr(args: list[str]) -> list[str]:
+    """A method's arguments one step down LR_LADDER (a third of its lr)."""
+    lr = args[args.index("--lr") + 1]
+    below = [x for x in LR_LADDER if float(x) < float(lr) * 0.99]
+    return with_lr(args, below[-1] if below else f"{float(lr) / 3:.0e}")
+
+
+LONG_WARMUP = ["--phase-ratio", "0.3", "0.2", "0.5"]  # three times the recipe's warm-up (train.py's 0.1 0.4 0.5)
+
+
+def run_collapse(out: Path, langs: list[str], methods: list[str], seeds: list[int], jobs: int) -> list[dict]:
+    """Every collapsed grid cell trained again twice, at one step lower lr and with a three times longer warm-up (the
+    rest of its recipe the same): whether either removes the collapse. Cells <method>-lowlr / -warmup, cached."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, 2 // jobs)
+    found = [(lg, m, s) for s in seeds for lg in langs for m in methods
+             if (c := cell_result(out, lg, f"{m}-s{s}")) and collapsed(c, cell_log(out, lg, f"{m}-s{s}"))]
+    variants = {"-lowlr": lower_lr, "-warmup": lambda args: [*args, *LONG_WARMUP]}
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(train_cell, out, lg, m, s, fix(METHODS[m]), threads, tag=tag)
+                   for lg, m, s in found for tag, fix in variants.items()]
+        for f in futures:
+            try:
+                f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+    log(f"collapse: {len(found)} collapsed cells, each trained again at a lower lr and with a longer warm-up")
+    return [{"lang": lg, "method": m, "seed": s} for lg, m, s in found]
+
+
+def collapse_rows(out: Path, cells: list[dict]) -> list[dict]:
+    """The collapsed ones among `cells` (grid results), with what their logs say and their reruns' PER."""
+    rows = []
+    for c in cells:
+        name = f"{c['method']}-s{c['seed']}"
+        health = cell_log(out, c["lang"], name)
+        if not collapsed(c, health):
+            continue
+        loss, rerun = health["loss"], {}
+        for tag in ("-lowlr", "-warmup"):
+            variant = f"{c['method']}{tag}-s{c['seed']}"
+            if r := cell_result(out, c["lang"], variant):
+                rerun[tag] = {"per": r["per"], "collapsed": collapsed(r, cell_log(out, c["lang"], variant)),
+                              "lr": r["args"][r["args"].index("--lr") + 1]}
+        rows.append({"lang": c["lang"], "method": c["method"], "seed": c["seed"], "per": c["per"],
+                     "blank_rate": health["blank_rate"], "empty": health["empty"], "warned_at": health["warned_at"],
+                     "loss_first": loss[0][1] if loss else None, "loss_last": loss[-1][1] if loss else None,
+                     "valid": health["valid"], "rerun": rerun})
+    return rows
 
 
 def per_cell(pers: list[float]) -> str:
     """'81.6 ±1.2' (mean ± half the range over seeds, in %), or '81.6 (1)' for a single seed."""
     mean = 100 * sum(pers) / len(pers)
     return f"{mean:.1f} ±{50 * (max(pers) - min(pers)):.1f}" if len(pers) > 1 else f"{mean:.1f} (1)"
+
+
+def collapse_md(rows: list[dict]) -> list[str]:
+    """The report's section on collapsed runs: what the loss and the blank rate did, and what the reruns gave."""
+    if not rows:
+        return []
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731  four columns below
+    md = ["### Collapsed runs", "",
+          "Each collapsed grid run, with what its log.jsonl says (the last validation on the dev split; the training "
+          "loss, nats per utterance, at the first and last logged update; the update of train.py's collapse "
+          "warning) and its reruns (`--stage collapse`): one lr step lower, and a three times longer warm-up.", "",
+          "| language | method | seed | test PER | blank frames | empty hypotheses | loss, first -> last | warned at "
+          "| lower lr | longer warm-up |", "|---|---|---:|---:|---:|---:|---|---:|---|---|"]
+    rerun = lambda r, tag: (f"{100 * r['rerun'][tag]['per']:.1f}" + (" (collapsed)" if r["rerun"][tag]["collapsed"]  # noqa: E731
+                            else "") + (f", lr {r['rerun'][tag]['lr']}" if tag == "-lowlr" else "")
+                            if tag in r["rerun"] else "not run")
+    for r in rows:
+        loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.1f} -> {r['loss_last']:.1f}"
+        md.append(f"| {r['lang']} | {r['method']} | {r['seed']} | {100 * r['per']:.1f} | {pct(r['blank_rate'])} | "
+                  f"{pct(r['empty'])} | {loss} | {r['warned_at'] or '-'} | {rerun(r, '-lowlr')} | "
+                  f"{rerun(r, '-warmup')} |")
+    for tag, name in (("-lowlr", "the lower lr"), ("-warmup", "the longer warm-up")):
+        done = [r for r in rows if tag in r["rerun"]]
+        if done:
+            fixed = sum(not r["rerun"][tag]["collapsed"] for r in done)
+            md.append(f"\n{name.capitalize()} removed the collapse in {fixed} of {len(done)} runs.")
+    return md + [""]
+
+
+def backbone_text(backbones: list[str], bb: dict, supervised: str | None) -> str:
+    """The report's sentence on the backbone the grid cells (their sha256s: `backbones`) started from."""
+    if len(backbones) > 1:
+        return f"MIXED: the cells come from {len(backbones)} backbone files; rerun the grid on one."
+    if backbones == [supervised] and not bb:
+        return f"the supervised stand-in `{DEMO_BACKBONE.relative_to(ROOT)}`."
+    if backbones == [supervised]:
+        return (f"{bb.get('params', 0) / 1e6:.2f}M-parameter pre-LN wav2vec 2.0 trained with SUPERVISED phone CTC plus "
+                f"HuBERT-style MFCC k-means unit prediction on {', '.join(text_sources.PRETRAIN)} "
+                f"({bb.get('train_audio_minutes', 0) / 60:.1f} h of speech, {bb.get('updates')} updates, held-in PER "
+                f"{100 * bb.get('per', float('nan')):.1f}%): a stand-in for self-supervised pretraining.")
+    path = BACKBONE.relative_to(ROOT) if BACKBONE.is_relative_to(ROOT) else BACKBONE
+    if backbones[0] != file_sha256(BACKBONE):
+        return f"sha256 {backbones[0][:12]}, not --backbone `{path}`: rerun the grid on it."
+    ssl = SSL_BACKBONE.exists() and backbones == [file_sha256(SSL_BACKBONE)]
+    return (f"`{path}` (sha256 {backbones[0][:12]})" + (f", self-supervised on {', '.join(text_sources.PRETRAIN)} "
+            "(tools/pretrain_backbone.py; bench/results/backbone.md)." if ssl else "."))
 
 
 def report(out: Path, a):
@@ -629,7 +858,7 @@ def report(out: Path, a):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    results = ROOT / "bench" / "results"
+    results = RESULTS
     results.mkdir(parents=True, exist_ok=True)
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/result.json"))]
     grid = [c for c in cells if c["method"] in METHODS]
@@ -639,15 +868,27 @@ def report(out: Path, a):
     langs = [lg for lg in a.langs if lg in table]
     methods = [m for m in METHODS if any(m in table[lg] for lg in langs)]
     mean = {lg: {m: statistics.mean(v) for m, v in table[lg].items()} for lg in langs}
+    collapses = collapse_rows(out, [c for c in grid if c["lang"] in langs])
+    n_collapsed = {(r["lang"], r["method"]): 0 for r in collapses}
+    for r in collapses:
+        n_collapsed[r["lang"], r["method"]] += 1
     backbone_report = out / "backbone" / "report.json"
-    bb = json.loads(backbone_report.read_text()) if backbone_report.exists() else {}
+    supervised = file_sha256(DEMO_BACKBONE) if DEMO_BACKBONE.exists() else None
+    backbones = sorted({c["backbone_sha256"] for c in grid}) or [file_sha256(BACKBONE)]
+    bb = json.loads(backbone_report.read_text()) if backbone_report.exists() and supervised in backbones else {}
+    lr_path = results / "miniature_lr.json"
+    lr_choice = json.loads(lr_path.read_text()) if lr_path.exists() else None
+    backbone_arg = "" if BACKBONE == DEMO_BACKBONE or not BACKBONE.is_relative_to(ROOT) else \
+        f" --backbone {BACKBONE.relative_to(ROOT)}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
     curve = curve_rows(out, rates=a.curve_rates)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
-    summary = {"command": "python -m tools.miniature", "commit": commit, "cells": cells, "per_mean": mean,
+    summary = {"command": f"python -m tools.miniature{backbone_arg}", "commit": commit, "cells": cells,
+               "per_mean": mean, "collapsed": collapses, "backbone_sha256": backbones, "lrs": LRS,
+               "lr_selection": lr_choice and {k: lr_choice[k] for k in ("langs", "mean_dev_per", "selected")},
                "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
                "bundle": bundle, "curve": curve,
@@ -659,7 +900,8 @@ def report(out: Path, a):
     corpus_s = sum(json.loads(d.read_text())["seconds_to_make"]
                    for d in (corpus_root(out) / RELEASE).glob("*/DONE"))
     md = ["# The miniature: S3-Router on synthetic multilingual speech, CPU scale", "",
-          f"Regenerate: `python -m tools.miniature` (resumable; cells cached under runs/miniature/cells). "
+          f"Regenerate: `python -m tools.miniature{backbone_arg}` (resumable; cells cached under "
+          "runs/miniature/cells). "
           f"Commit {commit}. "
           f"Cost on the 2-core development machine: corpus {corpus_s / 60:.0f} min wall"
           + (f", backbone {bb.get('train_cpu_minutes')} min of training steps" if bb else "")
@@ -670,34 +912,40 @@ def report(out: Path, a):
           "Speech: espeak-ng reading Debian-packaged text (tools/text_sources.py), CommonVoice layout, ~5 minutes of "
           "training speech per held-out language; targets are the espeak-ng phone transcripts, scored by phone error "
           "rate (PER, %, greedy CTC, test split). Backbone: "
-          f"{bb.get('params', 0) / 1e6:.2f}M-parameter pre-LN wav2vec 2.0 trained with SUPERVISED phone CTC plus "
-          f"HuBERT-style MFCC k-means unit prediction on {', '.join(text_sources.PRETRAIN)} "
-          f"({bb.get('train_audio_minutes', 0) / 60:.1f} h of speech, {bb.get('updates')} updates, held-in PER "
-          f"{100 * bb.get('per', float('nan')):.1f}%): a stand-in for self-supervised pretraining, which two CPU cores "
-          "cannot do. The held-out languages below were never seen by it.", "",
+          + backbone_text(backbones, bb, supervised)
+          + " The held-out languages below were never seen by it.", "",
           "Caveats: every method gets the same recipe (200 updates of 10 s of audio, tri-stage schedule) with its "
-          f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others {ROUTE_LR}); "
-          "in the pruning curve, S3-Router pruning trains scores and head for 200 more updates on top of the finetuned "
-          "model while OMP (as upstream's baseline) does no retraining; "
+          + (f"family's peak lr chosen on the dev split of {' and '.join(lr_choice['langs'])}, languages reported "
+             f"nowhere else (miniature_lr.md: head {LRS['head']}, ft {LRS['ft']}, s3r {LRS['s3r']}); "
+             if lr_choice else
+             f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others "
+             f"{ROUTE_LR}); ")
+          + "in the pruning curve, S3-Router pruning trains scores and head for 200 more updates on top of the "
+          "finetuned model while OMP (as upstream's baseline) does no retraining; "
           "the espeak-ng voices are far more regular than real speakers, so absolute PERs say little about real "
           "speech, only the comparisons between methods do.", ""]
     if langs:
         md += ["## Application 1: PER (%) per held-out language, mean over seeds", "",
                "| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for lg in langs:
-            cells_md = (per_cell(table[lg][m]) if m in table[lg] else "-" for m in methods)
+            cells_md = (per_cell(table[lg][m]) + "†" * n_collapsed.get((lg, m), 0) if m in table[lg] else "-"
+                        for m in methods)
             md.append(f"| {lg} | " + " | ".join(cells_md) + " |")
         full = [lg for lg in langs if all(m in mean[lg] for m in methods)]
         if full:
             md.append(f"| mean of {len(full)} | " + " | ".join(
                 f"{100 * statistics.mean(mean[lg][m] for lg in full):.1f}"
                                                           for m in methods) + " |")
-            md.append(f"| runs that collapsed (PER > {100 * COLLAPSED:.0f}%) | " + " | ".join(
-                str(sum(p > COLLAPSED for lg in full for p in table[lg][m])) for m in methods) + " |")
+        md.append("| runs that collapsed (†) | " + " | ".join(
+            f"{sum(r['method'] == m for r in collapses)} of {sum(len(table[lg].get(m, [])) for lg in langs)}"
+            for m in methods) + " |")
         md += ["", "Mean over seeds ± half their range; (1) = one seed finished so far. head: frozen encoder, CTC head "
                "only; ft: standard weight finetuning; s3r-R: S3-Router keeping fraction R of attention+FFN weights; "
-               "-fa: --fix-attn (FFN only routed).", "",
+               f"-fa: --fix-attn (FFN only routed). †: one run collapsed (test PER above {100 * COLLAPSED:.0f}%, or "
+               f"its last validation blank-only: every hypothesis empty or {100 * BLANK_ONLY:.0f}% of the frames "
+               "blank).", "",
                "![PER per language](miniature_per.png)", ""]
+        md += collapse_md(collapses)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(langs) * len(methods)), 4))
         w = 0.8 / len(methods)
         for k, m in enumerate(methods):
@@ -766,7 +1014,7 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
-    results = ROOT / "bench" / "results"
+    results = RESULTS
     results.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
@@ -869,13 +1117,20 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
 
 
 def main(argv=None):
+    global BACKBONE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
-                   "grid, bundle, curve, similarity, report; or ssl-pilot (see --init)")
+                   "lr, grid, collapse, bundle, curve, similarity, report; or ssl-pilot (see --init)")
+    p.add_argument("--backbone", default=str(BACKBONE.relative_to(ROOT)), help="the checkpoint every cell starts "
+                   "from (default: %(default)s: the self-supervised backbone when committed, else the supervised "
+                   "stand-in)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--langs", nargs="*", default=GRID_LANGS[:6], help="held-out languages of the grid, in order "
                    f"(default: the first six of {', '.join(GRID_LANGS)})")
-    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, help=f"subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="*", help=f"subset of {', '.join(METHODS)} (default: all; the last one's "
+                   "name carries its lr)")
+    p.add_argument("--lr-langs", nargs="*", default=LR_LANGS, help="lr stage: the dev languages the lrs are chosen "
+                   "on, none of them reported (default: %(default)s)")
     p.add_argument("--seeds", nargs="*", type=int, default=SEEDS)
     p.add_argument("--jobs", type=int, default=2, help="cells trained side by side (one thread each with 2)")
     p.add_argument("--corpus-langs", nargs="*", default=CORPUS_LANGS, help="languages the corpus stage makes "
@@ -890,24 +1145,38 @@ def main(argv=None):
                    f"in {IMP_ROUNDS} rounds)")
     a = p.parse_args(argv)
     out = Path(a.out)
+    command = " ".join(["python -m tools.miniature", *(sys.argv[1:] if argv is None else argv)])
+    BACKBONE = Path(a.backbone) if Path(a.backbone).exists() else ROOT / a.backbone  # as given, or in the repo
+    BACKBONE = BACKBONE.resolve()
+    if not BACKBONE.exists() and not {"corpus", "demo", "backbone"} >= set(a.stage.split(",")):
+        raise SystemExit(f"error: --backbone {a.backbone}: no such file")
     stages = set(a.stage.split(","))
     stage = lambda name: name in stages or "all" in stages  # noqa: E731  a predicate read 8 times below
     if stage("corpus"):
         make_corpus(out, a.corpus_langs)
     if stage("demo"):
         make_demo(out)
-    if stage("backbone") and not BACKBONE.exists():
+    if stage("backbone") and not DEMO_BACKBONE.exists():
         run_logged(python_cmd("-m", "tools.pretrain_supervised", "--data-root", corpus_root(out),
                               "--out", out / "backbone",
-                              "--save", BACKBONE), out / "backbone.log", 2)
+                              "--save", DEMO_BACKBONE), out / "backbone.log", 2)
+    if stage("lr"):
+        run_lr(out, a.lr_langs, SEEDS[0], a.jobs, command)
+        use_lrs(selected_lrs())
+    a.methods = a.methods or list(METHODS)
+    unknown = [m for m in a.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: --methods {' '.join(unknown)}: not a method at the current lrs "
+                         f"({', '.join(METHODS)})")
     if stage("grid"):
         run_grid(out, a.langs, a.methods, a.seeds, a.jobs)
+    if stage("collapse"):
+        run_collapse(out, a.langs, a.methods, a.seeds, a.jobs)
     if stage("bundle"):
         run_bundle(out, a.langs)
     if stage("curve") and CURVE_LANG in a.langs:
         curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds, a.curve_kinds)
-        structured_report(out, curve, " ".join(["python -m tools.miniature", *(sys.argv[1:] if argv is None
-                                                                                else argv)]))
+        structured_report(out, curve, command)
     if stage("similarity"):
         for method in SIMILARITY_METHODS:
             run_similarity(out, a.langs, method)

@@ -1,0 +1,215 @@
+"""tools/miniature.py's stages around the grid: the lr stage, the cell cache's keys, collapse accounting, the
+similarity permutation test, the bundle with task routes and the claims table.
+
+The grid's own cells (train.py + eval.py on the miniature corpus) are far too slow for a test: one real cell runs
+here, on a tiny CommonVoice-layout corpus and the tiny fairseq checkpoint (2 updates); the stages' bookkeeping is
+tested with cells whose numbers are set by hand.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import tools.miniature as mini
+
+TINY_RECIPE = ["--max-updates", "2", "--max-tokens", "80000", "--update-freq", "1", "--validate-interval", "1",
+               "--save-interval", "1", "--num-workers", "0", "--units", "phone"]
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """bench/results redirected to a temporary folder, and the methods back at the demo corpus's lrs after."""
+    folder = tmp_path / "results"
+    monkeypatch.setattr(mini, "RESULTS", folder)
+    yield folder
+    mini.use_lrs(mini.selected_lrs())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning rates
+
+
+def test_methods_follow_their_familys_lr():
+    m = mini.make_methods({"head": "3e-2", "ft": "3e-4", "s3r": "3e-3"})
+    assert m["head"][-2:] == ["--lr", "3e-2"] and m["ft"][-2:] == ["--lr", "3e-4"]
+    assert all(args[-2:] == ["--lr", "3e-3"] for name, args in m.items()
+               if name.startswith("s3r-") and name != "s3r-0.9-lr1e-2")
+    # the second-lr column is 3e-3 unless 3e-3 is the family's own; then 1e-2
+    assert list(m)[-1] == "s3r-0.9-lr1e-2" and m["s3r-0.9-lr1e-2"][-1] == "1e-2"
+    assert list(mini.make_methods(mini.DEMO_LRS))[-1] == "s3r-0.9-lr3e-3"
+    assert mini.with_lr(["--prune-rate", "0.9", "--lr", "1e-2", "--x"], "3e-2") == ["--prune-rate", "0.9", "--lr",
+                                                                                    "3e-2", "--x"]
+
+
+def test_lr_stage_picks_the_lowest_mean_dev_per(tmp_path, monkeypatch, results):
+    """Dev PERs set by hand per (family, lr, language); the choice is the lowest mean over the two languages, a family
+    with a failed cell keeps its lr, and the grid's methods run at the chosen lrs afterwards."""
+    dev = {("head", "3e-3"): (0.50, 0.40), ("head", "1e-2"): (0.30, 0.60), ("head", "3e-2"): (0.20, 0.60),
+           ("ft", "3e-4"): (0.35, 0.36), ("ft", "1e-3"): (0.30, 0.50), ("ft", "3e-3"): (0.95, 0.99),
+           ("s3r", "3e-3"): (0.25, 0.25)}  # s3r 1e-2 and 3e-2: failed runs
+    calls = []
+
+    def fake_cell(out, lang, method, seed, args, threads, init=None, tag="", split="test"):
+        calls.append((lang, method, args, split))
+        fam, lr = method.split("-", 2)[1:]
+        if (fam, lr) not in dev:
+            raise RuntimeError(f"train.py failed (exit 1); see {method}")
+        return {"per": dev[fam, lr][["fr", "tt"].index(lang)], "train_cpu_s": 6.0}
+
+    monkeypatch.setattr(mini, "train_cell", fake_cell)
+    res = mini.run_lr(tmp_path, ["fr", "tt"], 1, jobs=2, command="python -m tools.miniature --stage lr")
+    # means: head 0.45 / 0.45 / 0.40, ft 0.355 / 0.40 / 0.97
+    assert res["selected"] == {"head": "3e-2", "ft": "3e-4", "s3r": None}
+    assert res["mean_dev_per"]["head"] == pytest.approx({"3e-3": 0.45, "1e-2": 0.45, "3e-2": 0.40})
+    assert sorted(res["failed"]) == ["s3r 1e-2 fr", "s3r 1e-2 tt", "s3r 3e-2 fr", "s3r 3e-2 tt"]
+    assert len(calls) == 18 and {c[3] for c in calls} == {"dev"} and {c[0] for c in calls} == {"fr", "tt"}
+    by = {c[1]: c[2] for c in calls}
+    assert by["lr-ft-3e-4"] == ["--finetune-weights", "--lr", "3e-4"]
+    assert by["lr-s3r-3e-2"] == ["--prune-rate", "0.9", "--no-fix-attn", "--lr", "3e-2"]
+    assert res["cpu_minutes"] == pytest.approx(14 * 6 / 60)  # the 14 cells that trained
+    md = (results / "miniature_lr.md").read_text()
+    assert "| head | 3e-2 | 20.0 | 60.0 | 40.0 | **chosen** |" in md and "s3r none (kept 1e-2)" in md
+    assert json.loads((results / "miniature_lr.json").read_text())["selected"] == res["selected"]
+    mini.use_lrs(mini.selected_lrs())  # what main() does after the stage
+    assert mini.METHODS["head"][-1] == "3e-2" and mini.METHODS["ft"][-1] == "3e-4"
+    assert mini.METHODS["s3r-0.9"][-1] == "1e-2" and mini.FT_LR == "3e-4"  # s3r kept the demo corpus's lr
+    with pytest.raises(SystemExit, match="es is reported by the grid"):
+        mini.run_lr(tmp_path, ["fr", "es"], 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One real cell: train.py + eval.py, and what its cache is keyed on
+
+
+def run_in_process(cmd: list, log_path: Path, threads: int) -> float:
+    """mini.run_logged's commands, run in this process (an interpreter start costs seconds on a loaded machine)."""
+    import eval as s3r_eval
+    import s3r.routes
+    import train
+    args = [str(c) for c in cmd[1:]]
+    mains = {"train.py": train.main, "eval.py": s3r_eval.main}
+    if args[0] in mains:
+        code = mains[args[0]](args[1:])
+    elif args[:2] == ["-m", "s3r.routes"]:
+        code = s3r.routes.main(args[2:])
+    else:
+        raise AssertionError(f"not a command the miniature's tests run: {args}")
+    if code:
+        raise RuntimeError(f"{args[0]} failed (exit {code})")
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def mini_out(tmp_path_factory, tiny_corpus, tiny_init):
+    """A miniature output folder whose corpus is a tiny CommonVoice-layout French set (tone speech, 8 utterances:
+    4 train, 2 dev, 2 test; phone sets closed as the corpus stage closes them), with one real cell: S3-Router 0.9
+    trained 2 updates from the tiny checkpoint and scored on dev. Returns (folder, its result)."""
+    out = tmp_path_factory.mktemp("miniature")
+    cv = tiny_corpus("commonvoice", num=8, fresh=True, voice="tone", lang="fr", release=mini.RELEASE)
+    shutil.move(cv, out / "corpus")
+    mini.close_phone_set(out / "corpus" / mini.RELEASE / "fr")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mini, "RECIPE", TINY_RECIPE)
+        mp.setattr(mini, "run_logged", run_in_process)
+        result = mini.train_cell(out, "fr", "s3r-0.9", 1, CELL_ARGS, 1, init=tiny_init, split="dev")
+    return out, result
+
+
+CELL_ARGS = ["--prune-rate", "0.9", "--no-fix-attn", "--lr", "1e-2"]
+
+
+def test_a_cell_is_cached_by_backbone_recipe_lr_and_threads(mini_out, tiny_init, tmp_path, monkeypatch):
+    out, r = mini_out
+    monkeypatch.setattr(mini, "RECIPE", TINY_RECIPE)
+    cell = out / "cells" / "fr" / "s3r-0.9-s1"
+    scored = json.loads((cell / "dev.json").read_text())
+    assert r["split"] == "dev" and r["per"] == scored["per"] and r["dev_utterances"] == scored["utterances"] >= 1
+    assert r["threads"] == 1 and r["recipe"] == TINY_RECIPE + CELL_ARGS and not (cell / "test.json").exists()
+    valid = [v for line in (cell / "log.jsonl").read_text().splitlines() if "per" in (v := json.loads(line))]
+    assert [v["update"] for v in valid] == [1, 2] and all(0 <= v["blank_rate"] <= 1 for v in valid)
+
+    trained = []
+    monkeypatch.setattr(mini, "run_logged", lambda cmd, *a: trained.append(cmd) or 0.0)
+    assert mini.train_cell(out, "fr", "s3r-0.9", 1, CELL_ARGS, 1, init=tiny_init, split="dev") == r
+    assert trained == []  # same backbone, recipe, lr, split and threads: cached
+    other = tmp_path / "other.pt"
+    other.write_bytes(tiny_init.read_bytes() + b"\0")  # another backbone file (never loaded here)
+    shutil.copytree(cell, tmp_path / "cell")
+    changes = (dict(threads=2), dict(args=mini.with_lr(CELL_ARGS, "3e-3")), dict(split="test"), dict(init=other))
+    for changed in changes:
+        call = dict(args=CELL_ARGS, threads=1, split="dev", init=tiny_init) | changed
+        with pytest.raises(FileNotFoundError):  # run_logged trained nothing: no checkpoint to evaluate
+            mini.train_cell(out, "fr", "s3r-0.9", 1, call["args"], call["threads"], init=call["init"],
+                            split=call["split"])
+        assert [c[1] for c in trained] == ["train.py", "eval.py"], changed  # recomputed: train.py ran again
+        assert not (cell / "result.json").exists()
+        trained.clear()
+        shutil.rmtree(cell, ignore_errors=True)
+        shutil.copytree(tmp_path / "cell", cell)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collapsed runs: counted, investigated, reported
+
+
+def write_cell(out: Path, lang: str, name: str, per: float, valid=(), loss=(), warned=None, args=("--lr", "3e-3")):
+    """A finished grid cell as train_cell leaves it: result.json and (unless `valid` is empty) train.py's log.jsonl
+    lines: (update, per, blank_rate, empty) per validation, (update, loss) per log line, a collapse warning."""
+    cell = out / "cells" / lang / name
+    cell.mkdir(parents=True)
+    method, seed = name.rsplit("-s", 1)
+    (cell / "result.json").write_text(json.dumps({
+        "lang": lang, "method": method, "seed": int(seed), "per": per, "train_cpu_s": 60.0, "args": list(args),
+        "backbone_sha256": mini.file_sha256(mini.BACKBONE), "checkpoint": f"cells/{lang}/{name}/checkpoint_best.pt"}))
+    lines = [{"event": "start", "update": 0, "config": {"valid": "x"}}]
+    lines += [{"update": u, "loss": v, "lr": 1e-3} for u, v in loss]
+    lines += [{"valid": f"{lang}-dev", "update": u, "per": p, "blank_rate": b, "empty": e} for u, p, b, e in valid]
+    lines += [{"update": warned, "warning": "collapsed"}] if warned else []
+    if valid:
+        (cell / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture
+def collapsed_grid(tmp_path):
+    """nl: ft seed 1 collapsed (PER 95%, blank-only, warned at 100) and rerun (lower lr fine, longer warm-up not);
+    head seed 1 blank-only at its last validation though its best checkpoint scored 50%; the other two fine (head
+    seed 2 from before the blank rate was logged)."""
+    out = tmp_path / "out"
+    write_cell(out, "nl", "ft-s1", 0.95, valid=[(100, 0.99, 1.0, 1.0), (200, 1.0, 1.0, 1.0)],
+               loss=[(10, 250.0), (200, 180.0)], warned=100)
+    write_cell(out, "nl", "ft-s2", 0.30, valid=[(100, 0.5, 0.7, 0.0), (200, 0.3, 0.6, 0.0)], loss=[(10, 240.0)])
+    write_cell(out, "nl", "head-s1", 0.50, valid=[(100, 0.5, 0.8, 0.0), (200, 1.0, 0.995, 0.9)], loss=[(10, 9.0)])
+    write_cell(out, "nl", "head-s2", 0.20)
+    write_cell(out, "nl", "ft-lowlr-s1", 0.40, valid=[(200, 0.4, 0.7, 0.0)], args=("--lr", "1e-3"))
+    write_cell(out, "nl", "ft-warmup-s1", 0.97, valid=[(200, 1.0, 1.0, 1.0)])
+    return out
+
+
+def test_collapsed_runs_are_found_and_trained_again(collapsed_grid, monkeypatch):
+    calls = []
+    monkeypatch.setattr(mini, "train_cell", lambda out, lang, m, seed, args, threads, tag="": calls.append(
+        (lang, m, seed, tag, args)))
+    mini.use_lrs(mini.DEMO_LRS)
+    found = mini.run_collapse(collapsed_grid, ["nl"], ["head", "ft"], [1, 2], jobs=2)
+    assert found == [{"lang": "nl", "method": "head", "seed": 1}, {"lang": "nl", "method": "ft", "seed": 1}]
+    by = {(m, tag): args for _, m, _, tag, args in calls}
+    assert len(calls) == 4 and by["ft", "-lowlr"] == ["--finetune-weights", "--lr", "1e-3"]  # 3e-3, one step down
+    assert by["head", "-lowlr"][-2:] == ["--lr", "3e-3"]  # 1e-2, one step down
+    assert by["ft", "-warmup"] == ["--finetune-weights", "--lr", "3e-3", "--phase-ratio", "0.3", "0.2", "0.5"]
+
+
+def test_report_counts_and_explains_collapsed_runs(collapsed_grid, results):
+    import argparse
+    mini.use_lrs(mini.DEMO_LRS)
+    a = argparse.Namespace(langs=["nl"], methods=["head", "ft"], seeds=[1, 2], curve_rates=mini.CURVE_RATES)
+    mini.report(collapsed_grid, a)
+    md = (results / "miniature.md").read_text()
+    assert "| nl | 35.0 ±15.0† | 62.5 ±32.5† |" in md
+    assert "| runs that collapsed (†) | 1 of 2 | 1 of 2 |" in md
+    assert "| nl | ft | 1 | 95.0 | 100% | 100% | 250.0 -> 180.0 | 100 | 40.0, lr 1e-3 | 97.0 (collapsed) |" in md
+    assert "| nl | head | 1 | 50.0 | 100% | 90% | 9.0 -> 9.0 | - | not run | not run |" in md  # 99.5% rounds up
+    assert "The lower lr removed the collapse in 1 of 1 runs." in md
+    assert "The longer warm-up removed the collapse in 0 of 1 runs." in md
+    summary = json.loads((results / "miniature.json").read_text())
+    assert [(r["method"], r["seed"]) for r in summary["collapsed"]] == [("ft", 1), ("head", 1)]
