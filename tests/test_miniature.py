@@ -213,3 +213,63 @@ def test_report_counts_and_explains_collapsed_runs(collapsed_grid, results):
     assert "The longer warm-up removed the collapse in 0 of 1 runs." in md
     summary = json.loads((results / "miniature.json").read_text())
     assert [(r["method"], r["seed"]) for r in summary["collapsed"]] == [("ft", 1), ("head", 1)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mask similarity: permutation p-values, and which lr is robust
+
+
+def fake_similarity(ref: dict, masks: dict, method="s3r-0.9", lr="1e-2", control=None) -> dict:
+    """s3r.analysis similarity's JSON for hand-set pair values: `ref` and `masks` map "A|B" to a similarity."""
+    pairs = [{"a": k.split("|")[0], "b": k.split("|")[1],
+              "overall": {"cosine": v, "pruned_cosine": v / 2, "cosine_random": 0.1, "pruned_cosine_random": 0.05}}
+             for k, v in masks.items()]
+    return {"method": method, "lr": lr, "names": sorted({n for k in masks for n in k.split("|")}), "pairs": pairs,
+            "reference": {"pairs": [k.split("|") for k in ref], "values": list(ref.values())},
+            "seed_control": control}
+
+
+def test_permutation_p_values_by_hand():
+    """3 languages: relabelling them permutes the 3 pair values in all 6 ways. Masks ordered as the reference:
+    r = 1, reached by the identity only (p = 1/6); masks (1, 3, 2): r = 0.5, reached by 3 of the 6 orders
+    (1,3,2), (1,2,3) and (2,3,1) (p = 1/2)."""
+    ref = {"A|B": 1.0, "A|C": 2.0, "B|C": 3.0}
+    t = mini.permutation_test(fake_similarity(ref, {"A|B": 1.0, "A|C": 2.0, "B|C": 3.0}), "cosine")
+    assert (t["pearson"], t["pearson_p"], t["spearman_p"], t["permutations"], t["exact"]) == (1.0, 1 / 6, 1 / 6, 6,
+                                                                                              True)
+    t = mini.permutation_test(fake_similarity(ref, {"A|B": 1.0, "A|C": 3.0, "B|C": 2.0}), "cosine")
+    assert t["pearson"] == pytest.approx(0.5) and t["pearson_p"] == t["spearman_p"] == 0.5
+    # more orders than permutations: that many at random, the identity first (r = 1 is reached by it alone)
+    names = [f"L{i}" for i in range(5)]
+    ref = {f"{a}|{b}": float(i * 7 % 11) for i, (a, b) in enumerate((a, b) for j, a in enumerate(names)
+                                                                    for b in names[j + 1:])}
+    t = mini.permutation_test(fake_similarity(ref, dict(ref)), "cosine", permutations=50)
+    assert not t["exact"] and t["permutations"] == 50 and 1 / 50 <= t["pearson_p"] < 0.2
+
+
+def test_report_says_which_lr_is_robust(tmp_path, results):
+    import argparse
+    import itertools
+    names = ["A", "B", "C", "D", "E"]
+    keys = [f"{a}|{b}" for a, b in itertools.combinations(names, 2)]
+    ref = {k: float(i) for i, k in enumerate(keys)}
+    good = fake_similarity(ref, {k: 0.1 + 0.01 * i for i, k in enumerate(keys)}, "s3r-0.9-lr3e-3", "3e-3",
+                           {"same_language_two_seeds": 0.16, "two_languages_same_seed": 0.14})
+    flat = fake_similarity(ref, {k: 0.1 + 0.01 * (i * 3 % 10) for i, k in enumerate(keys)}, "s3r-0.9", "1e-2",
+                           {"same_language_two_seeds": 0.13, "two_languages_same_seed": 0.12})
+    out = tmp_path / "out"
+    out.mkdir()
+    mini.use_lrs(mini.DEMO_LRS)
+    for sim in (flat, good):
+        sim["permutation"] = {k: mini.permutation_test(sim, k) for k in ("cosine", "pruned_cosine")}
+        (out / f"similarity-{sim['method']}.json").write_text(json.dumps(sim))
+    mini.report(out, argparse.Namespace(langs=["nl"], methods=["head"], seeds=[1], curve_rates=mini.CURVE_RATES))
+    md = (results / "miniature.md").read_text()
+    # the masks ordered as the reference: r = 1, reached by the 120 relabellings' identity only
+    assert "| s3r-0.9-lr3e-3 | 3e-3 | cosine, kept sets (upstream's measure) | 0.1450 | 0.1000 | 1.00 (0.008) | " \
+           "1.00 (0.008) |  |  |" in md
+    assert "- s3r-0.9-lr3e-3 (lr 3e-3): robust." in md
+    assert "- s3r-0.9 (lr 1e-2): not robust (p >= 0.05)." in md
+    summary = json.loads((results / "miniature.json").read_text())
+    assert {s["method"]: s["permutation"]["cosine"]["pearson_p"] for s in summary["similarity"]}["s3r-0.9-lr3e-3"] \
+        == 1 / 120

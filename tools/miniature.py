@@ -666,9 +666,47 @@ def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: i
                out / "similarity.log", 2)
     result = json.loads(res_path.read_text())
     result["method"] = method
+    result["lr"] = METHODS[method][METHODS[method].index("--lr") + 1]
     result["seed_control"] = seed_control(out, have, method)
+    result["permutation"] = {key: permutation_test(result, key) for key in ("cosine", "pruned_cosine")}
     res_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+PERMUTATIONS = 10_000  # random label permutations of the permutation test, when there are more than this many
+
+
+def permutation_test(sim: dict, key: str, permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
+    """One-sided p-values of the Pearson and Spearman correlation between the routes' similarity `key` and the
+    reference over the language pairs (a Mantel test): the language labels of the reference matrix are permuted
+    (every permutation when there are at most `permutations` of them, else that many at random) and p is the
+    share of permutations, the identity included, whose correlation is at least the observed one."""
+    import itertools
+    import math
+    import random
+
+    from s3r.analysis import pearson, spearman
+    ref = sim["reference"]
+    value = {frozenset(pair): v for pair, v in zip(ref["pairs"], ref["values"], strict=True)}
+    pairs = [(p["a"], p["b"]) for p in sim["pairs"] if frozenset((p["a"], p["b"])) in value]
+    y = [p["overall"][key] for p in sim["pairs"] if frozenset((p["a"], p["b"])) in value]
+    names = sorted({n for pair in pairs for n in pair})
+    exact = math.factorial(len(names)) <= permutations
+    if exact:
+        perms = itertools.permutations(names)
+    else:
+        rng = random.Random(seed)
+        perms = [tuple(names)] + [tuple(rng.sample(names, len(names))) for _ in range(permutations - 1)]
+    observed = {f.__name__: f([value[frozenset(pair)] for pair in pairs], y) for f in (pearson, spearman)}
+    at_least, n = {name: 0 for name in observed}, 0
+    for perm in perms:
+        relabel = dict(zip(names, perm, strict=True))
+        x = [value[frozenset((relabel[a], relabel[b]))] for a, b in pairs]
+        n += 1
+        for f in (pearson, spearman):
+            at_least[f.__name__] += f(x, y) >= observed[f.__name__] - 1e-12
+    return {**{name: observed[name] for name in observed}, **{f"{name}_p": at_least[name] / n for name in observed},
+            "permutations": n, "exact": exact}
 
 
 def seed_control(out: Path, langs: list[str], method: str) -> dict | None:
@@ -851,6 +889,49 @@ def backbone_text(backbones: list[str], bb: dict, supervised: str | None) -> str
             "(tools/pretrain_backbone.py; bench/results/backbone.md)." if ssl else "."))
 
 
+def similarity_md(sims: list[dict]) -> list[str]:
+    """Application 4's section: per route set (one per lr) the mask similarity against the phone-inventory
+    similarity, with permutation p-values and the seed control, and which lr's trend is robust."""
+    import statistics
+    md = ["## Application 4: mask similarity vs phoneme-inventory similarity", "",
+          f"The seed-1 masks of {len(sims[0]['names'])} languages ({len(sims[0]['pairs'])} pairs) against the "
+          "cosine similarity of the languages' phone inventories (from their phone transcripts). p: one-sided "
+          "permutation p-value of the correlation (the language labels of the inventory matrix permuted; every "
+          "permutation when there are at most "
+          f"{PERMUTATIONS:,}). Control: the same language learned from two seeds, against two languages learned from "
+          "the same seed (pruned sets; seeds 1 and 2).", "",
+          "| routes | lr | mask similarity | mean over pairs | random masks | Pearson (p) | Spearman (p) | same "
+          "language, two seeds | two languages |", "|---|---|---|---|---|---|---|---|---|"]
+    robust = {}
+    for sim in sims:
+        c = sim.get("seed_control") or {}
+        perm = sim.get("permutation") or {k: permutation_test(sim, k) for k in ("cosine", "pruned_cosine")}
+        lr = sim.get("lr", "?")
+        for key, label in (("cosine", "cosine, kept sets (upstream's measure)"), ("pruned_cosine",
+                                                                                  "cosine, pruned sets")):
+            t = perm[key]
+            mean = statistics.mean(p["overall"][key] for p in sim["pairs"])
+            rand = statistics.mean(p["overall"][f"{key}_random"] for p in sim["pairs"])
+            control = (f"{c.get('same_language_two_seeds', float('nan')):.4f} | "
+                       f"{c.get('two_languages_same_seed', float('nan')):.4f}") if key == "pruned_cosine" else " | "
+            md.append(f"| {sim['method']} | {lr} | {label} | {mean:.4f} | {rand:.4f} | {t['pearson']:.2f} "
+                      f"({t['pearson_p']:.3f}) | {t['spearman']:.2f} ({t['spearman_p']:.3f}) | {control} |")
+        t = perm["cosine"]
+        separates = c["same_language_two_seeds"] > c["two_languages_same_seed"] if c else None
+        robust[sim["method"]] = (t["pearson_p"] < 0.05 and t["spearman_p"] < 0.05, separates, lr)
+    md += ["", "Robust here means: on upstream's measure (kept-set cosine) both Pearson and Spearman positive with "
+           "p < 0.05, and the same language from two seeds more alike than two languages (the masks carry the "
+           "language, not only seed noise)."]
+    for method, (significant, separates, lr) in robust.items():
+        verdict = "robust" if significant and separates else "not robust"
+        why = [w for w, bad in (("p >= 0.05", not significant), ("the seed control does not separate languages"
+                                                                 if separates is False else "no seed control",
+                                                                 not separates)) if bad]
+        md.append(f"- {method} (lr {lr}): {verdict}" + (f" ({'; '.join(why)})" if why else "") + ".")
+    return md + [""] + [f"![similarity, {sim['method']}](miniature_similarity_{sim['method']}.png)"
+                        for sim in sims] + [""]
+
+
 def report(out: Path, a):
     """bench/results/miniature.json + miniature.md (+ PNG plots): whatever has finished so far."""
     import statistics
@@ -892,7 +973,8 @@ def report(out: Path, a):
                "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
                "bundle": bundle, "curve": curve,
-               "similarity": [{k: v for k, v in sim.items() if k in ("method", "names", "reference", "seed_control")}
+               "similarity": [{k: v for k, v in sim.items() if k in ("method", "lr", "names", "reference",
+                                                                  "seed_control", "permutation")}
                               | {"pairs": [{"a": p["a"], "b": p["b"], **p["overall"]} for p in sim["pairs"]]}
                               for sim in sims]}
     (results / "miniature.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
@@ -985,24 +1067,7 @@ def report(out: Path, a):
         fig.savefig(results / "miniature_pruning.png", dpi=110)
         plt.close(fig)
     if sims:
-        md += ["## Application 4: mask similarity vs phoneme-inventory similarity", "",
-               f"The seed-1 masks of {len(sims[0]['names'])} languages ({len(sims[0]['pairs'])} pairs) against the "
-               "cosine similarity of the languages' phone inventories (from their phone transcripts). Control: the "
-               "same language learned from two seeds, against two languages learned from the same seed (pruned "
-               "sets; seeds 1 and 2).", "",
-               "| routes | mask similarity | mean over pairs | random masks | Pearson | Spearman | same language, "
-               "two seeds | two languages |", "|---|---|---|---|---|---|---|---|"]
-        for sim in sims:
-            r, c = sim["reference"], sim.get("seed_control") or {}
-            avg = lambda key, sim=sim: statistics.mean(p["overall"][key] for p in sim["pairs"])  # noqa: E731  one-liner used 4 times below
-            md += [f"| {sim['method']} | cosine, kept sets (upstream's measure) | {avg('cosine'):.4f} | "
-                   f"{avg('cosine_random'):.4f} | {r['cosine']['pearson']:.2f} | {r['cosine']['spearman']:.2f} | | |",
-                   f"| {sim['method']} | cosine, pruned sets | {avg('pruned_cosine'):.4f} | "
-                   f"{avg('pruned_cosine_random'):.4f} | {r['pruned_cosine']['pearson']:.2f} | "
-                   f"{r['pruned_cosine']['spearman']:.2f} | {c.get('same_language_two_seeds', float('nan')):.4f} | "
-                   f"{c.get('two_languages_same_seed', float('nan')):.4f} |"]
-        md += [""] + [f"![similarity, {sim['method']}](miniature_similarity_{sim['method']}.png)"
-                      for sim in sims] + [""]
+        md += similarity_md(sims)
     (results / "miniature.md").write_text("\n".join(md) + "\n")
     log(f"report: {len(cells)} cells -> {results / 'miniature.md'}")
 
