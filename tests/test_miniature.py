@@ -273,3 +273,43 @@ def test_report_says_which_lr_is_robust(tmp_path, results):
     summary = json.loads((results / "miniature.json").read_text())
     assert {s["method"]: s["permutation"]["cosine"]["pearson_p"] for s in summary["similarity"]}["s3r-0.9-lr3e-3"] \
         == 1 / 120
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Application 2: language and task routes in one bundle
+
+
+@pytest.mark.slow
+def test_bundle_serves_language_and_task_routes_as_their_checkpoints(mini_out, tiny_init, tmp_path, monkeypatch,
+                                                                     results):
+    """A French CTC route and a language-ID route (tone speech, 6 languages x 4 clips), each trained 2 updates with
+    its ft counterpart; eval.py on the bundle scores each route's test split exactly as on its own checkpoint."""
+    out = tmp_path / "out"
+    shutil.copytree(mini_out[0] / "corpus", out / "corpus")
+    monkeypatch.setattr(mini, "RECIPE", TINY_RECIPE)
+    monkeypatch.setattr(mini, "TASK_RECIPE", [x for x in TINY_RECIPE if x not in ("--units", "phone")])
+    monkeypatch.setattr(mini, "TASKS", {"lid": ("languages", {"per_class": 4}, ("lid/train.tsv", "lid/valid.tsv",
+                                                                                 "lid/test.tsv"))})
+    monkeypatch.setattr(mini, "TASK_TONE", True)
+    monkeypatch.setattr(mini, "BACKBONE", tiny_init)
+    monkeypatch.setattr(mini, "run_logged", run_in_process)
+    mini.use_lrs(mini.DEMO_LRS)
+    for method in ("s3r-0.9", "ft"):  # here, not in run_bundle's threads: train.py in-process wants the main thread
+        mini.train_cell(out, "fr", method, 1, mini.METHODS[method], 1)
+        mini.task_cell(out, "lid", method, 1, 1)
+    res = mini.run_bundle(out, ["fr"], tasks=("lid",))
+    assert res["languages"] == ["fr"] and res["tasks"] == ["lid"]
+    served = res["served"]
+    fr = json.loads((out / "cells" / "fr" / "s3r-0.9-s1" / "test.json").read_text())
+    lid = json.loads((out / "cells" / "task-lid" / "s3r-0.9-s1" / "test.json").read_text())
+    assert (served["fr"]["metric"], served["fr"]["checkpoint"]) == ("per", fr["per"])
+    assert (served["lid"]["metric"], served["lid"]["checkpoint"]) == ("accuracy", lid["accuracy"])
+    assert lid["utterances"] == 6 and "accuracy" in json.loads((out / "bundle" / "served-lid.json").read_text())
+    assert served["fr"]["equal"] and served["lid"]["equal"], served
+    assert res["bundle_bytes"] == (out / "bundle" / "all.bundle").stat().st_size
+    assert res["separate_finetuned_bytes"] == sum((out / "bundle" / f"{n}.ft.pt").stat().st_size for n in ("fr", "lid"))
+    assert "lid" in (out / "bundle" / "info.txt").read_text()
+    monkeypatch.setattr(mini, "run_logged", lambda *a: pytest.fail("nothing changed: nothing to run"))
+    assert mini.run_bundle(out, ["fr"], tasks=("lid",)) == res
+    md = "\n".join(mini.bundle_md(res))
+    assert "1 languages (fr) and 1 tasks (lid" in md and "2 of 2 routes score exactly" in md

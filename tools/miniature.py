@@ -19,8 +19,10 @@ Pretraining languages (tools/text_sources.PRETRAIN) train the backbone; the held
 CommonVoice languages (tools/text_sources.HELD_OUT), never seen by the backbone.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -280,18 +282,23 @@ def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int) -> dict:
+def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int, root: Path | None = None) -> dict:
     if not json_path.exists():
-        run_logged(python_cmd("eval.py", "--checkpoint", ckpt, "--data", data, "--data-root", corpus_root(out),
+        run_logged(python_cmd("eval.py", "--checkpoint", ckpt, "--data", data, "--data-root", root or corpus_root(out),
                               "--json", json_path, "--num-workers", "0"), json_path.with_suffix(".log"), threads)
     return json.loads(json_path.read_text())
 
 
 def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], threads: int,
-               init: Path | None = None, tag: str = "", split: str = "test") -> dict:
+               init: Path | None = None, tag: str = "", split: str = "test", data: dict | None = None,
+               recipe: list[str] | None = None) -> dict:
     """One experiment: train.py on <lang>-train (validated on <lang>-dev), eval.py on <lang>-<split> (test; dev for
-    the lr stage); cached as JSON, keyed by the backbone file, the recipe and args, the split and the thread count."""
+    the lr stage); cached as JSON, keyed by the backbone file, the recipe and args, the split and the thread count.
+    A task cell passes `data` ({"train", "valid", "test": --data names, "root": --data-root}) and its `recipe`."""
     init = BACKBONE if init is None else init
+    recipe = RECIPE if recipe is None else recipe
+    data = data or {"train": f"{lang}-train", "valid": f"{lang}-dev", split: f"{lang}-{split}",
+                    "root": corpus_root(out)}
     name = f"{method}{tag}-s{seed}"
     cell = out / "cells" / lang / name
     result_path = cell / "result.json"
@@ -299,23 +306,25 @@ def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], th
     if result_path.exists():
         result = json.loads(result_path.read_text())
         key = (result.get("backbone_sha256"), result.get("recipe"), result.get("threads"), result.get("split", "test"))
-        if key == (backbone, RECIPE + args, threads, split):
+        if key == (backbone, recipe + args, threads, split):
             return result
         shutil.rmtree(cell)  # trained on another backbone, recipe or lr, or at another thread count: stale
         log(f"cell {lang} {name}: recomputed (the backbone, the recipe or the thread count changed)")
     t0 = time.time()
-    cpu = run_logged(python_cmd("train.py", "--init", init, "--data", f"{lang}-train", "--data-root", corpus_root(out),
-                                "--valid", f"{lang}-dev", "--save-dir", cell, "--seed", seed, *RECIPE, *args),
+    cpu = run_logged(python_cmd("train.py", "--init", init, "--data", data["train"], "--data-root", data["root"],
+                                "--valid", data["valid"], "--save-dir", cell, "--seed", seed, *recipe, *args),
                      cell / "train.log", threads)
     best = cell / "checkpoint_best.pt"
     ckpt = best if best.exists() else cell / "checkpoint_last.pt"
-    scored = evaluate(ckpt, f"{lang}-{split}", out, cell / f"{split}.json", threads)
-    result = {"lang": lang, "method": method + tag, "seed": seed, "per": scored["per"], "split": split,
+    scored = evaluate(ckpt, data[split], out, cell / f"{split}.json", threads, data["root"])
+    result = {"lang": lang, "method": method + tag, "seed": seed, "per": scored.get("per"), "split": split,
+              **({"accuracy": scored["accuracy"]} if "accuracy" in scored else {}),
               f"{split}_utterances": scored["utterances"], "checkpoint": str(ckpt.relative_to(out)),
               "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1), "threads": threads,
-              "args": args, "recipe": RECIPE + args, "backbone_sha256": backbone}
+              "args": args, "recipe": recipe + args, "backbone_sha256": backbone}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"cell {lang} {name}: {split} PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
+    metric = "accuracy" if result["per"] is None else "per"
+    log(f"cell {lang} {name}: {split} {metric} {100 * result[metric]:.2f} ({result['wall_s']:.0f} s)")
     return result
 
 
@@ -458,46 +467,120 @@ def cell_result(out: Path, lang: str, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
-    """Application 2: every language's route in one bundle (python -m s3r.routes bundle) vs separate finetuned
-    models."""
+# The multitask routes of application 2, beside the language routes: keyword spotting (Speech Commands layout),
+# speaker identification (VoxCeleb1 layout) and language identification (a path<TAB>label manifest) of espeak-ng
+# speech (tools/synth_tasks.py), each trained as a grid cell (s3r-0.9 and ft) with TASK_RECIPE.
+TASKS = {  # name: (tools.synth_tasks function, its keyword arguments, the --data names of train / valid / test)
+    "ks": ("keywords", {"per_class": 10}, ("speech_commands_v0.01-train", "speech_commands_v0.01-dev",
+                                           "speech_commands_v0.01-test")),
+    "sid": ("voices", {"speakers": 8, "per_class": 10}, ("voxceleb1-train", "voxceleb1-dev", "voxceleb1-test")),
+    "lid": ("languages", {"per_class": 10}, ("lid/train.tsv", "lid/valid.tsv", "lid/test.tsv")),
+}
+TASK_TONE = False  # tools.synth_tasks' tone stand-in instead of espeak-ng (tests)
+# The grid's recipe at half the updates (1-2 s clips, one label each), without the phone units.
+TASK_RECIPE = [x for x in RECIPE if x != "phone" and x != "--units"]
+TASK_RECIPE[TASK_RECIPE.index("--max-updates") + 1] = "100"
+TASK_RECIPE[TASK_RECIPE.index("--validate-interval") + 1] = "50"
+
+
+def make_task(out: Path, name: str) -> dict:
+    """One task's corpus under out/tasks (written once; a DONE file marks it) and its cell's `data` argument."""
+    import tools.synth_tasks
+    maker, kwargs, (train, valid, test) = TASKS[name]
+    root = out / "tasks" / name
+    if not (root / "DONE").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        getattr(tools.synth_tasks, maker)(root, seed=1, workers=2, tone=TASK_TONE, **kwargs)
+        (root / "DONE").write_text(json.dumps({"maker": maker, **kwargs}) + "\n")
+    named = lambda x: str(root / x) if x.endswith(".tsv") else x  # noqa: E731  a manifest is a path under root
+    return {"train": named(train), "valid": named(valid), "test": named(test), "root": root}
+
+
+def task_cell(out: Path, name: str, method: str, seed: int, threads: int) -> dict:
+    return train_cell(out, f"task-{name}", method, seed, METHODS[method], threads, data=make_task(out, name),
+                      recipe=TASK_RECIPE)
+
+
+def sha256_now(path: Path) -> str:
+    """The sha256 of a file as it is now (file_sha256 remembers: a cell trained again rewrites its checkpoint)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0], jobs: int = 2,
+               tasks=tuple(TASKS)) -> dict | None:
+    """Application 2: every language's route and every task's route in one bundle (python -m s3r.routes bundle)
+    against the separately finetuned models (ft), and every route's test score served from the bundle (eval.py
+    --bundle --route) against its separately evaluated checkpoint. Task cells are trained here."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from s3r import load_pretrained
     from s3r.checkpoint import s3r_checkpoint, save_atomic
     from s3r.model import Wav2Vec2Config
-    from s3r.routes import load_route, route_summary, storage
-    have = [lg for lg in langs if cell_result(out, lg, f"{method}-s{seed}") and cell_result(out, lg, f"ft-s{seed}")]
+    from s3r.routes import load_route, print_info, route_summary, storage
+    threads = max(1, 2 // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        for f in [pool.submit(task_cell, out, t, m, seed, threads) for t in tasks for m in (method, "ft")]:
+            try:
+                f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+    members = {lg: lg for lg in langs} | {t: f"task-{t}" for t in tasks}  # route name -> cell folder
+    have = {n: c for n, c in members.items() if cell_result(out, c, f"{method}-s{seed}")
+            and cell_result(out, c, f"ft-s{seed}")}
     if len(have) < 2:
-        log(f"bundle: needs {method} and ft cells of at least 2 languages (have {len(have)})")
+        log(f"bundle: needs {method} and ft cells of at least 2 languages or tasks (have {len(have)})")
         return None
     folder = out / "bundle"
     folder.mkdir(parents=True, exist_ok=True)
-    routes, dense_bytes = {}, 0
-    for lang in have:
-        route = folder / f"{lang}.route"
-        if not route.exists():
-            ckpt = out / cell_result(out, lang, f"{method}-s{seed}")["checkpoint"]
-            run_logged(python_cmd("-m", "s3r.routes", "export", ckpt, route), folder / "bundle.log", 2)
-        routes[lang] = route
-        dense = folder / f"{lang}.ft.pt"  # the finetuned model alone, as one would ship it (no optimizer state)
-        if not dense.exists():
-            model = load_pretrained(out / cell_result(out, lang, f"ft-s{seed}")["checkpoint"])
-            save_atomic(s3r_checkpoint(model), dense)
-        dense_bytes += dense.stat().st_size
+    routes, dense, cells = {}, {}, {}
+    for name, where in have.items():
+        cells[name] = cell_result(out, where, f"{method}-s{seed}")
+        ckpt, source = out / cells[name]["checkpoint"], folder / f"{name}.source"
+        ft = out / cell_result(out, where, f"ft-s{seed}")["checkpoint"]
+        key = f"{sha256_now(ckpt)} {sha256_now(ft)}\n"
+        routes[name], dense[name] = folder / f"{name}.route", folder / f"{name}.ft.pt"
+        if not source.exists() or source.read_text() != key:  # made from these checkpoints, or made again
+            run_logged(python_cmd("-m", "s3r.routes", "export", ckpt, routes[name]), folder / "bundle.log", threads)
+            save_atomic(s3r_checkpoint(load_pretrained(ft)), dense[name])  # the model alone, no optimizer state
+            source.write_text(key)
     bundle = folder / "all.bundle"
+    key = json.dumps([sha256_now(BACKBONE)] + [sha256_now(r) for r in routes.values()])
+    old = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else {}
+    if old.get("key") == key and bundle.exists():
+        return old
+    bundle.unlink(missing_ok=True)
     run_logged(python_cmd("-m", "s3r.routes", "bundle", bundle, "--pretrained", BACKBONE,
-                          *[f"{lg}={r}" for lg, r in routes.items()]), folder / "bundle.log", 2)
-    info = subprocess.run(python_cmd("-m", "s3r.routes", "info", bundle), capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
-    (folder / "info.txt").write_text(info)
+                          *[f"{n}={r}" for n, r in routes.items()]), folder / "bundle.log", threads)
+    info = io.StringIO()
+    with contextlib.redirect_stdout(info):  # what `python -m s3r.routes info` prints
+        print_info(bundle)
+    (folder / "info.txt").write_text(info.getvalue())
+    served = {}
+    for name, where in have.items():
+        task = where.startswith("task-")
+        data = make_task(out, name) if task else {"test": f"{name}-test", "root": corpus_root(out)}
+        path = folder / f"served-{name}.json"
+        path.unlink(missing_ok=True)
+        run_logged(python_cmd("eval.py", "--bundle", bundle, "--route", name, "--data", data["test"], "--data-root",
+                              data["root"], "--json", path, "--num-workers", "0"), folder / "served.log", threads)
+        metric = "per" if cells[name]["per"] is not None else "accuracy"
+        score = json.loads(path.read_text())[metric]
+        served[name] = {"kind": "task" if task else "language", "metric": metric,
+                        "checkpoint": cells[name][metric], "bundle": score, "equal": score == cells[name][metric],
+                        "route_bytes": routes[name].stat().st_size, "finetuned_bytes": dense[name].stat().st_size}
     loaded = [load_route(r) for r in routes.values()]
     arithmetic = storage(Wav2Vec2Config.from_dict(loaded[0]["config"]), [route_summary(r) for r in loaded])
-    res = {"languages": have, "method": method, "seed": seed, "bundle_bytes": bundle.stat().st_size,
-           "separate_finetuned_bytes": dense_bytes, "route_bytes": {lg: r.stat().st_size for lg, r in routes.items()},
-           "backbone_bytes": BACKBONE.stat().st_size,
-           "file_change_percent": 100.0 * (bundle.stat().st_size / dense_bytes - 1.0), "arithmetic": arithmetic}
+    dense_bytes = sum(d.stat().st_size for d in dense.values())
+    res = {"key": key, "languages": [n for n in have if not have[n].startswith("task-")],
+           "tasks": [n for n in have if have[n].startswith("task-")], "method": method, "seed": seed,
+           "bundle_bytes": bundle.stat().st_size, "separate_finetuned_bytes": dense_bytes,
+           "route_bytes": {n: r.stat().st_size for n, r in routes.items()}, "backbone_bytes": BACKBONE.stat().st_size,
+           "file_change_percent": 100.0 * (bundle.stat().st_size / dense_bytes - 1.0), "arithmetic": arithmetic,
+           "served": served, "task_recipe": TASK_RECIPE}
     (out / "bundle.json").write_text(json.dumps(res, indent=1) + "\n")
-    log(f"bundle: {len(have)} languages, {res['bundle_bytes']:,} B vs {dense_bytes:,} B separate "
-        f"({res['file_change_percent']:+.1f}%)")
+    log(f"bundle: {len(have)} routes, {res['bundle_bytes']:,} B vs {dense_bytes:,} B separate "
+        f"({res['file_change_percent']:+.1f}%); served = checkpoint for "
+        f"{sum(v['equal'] for v in served.values())} of {len(served)}")
     return res
 
 
@@ -932,6 +1015,33 @@ def similarity_md(sims: list[dict]) -> list[str]:
                         for sim in sims] + [""]
 
 
+def bundle_md(bundle: dict) -> list[str]:
+    """Application 2's section: bytes of the bundle against the separately finetuned models, and every route's test
+    score served from the bundle against its checkpoint's."""
+    ar = bundle["arithmetic"]["fp32"]
+    tasks = bundle.get("tasks", [])
+    md = ["## Application 2: all routes in one bundle", "",
+          f"{len(bundle['languages'])} languages ({', '.join(bundle['languages'])})"
+          + (f" and {len(tasks)} tasks ({', '.join(tasks)}: keyword spotting, speaker ID, language ID of espeak-ng "
+             "speech, tools/synth_tasks.py; trained as grid cells with half the updates)" if tasks else "")
+          + f", {bundle['method']} routes: bundle file {bundle['bundle_bytes']:,} B vs "
+          f"{bundle['separate_finetuned_bytes']:,} B for the separately finetuned models (ft) "
+          f"({bundle['file_change_percent']:+.1f}%). Arithmetic (fp32): {ar['shared_plus_routes_bytes']:,} B vs "
+          f"{ar['dense_models_bytes']:,} B ({ar['change_percent']:+.1f}%).", ""]
+    served = bundle.get("served")
+    if served:
+        equal = sum(v["equal"] for v in served.values())
+        md += ["| route | kind | route bytes | finetuned model bytes | test score, checkpoint | test score, served "
+               "from the bundle | equal |", "|---|---|---:|---:|---:|---:|---|"]
+        for name, v in served.items():
+            label = "PER" if v["metric"] == "per" else "accuracy"
+            md.append(f"| {name} | {v['kind']} | {v['route_bytes']:,} | {v['finetuned_bytes']:,} | {label} "
+                      f"{100 * v['checkpoint']:.2f}% | {100 * v['bundle']:.2f}% | {'yes' if v['equal'] else 'NO'} |")
+        md += ["", f"Served from the one bundle file (eval.py --bundle --route), {equal} of {len(served)} routes score "
+               "exactly what their separately evaluated checkpoints score."]
+    return md + [""]
+
+
 def report(out: Path, a):
     """bench/results/miniature.json + miniature.md (+ PNG plots): whatever has finished so far."""
     import statistics
@@ -942,7 +1052,7 @@ def report(out: Path, a):
     results = RESULTS
     results.mkdir(parents=True, exist_ok=True)
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/result.json"))]
-    grid = [c for c in cells if c["method"] in METHODS]
+    grid = [c for c in cells if c["method"] in METHODS and c["lang"] in a.langs]
     table = {}
     for c in grid:
         table.setdefault(c["lang"], {}).setdefault(c["method"], []).append(c["per"])
@@ -1040,14 +1150,7 @@ def report(out: Path, a):
         fig.savefig(results / "miniature_per.png", dpi=110)
         plt.close(fig)
     if bundle:
-        ar = bundle["arithmetic"]["fp32"]
-        md += ["## Application 2: all routes in one bundle", "",
-               f"{len(bundle['languages'])} languages ({', '.join(bundle['languages'])}), {bundle['method']} routes: "
-               f"bundle file {bundle['bundle_bytes']:,} B vs {bundle['separate_finetuned_bytes']:,} B for the "
-               f"separately "
-               f"finetuned models ({bundle['file_change_percent']:+.1f}%). Arithmetic (fp32): "
-               f"{ar['shared_plus_routes_bytes']:,} B vs {ar['dense_models_bytes']:,} B "
-               f"({ar['change_percent']:+.1f}%).", ""]
+        md += bundle_md(bundle)
     if curve:
         md += [f"## Application 3: pruning curve ({curve['lang']})", "", "| method | sparsity | PER (%) |",
                "|---|---|---|"]
@@ -1238,7 +1341,7 @@ def main(argv=None):
     if stage("collapse"):
         run_collapse(out, a.langs, a.methods, a.seeds, a.jobs)
     if stage("bundle"):
-        run_bundle(out, a.langs)
+        run_bundle(out, a.langs, jobs=a.jobs)
     if stage("curve") and CURVE_LANG in a.langs:
         curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds, a.curve_kinds)
         structured_report(out, curve, command)
