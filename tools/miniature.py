@@ -1037,8 +1037,8 @@ def bundle_md(bundle: dict) -> list[str]:
             label = "PER" if v["metric"] == "per" else "accuracy"
             md.append(f"| {name} | {v['kind']} | {v['route_bytes']:,} | {v['finetuned_bytes']:,} | {label} "
                       f"{100 * v['checkpoint']:.2f}% | {100 * v['bundle']:.2f}% | {'yes' if v['equal'] else 'NO'} |")
-        md += ["", f"Served from the one bundle file (eval.py --bundle --route), {equal} of {len(served)} routes score "
-               "exactly what their separately evaluated checkpoints score."]
+        md += ["", f"Served from the one bundle file (eval.py with --bundle and --route), {equal} of {len(served)} "
+               "routes score exactly what their separately evaluated checkpoints score."]
     return md + [""]
 
 
