@@ -19,9 +19,11 @@ TINY_RECIPE = ["--max-updates", "2", "--max-tokens", "80000", "--update-freq", "
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    """bench/results redirected to a temporary folder, and the methods back at the demo corpus's lrs after."""
+    """bench/results (and the README the report writes the claims table into) redirected to a temporary folder, and
+    the methods back at the demo corpus's lrs after."""
     folder = tmp_path / "results"
     monkeypatch.setattr(mini, "RESULTS", folder)
+    monkeypatch.setattr(mini, "README", tmp_path / "README.md")
     yield folder
     mini.use_lrs(mini.selected_lrs())
 
@@ -313,3 +315,54 @@ def test_bundle_serves_language_and_task_routes_as_their_checkpoints(mini_out, t
     assert mini.run_bundle(out, ["fr"], tasks=("lid",)) == res
     md = "\n".join(mini.bundle_md(res))
     assert "1 languages (fr) and 1 tasks (lid" in md and "2 of 2 routes score exactly" in md
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The claims table
+
+
+def test_claims_from_hand_set_results():
+    mean = {"es": {"head": 0.10, "ft": 0.20, "s3r-0.9": 0.12, "s3r-0.9-fa": 0.08},
+            "nl": {"head": 0.12, "ft": 0.15, "s3r-0.9": 0.18, "s3r-0.9-fa": 0.16}}
+    served = {"es": {"kind": "language", "metric": "per", "checkpoint": 0.08, "bundle": 0.08, "equal": True,
+                     "finetuned": 0.20},
+              "ks": {"kind": "task", "metric": "accuracy", "checkpoint": 0.90, "bundle": 0.90, "equal": True,
+                     "finetuned": 0.95},
+              "lid": {"kind": "task", "metric": "accuracy", "checkpoint": 0.80, "bundle": 0.80, "equal": True,
+                      "finetuned": 0.805}}
+    bundle = {"served": served, "file_change_percent": -60.0, "arithmetic": {"fp32": {"change_percent": -65.0}}}
+    row = lambda kind, rate, per: {"kind": kind, "prune_rate": rate, "per": per, "granularity": "weight"}  # noqa: E731
+    curve = {"lang": "es", "rows": [row("dense", 1.0, 0.05), row("prune", 0.7, 0.05), row("omp", 0.7, 0.055),
+                                    row("parp", 0.7, 0.045), row("prune", 0.3, 0.06), row("omp", 0.3, 0.20),
+                                    row("imp", 0.3, 0.03)]}
+    good = fake_similarity({"A|B": 1.0, "A|C": 2.0, "B|C": 3.0}, {"A|B": 1.0, "A|C": 2.0, "B|C": 3.0}, lr="3e-3",
+                           control={"same_language_two_seeds": 0.2, "two_languages_same_seed": 0.1})
+    rows = {r["claim"][:2]: r for r in mini.claim_rows(mean, bundle, curve, [good])}
+    # 1: s3r-0.9-fa beats ft on es (8 < 20), loses on nl (16 > 15); mean 12.0 < 17.5: neither every language nor
+    # behind on average
+    assert rows["1."]["verdict"] == "unclear"
+    assert rows["1."]["loses"] == ["nl: ft 15.0 vs 16.0", "nl: head only 12.0 vs 16.0"]
+    assert "s3r-0.9-fa 12.0, s3r-0.9 15.0, ft 17.5, head only 11.0" in rows["1."]["evidence"]
+    assert rows["2."]["verdict"] == "holds" and "-60.0% bytes" in rows["2."]["evidence"]
+    # 3: at 0.7 PARP is 0.5 points ahead (comparable), at 0.3 IMP 3 points ahead: 1 of 4 comparisons lost
+    assert rows["3."]["verdict"] == "unclear" and rows["3."]["loses"] == ["IMP at 70% sparsity by 3.0 points"]
+    # 4: one route set, r = 1 but with 3 languages p = 1/6: not significant
+    assert rows["4."]["verdict"] == "does not hold" and "p 0.167" in rows["4."]["evidence"]
+    # multitask: ks 5 points behind ft, lid 0.5 (comparable): 1 of 2 lost
+    assert rows["Mu"]["verdict"] == "unclear" and rows["Mu"]["loses"] == ["ks: ft 95.0% vs 90.0%"]
+    assert [r["verdict"] for r in mini.claim_rows({}, None, None, [])] == ["not run"] * 5
+
+
+def test_report_writes_the_claims_table_into_the_readme(collapsed_grid, results):
+    import argparse
+    readme = results.parent / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{mini.CLAIMS_START}\nold\n{mini.CLAIMS_END}\n\nafter\n")
+    mini.use_lrs(mini.DEMO_LRS)
+    mini.report(collapsed_grid, argparse.Namespace(langs=["nl"], methods=["head", "ft"], seeds=[1, 2],
+                                                   curve_rates=mini.CURVE_RATES))
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{mini.CLAIMS_END}\n\nafter\n") and "old" not in text
+    block = text.split(mini.CLAIMS_START)[1].split(mini.CLAIMS_END)[0]
+    assert block.count("**not run**") == 5  # nl has no s3r cells, nothing else ran
+    md = (results / "miniature.md").read_text()
+    assert md.index("## The paper's claims here") < md.index("## Application 1") and block.strip() in md

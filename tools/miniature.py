@@ -567,6 +567,7 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
         score = json.loads(path.read_text())[metric]
         served[name] = {"kind": "task" if task else "language", "metric": metric,
                         "checkpoint": cells[name][metric], "bundle": score, "equal": score == cells[name][metric],
+                        "finetuned": cell_result(out, where, f"ft-s{seed}")[metric],
                         "route_bytes": routes[name].stat().st_size, "finetuned_bytes": dense[name].stat().st_size}
     loaded = [load_route(r) for r in routes.values()]
     arithmetic = storage(Wav2Vec2Config.from_dict(loaded[0]["config"]), [route_summary(r) for r in loaded])
@@ -1042,6 +1043,130 @@ def bundle_md(bundle: dict) -> list[str]:
     return md + [""]
 
 
+README = ROOT / "README.md"
+CLAIMS_START, CLAIMS_END = "<!-- miniature claims: start -->", "<!-- miniature claims: end -->"
+COMPARABLE = 0.01  # PER (or accuracy) within 1 point counts as comparable (pruning, multitask)
+
+
+def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[dict]) -> list[dict]:
+    """The paper's four claims plus multitask, each with a verdict (holds / does not hold / unclear / not run), the
+    numbers behind it and where S3-Router loses; `mean`: application 1's PER per language and method (seed mean)."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731  every number below
+    rows = []
+    # 1. finetuning: S3-Router keeping 90% (upstream's command routes FFN only: s3r-0.9-fa) vs weight finetuning
+    claim = "1. Discarding <= 10% of the weights consistently beats weight finetuning (application 1)"
+    both = [lg for lg in mean if {"s3r-0.9-fa", "s3r-0.9", "ft"} <= set(mean[lg])]
+    if both:
+        wins = {m: [lg for lg in both if mean[lg][m] < mean[lg]["ft"]] for m in ("s3r-0.9-fa", "s3r-0.9")}
+        avg = {m: sum(mean[lg][m] for lg in both) / len(both) for m in ("s3r-0.9-fa", "s3r-0.9", "ft")}
+        head = [lg for lg in both if "head" in mean[lg]]
+        verdict = "holds" if len(wins["s3r-0.9-fa"]) == len(both) else \
+            "does not hold" if avg["s3r-0.9-fa"] >= avg["ft"] else "unclear"
+        loses = [f"{lg}: ft {pct(mean[lg]['ft'])} vs {pct(mean[lg]['s3r-0.9-fa'])}" for lg in both
+                 if lg not in wins["s3r-0.9-fa"]]
+        loses += [f"{lg}: head only {pct(mean[lg]['head'])} vs {pct(mean[lg]['s3r-0.9-fa'])}" for lg in head
+                  if mean[lg]["head"] < mean[lg]["s3r-0.9-fa"]]
+        rows.append({"claim": claim, "verdict": verdict, "loses": loses, "evidence": (
+            f"mean PER over {len(both)} languages: s3r-0.9-fa {pct(avg['s3r-0.9-fa'])}, s3r-0.9 "
+            f"{pct(avg['s3r-0.9'])}, ft {pct(avg['ft'])}"
+            + (f", head only {pct(sum(mean[lg]['head'] for lg in head) / len(head))}" if head else "")
+            + f"; s3r-0.9-fa beats ft in {len(wins['s3r-0.9-fa'])} of {len(both)} languages, s3r-0.9 in "
+            f"{len(wins['s3r-0.9'])}")})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 2. multilingual: one bundle instead of a model per language, each route serving as its checkpoint
+    claim = "2. One shared model with a route per language replaces the per-language models (-88.5% parameters)"
+    served = (bundle or {}).get("served") or {}
+    langs = {n: v for n, v in served.items() if v["kind"] == "language"}
+    if bundle and langs:
+        equal = sum(v["equal"] for v in langs.values())
+        ar = bundle["arithmetic"]["fp32"]
+        verdict = "holds" if bundle["file_change_percent"] < 0 and equal == len(langs) else "does not hold"
+        rows.append({"claim": claim, "verdict": verdict, "loses": [f"{n}: served {pct(v['bundle'])} vs checkpoint "
+                                                                    f"{pct(v['checkpoint'])}"
+                                                                    for n, v in langs.items() if not v["equal"]],
+                     "evidence": f"bundle of {len(served)} routes {bundle['file_change_percent']:+.1f}% bytes against "
+                                 f"the separately finetuned models (arithmetic, fp32: {ar['change_percent']:+.1f}%); "
+                                 f"{equal} of {len(langs)} language routes served from it score as their checkpoints"})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 3. pruning: S3-Router pruning vs OMP, IMP and PARP at the same kept fraction (per weight)
+    claim = "3. S3-Router pruning is better than or comparable to OMP, IMP and PARP at the same sparsity"
+    points = [r for r in (curve or {}).get("rows", []) if r["granularity"] == "weight" and r["kind"] != "dense"]
+    by = {(r["kind"], r["prune_rate"]): r for r in points}
+    rates = sorted({rate for kind, rate in by if kind == "prune"}, reverse=True)
+    compared = [(rate, kind, by[kind, rate]["per"] - by["prune", rate]["per"]) for rate in rates
+                for kind in ("omp", "imp", "parp") if (kind, rate) in by]
+    if compared:
+        lost = [(rate, kind, d) for rate, kind, d in compared if d < -COMPARABLE]
+        verdict = "holds" if not lost else "does not hold" if len(lost) > len(compared) / 2 else "unclear"
+        names = sorted({k.upper() for _, k, _ in compared})
+        at = lambda rate: " / ".join(f"{k} {pct(by[k, rate]['per'])}" for k in ("prune", "omp", "imp", "parp")  # noqa: E731
+                                     if (k, rate) in by)
+        rows.append({"claim": claim, "verdict": verdict, "loses": [
+            f"{k.upper()} at {100 * (1 - rate):.0f}% sparsity by {-100 * d:.1f} points" for rate, k, d in lost],
+            "evidence": f"{curve['lang']}, {len(rates)} sparsities: S3-Router pruning better or within "
+                        f"{100 * COMPARABLE:.0f} point in {len(compared) - len(lost)} of {len(compared)} comparisons "
+                        f"with {', '.join(names)}; PER " + ", ".join(f"{100 * (1 - r):.0f}%: {at(r)}" for r in rates)})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 4. analysis: mask similarity follows phonetic similarity
+    claim = "4. Mask similarity between languages correlates with their phonetic similarity"
+    if sims:
+        robust = {}
+        for sim in sims:
+            perm = sim.get("permutation") or {"cosine": permutation_test(sim, "cosine")}
+            t, c = perm["cosine"], sim.get("seed_control") or {}
+            separates = bool(c) and c["same_language_two_seeds"] > c["two_languages_same_seed"]
+            robust[sim["method"]] = (t["pearson_p"] < 0.05 and t["spearman_p"] < 0.05 and separates, t,
+                                     sim.get("lr", "?"))
+        n = sum(r[0] for r in robust.values())
+        verdict = "holds" if n == len(robust) else "does not hold" if n == 0 else "unclear"
+        rows.append({"claim": claim, "verdict": verdict,
+                     "loses": [f"lr {lr}: not robust" for ok, _, lr in robust.values() if not ok],
+                     "evidence": "; ".join(f"lr {lr}: Pearson {t['pearson']:.2f} (p {t['pearson_p']:.3f}), Spearman "
+                                           f"{t['spearman']:.2f} (p {t['spearman_p']:.3f})"
+                                           for _, t, lr in robust.values())})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 5. multitask: task routes in the same bundle, as good as finetuning the task
+    claim = "Multitask: task routes (keyword spotting, speaker ID, language ID) in the same bundle match finetuning"
+    tasks = {n: v for n, v in served.items() if v["kind"] == "task" and v.get("finetuned") is not None}
+    if tasks:
+        behind = {n: v["finetuned"] - v["checkpoint"] for n, v in tasks.items()}  # accuracy points ft is ahead
+        lost = [n for n, d in behind.items() if d > COMPARABLE]
+        equal = all(v["equal"] for v in tasks.values())
+        verdict = "does not hold" if not equal or len(lost) > len(tasks) / 2 else "holds" if not lost else "unclear"
+        rows.append({"claim": claim, "verdict": verdict,
+                     "loses": [f"{n}: ft {pct(tasks[n]['finetuned'])}% vs {pct(tasks[n]['checkpoint'])}%"
+                               for n in lost],
+                     "evidence": ", ".join(f"{n} accuracy {pct(v['checkpoint'])}% (ft {pct(v['finetuned'])}%)"
+                                           for n, v in tasks.items())
+                                 + f"; served from the bundle as their checkpoints: {'yes' if equal else 'NO'}"})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    return rows
+
+
+def claims_md(rows: list[dict]) -> list[str]:
+    md = ["| claim (paper) | verdict here | the numbers | where S3-Router loses |", "|---|---|---|---|"]
+    md += [f"| {r['claim']} | **{r['verdict']}** | {r['evidence'] or '-'} | {'; '.join(r['loses']) or '-'} |"
+           for r in rows]
+    return md
+
+
+def write_readme_claims(lines: list[str], readme: Path | None = None) -> bool:
+    """Put the claims table between the README's claims markers (where it has them); returns whether it did."""
+    readme = readme or README
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    if CLAIMS_START not in text or CLAIMS_END not in text:
+        return False
+    head, rest = text.split(CLAIMS_START, 1)
+    tail = rest.split(CLAIMS_END, 1)[1]
+    readme.write_text(head + CLAIMS_START + "\n" + "\n".join(lines) + "\n" + CLAIMS_END + tail, encoding="utf-8")
+    return True
+
+
 def report(out: Path, a):
     """bench/results/miniature.json + miniature.md (+ PNG plots): whatever has finished so far."""
     import statistics
@@ -1077,8 +1202,9 @@ def report(out: Path, a):
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
     curve = curve_rows(out, rates=a.curve_rates)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
+    claims = claim_rows(mean, bundle, curve, sims)
     summary = {"command": f"python -m tools.miniature{backbone_arg}", "commit": commit, "cells": cells,
-               "per_mean": mean, "collapsed": collapses, "backbone_sha256": backbones, "lrs": LRS,
+               "per_mean": mean, "claims": claims, "collapsed": collapses, "backbone_sha256": backbones, "lrs": LRS,
                "lr_selection": lr_choice and {k: lr_choice[k] for k in ("langs", "mean_dev_per", "selected")},
                "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
@@ -1171,7 +1297,12 @@ def report(out: Path, a):
         plt.close(fig)
     if sims:
         md += similarity_md(sims)
+    table_md = claims_md(claims) + ["", f"From `python -m tools.miniature{backbone_arg}` at commit {commit} "
+                                        "(bench/results/miniature.md); not run: its cells have not finished."]
+    md[2:2] = ["## The paper's claims here", "", *table_md, ""]
     (results / "miniature.md").write_text("\n".join(md) + "\n")
+    if write_readme_claims(table_md):
+        log(f"report: the claims table -> {README}")
     log(f"report: {len(cells)} cells -> {results / 'miniature.md'}")
 
 
