@@ -366,3 +366,20 @@ def test_report_writes_the_claims_table_into_the_readme(collapsed_grid, results)
     assert block.count("**not run**") == 5  # nl has no s3r cells, nothing else ran
     md = (results / "miniature.md").read_text()
     assert md.index("## The paper's claims here") < md.index("## Application 1") and block.strip() in md
+
+
+def test_the_command_line_runs_the_report_stage(tmp_path, tiny_init, results, monkeypatch):
+    """`--stage report` on an empty output folder: every method at the current lrs, nothing finished, every claim
+    "not run"; an unknown method or a missing backbone is a one-line error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(mini, "BACKBONE", mini.BACKBONE)  # main() sets it: restored after the test
+    mini.main(["--stage", "report", "--out", str(out), "--backbone", str(tiny_init)])
+    md = (results / "miniature.md").read_text()
+    assert md.count("**not run**") == 5 and f"0 of {6 * len(mini.METHODS) * 2} application-1 cells" in md
+    assert f"Backbone: `{tiny_init}` (sha256 {mini.file_sha256(tiny_init)[:12]})." in md
+    assert f"`python -m tools.miniature --backbone {tiny_init}`" in md
+    with pytest.raises(SystemExit, match="--methods s3r-0.8: not a method"):
+        mini.main(["--stage", "report", "--out", str(out), "--backbone", str(tiny_init), "--methods", "s3r-0.8"])
+    with pytest.raises(SystemExit, match="--backbone nope.pt: no such file"):
+        mini.main(["--stage", "grid", "--out", str(out), "--backbone", "nope.pt"])

@@ -195,7 +195,8 @@ def write_reference(out: Path, langs: list[str]) -> Path:
 DEMO_BACKBONE = ROOT / "s3r" / "assets" / "demo" / "backbone.pt"  # the supervised stand-in (stage backbone)
 SSL_BACKBONE = ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"  # tools/pretrain_backbone.py
 # The backbone every cell starts from: --backbone; by default the self-supervised one once it is committed.
-BACKBONE = SSL_BACKBONE if SSL_BACKBONE.exists() else DEMO_BACKBONE
+DEFAULT_BACKBONE = SSL_BACKBONE if SSL_BACKBONE.exists() else DEMO_BACKBONE
+BACKBONE = DEFAULT_BACKBONE  # main() sets it from --backbone
 # Peak lr per method family, until the lr stage has chosen them (bench/results/miniature_lr.json): the better of 3e-3
 # and 1e-2 for each on the built-in demo corpus (Spanish, 200 updates; PER head 9.1 at 1e-2 (75.8 at 1e-3), ft 12.4
 # / 13.6, s3r-0.9 9.1 / 7.6 at 3e-3 / 1e-2).
@@ -1194,8 +1195,8 @@ def report(out: Path, a):
     bb = json.loads(backbone_report.read_text()) if backbone_report.exists() and supervised in backbones else {}
     lr_path = results / "miniature_lr.json"
     lr_choice = json.loads(lr_path.read_text()) if lr_path.exists() else None
-    backbone_arg = "" if BACKBONE == DEMO_BACKBONE or not BACKBONE.is_relative_to(ROOT) else \
-        f" --backbone {BACKBONE.relative_to(ROOT)}"
+    backbone_arg = "" if BACKBONE == DEFAULT_BACKBONE else \
+        f" --backbone {BACKBONE.relative_to(ROOT) if BACKBONE.is_relative_to(ROOT) else BACKBONE}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
@@ -1420,9 +1421,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
                    "lr, grid, collapse, bundle, curve, similarity, report; or ssl-pilot (see --init)")
-    p.add_argument("--backbone", default=str(BACKBONE.relative_to(ROOT)), help="the checkpoint every cell starts "
-                   "from (default: %(default)s: the self-supervised backbone when committed, else the supervised "
-                   "stand-in)")
+    p.add_argument("--backbone", default=str(DEFAULT_BACKBONE.relative_to(ROOT)), help="the checkpoint every cell "
+                   "starts from (default: %(default)s: the self-supervised backbone when committed, else the "
+                   "supervised stand-in)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--langs", nargs="*", default=GRID_LANGS[:6], help="held-out languages of the grid, in order "
                    f"(default: the first six of {', '.join(GRID_LANGS)})")
