@@ -519,6 +519,8 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
     from s3r.model import Wav2Vec2Config
     from s3r.routes import load_route, print_info, route_summary, storage
     threads = max(1, 2 // jobs)
+    for t in tasks:  # the corpora first, one at a time: two cells of a task must not both write it
+        make_task(out, t)
     with ThreadPoolExecutor(jobs) as pool:
         for f in [pool.submit(task_cell, out, t, m, seed, threads) for t in tasks for m in (method, "ft")]:
             try:
@@ -1235,7 +1237,9 @@ def report(out: Path, a):
           + " The held-out languages below were never seen by it.", "",
           "Caveats: every method gets the same recipe (200 updates of 10 s of audio, tri-stage schedule) with its "
           + (f"family's peak lr chosen on the dev split of {' and '.join(lr_choice['langs'])}, languages reported "
-             f"nowhere else (miniature_lr.md: head {LRS['head']}, ft {LRS['ft']}, s3r {LRS['s3r']}); "
+             f"nowhere else (miniature_lr.md: head {LRS['head']}, ft {LRS['ft']}, s3r {LRS['s3r']}"
+             + ("; CHOSEN ON ANOTHER BACKBONE: rerun --stage lr" if lr_choice.get("backbone_sha256") not in backbones
+                else "") + "); "
              if lr_choice else
              f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others "
              f"{ROUTE_LR}); ")
