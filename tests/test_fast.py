@@ -99,7 +99,7 @@ def test_fast_equals_reference(variant, mode, padding, reference):
         results[ref] = step(model, wav, lengths)
         with torch.no_grad():
             model.eval()
-            results[ref] += (model(wav, lengths)[0],)  # inference: the in-place extractor paths
+            results[ref] += (model(wav, lengths)[0],)  # inference: no autograd
             model.train()
     (out, grads, inference), (out_fast, grads_fast, inference_fast) = results[True], results[False]
     assert_near(out_fast, out, "logits")  # padded frames too: -inf except the blank in both
