@@ -138,8 +138,8 @@ class MaskedConv1d(structured.GroupScores, Routable, nn.Conv1d):
     """nn.Conv1d whose weight S3-Router can mask."""
     def forward(self, x):  # (B, C_in, T) -> (B, C_out, T')
         weight = self.routed_weight()
-        if fast.grouped_conv_applies(self, x):  # fast.py: the backward as forward convs (CPU)
-            return fast.grouped_conv1d(x, weight, self.bias, self.padding[0], self.groups)
+        if fast.conv_applies(self, x):  # fast.py: pos conv backward, extractor convs (CPU)
+            return fast.conv1d(self, x, weight)
         return self._conv_forward(x, weight, self.bias)
 
 

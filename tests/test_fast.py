@@ -155,14 +155,14 @@ def test_padded_frames_are_certain_blanks_and_valid_frames_match_unpadded(refere
 
 def test_python_switch_turns_every_speed_path_off(monkeypatch):
     calls = []
-    for name in ("each_utterance", "grouped_conv1d"):
+    for name in ("each_utterance", "conv1d", "strided_conv"):
         real = getattr(fast, name)
         monkeypatch.setattr(fast, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     for cls, name in ((fast.MaskCache, "get"), (fast.ValidFrames, "pack")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, *a, _real=real, _name=name: calls.append(_name) or
                             _real(self, *a))
-    model = tiny_model("base").route(RouteConfig(prune_rate=0.8, trainable_pos=True)).train()
+    model = tiny_model("large").route(RouteConfig(prune_rate=0.8, trainable_pos=True)).train()
     wav, lengths = batch("padded")
     try:
         fast.set_enabled(False)
@@ -171,7 +171,7 @@ def test_python_switch_turns_every_speed_path_off(monkeypatch):
         assert calls == []
         fast.set_enabled(True)
         model(wav, lengths)[0].sum().backward()
-        assert {"each_utterance", "grouped_conv1d", "get", "pack"} <= set(calls)
+        assert {"each_utterance", "conv1d", "strided_conv", "get", "pack"} <= set(calls)
     finally:
         fast.set_enabled(None)
 
@@ -182,7 +182,7 @@ from s3r import fast
 from s3r.model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 def refuse(*args):
     raise SystemExit("a speed path ran")
-fast.each_utterance = fast.ValidFrames.pack = fast.MaskCache.get = refuse
+fast.each_utterance = fast.conv1d = fast.ValidFrames.pack = fast.MaskCache.get = refuse
 cfg = Wav2Vec2Config(conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), hidden_size=16, num_hidden_layers=1,
                      num_attention_heads=2, intermediate_size=20, conv_pos_kernel=4, conv_pos_groups=2, vocab_size=5)
 model = Wav2Vec2ForCTC(cfg).route(RouteConfig(prune_rate=0.5))
@@ -306,8 +306,23 @@ def test_grouped_conv_gradients_match_conv1d(shape):
     b = torch.randn(C, requires_grad=True) if bias else None
     inputs = [x, w] + ([b] if bias else [])
     ref = F.conv1d(x, w, b, padding=P, groups=G)
-    out = fast.grouped_conv1d(x, w, b, P, G)
+    out = fast.GroupedConv1d.apply(x, w, b, P, G)
     assert torch.equal(out, ref)
     g = torch.randn_like(ref)
     for mine, theirs in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+        torch.testing.assert_close(mine, theirs, **TOL)
+
+
+@pytest.mark.parametrize("kernel, stride, c_in, bias", [(10, 5, 1, False), (3, 2, 6, True), (2, 2, 5, False),
+                                                        (4, 3, 3, True)])
+def test_strided_conv_matches_conv1d(kernel, stride, c_in, bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 41, c_in, requires_grad=True)  # (B, S, C_in), channels last
+    w = torch.randn(7, c_in, kernel, requires_grad=True)
+    b = torch.randn(7) if bias else None
+    out = fast.strided_conv(x, w, b, stride)
+    ref = F.conv1d(x.transpose(1, 2), w, b, stride=stride).transpose(1, 2)
+    torch.testing.assert_close(out, ref, **TOL)
+    g = torch.randn_like(ref)
+    for mine, theirs in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g), strict=True):
         torch.testing.assert_close(mine, theirs, **TOL)
