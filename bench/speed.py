@@ -356,6 +356,7 @@ def markdown(result: dict) -> str:
              f"{', '.join(f'{s:g}' for s in result['seconds'])} s, zero-padded. {result['rounds']} interleaved "
              f"rounds; ratio = median of the per-round ratios [min-max], lower is better for s3r; targets are judged "
              f"on {clock} time.", "",
+             f"Command: `{result['command']}`." + (f" {result['note']}" if result.get("note") else ""), "",
              f"| config | measure | s3r | peer | ratio, {clock} time | ratio, {'wall' if clock == 'cpu' else 'cpu'} "
              f"time | target | met |", "|---|---|---|---|---|---|---|---|"]
     other = "wall" if clock == "cpu" else "cpu"
@@ -425,6 +426,7 @@ def main(argv=None) -> int:
     p.add_argument("--mfu", action="store_true", help="s3r's model FLOP utilization of the first config's steps")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak (default: a table by name)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="folder for speed.md and speed.json")
+    p.add_argument("--note", default="", help="a line for the results (what else ran on the machine, say)")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_worker:
@@ -440,7 +442,10 @@ def main(argv=None) -> int:
     impls = args.impls.split(",")
     runs = [run for run in RUNS if run[0] in impls]
     dtype = getattr(torch, args.dtype)
-    result = {"machine": describe_machine(args), "command": " ".join(sys.argv), "seconds": seconds,
+    given = argv if argv is not None else sys.argv[1:]
+    shown = [a for i, a in enumerate(given) if not (a.startswith("--note") or (i and given[i - 1] == "--note"))]
+    result = {"machine": describe_machine(args), "command": " ".join(["python -m bench.speed", *shown]),
+              "note": args.note, "seconds": seconds,
               "rounds": rounds, "clock": clock, "configs": {}}
     print(result["machine"])
     with tempfile.TemporaryDirectory() as tmp:

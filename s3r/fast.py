@@ -4,9 +4,16 @@
 |-----------------------|-----------------------------------------|----------------------------------------------------|
 | MaskCache             | topk_mask in Routable.mask              | always: a selection once per change of the scores  |
 |                       |                                         | (CPU: banded k-th value search; CUDA: one sort)    |
-| extract_features      | FeatureExtractor.forward (ConvLayer)    | CPU (autograd on or off; in place when off)        |
-| grouped_conv1d        | MaskedConv1d.forward (F.conv1d)         | CPU, autograd on, grouped stride-1 convs (pos conv)|
+| each_utterance        | a padded batch in FeatureExtractor.forward | CPU, padded batches                             |
+| conv1d: GroupedConv1d | MaskedConv1d.forward (F.conv1d)         | CPU, autograd on, grouped stride-1 convs (pos conv)|
+| conv1d: strided_conv  | MaskedConv1d.forward (F.conv1d)         | CPU, strided convs on channels-last input          |
 | ValidFrames           | padded (B, T, C) blocks in Encoder.forward | CPU, padded batches                             |
+
+Each changes only how something is computed and calls back into model.py for what: `each_utterance` runs
+FeatureExtractor.forward itself, once per utterance; packed frames run EncoderLayer.forward itself and are unpacked
+for Attention.attend; `conv1d` is F.conv1d computed otherwise (the positional conv's backward as forward
+convolutions, an extractor conv as matrix products); the mask cache selects topk_mask's entries. No block of
+model.py is written here a second time.
 
 Turn every one of them off with `S3R_REFERENCE=1` in the environment (read at each call) or with
 `s3r.fast.set_enabled(False)` (`set_enabled(None)` follows the environment again). tests/test_fast.py holds each
@@ -118,49 +125,61 @@ def kth_largest(a: torch.Tensor, k: int, hint: float | None, band: float) -> flo
 # ------------------------------------------------------------------------------------------ feature extractor
 
 
-@torch.compiler.disable  # per-utterance lengths vary every batch; the matrix products gain nothing from compiling
-def extract_features(conv_layers, wav: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """Replaces FeatureExtractor.forward on CPU: (B, S) -> (B, T, C), the padded frames of the output zero.
+def splits_utterances(wav: torch.Tensor, lengths: torch.Tensor | None) -> bool:
+    """Where FeatureExtractor.forward runs each utterance of a batch alone (`each_utterance`): CPU, a padded batch."""
+    return lengths is not None and wav.device.type == "cpu" and enabled() and bool((lengths < wav.shape[1]).any())
 
-    Channels-last throughout (no transposes around the layer norms), each conv as matrix products
-    (`strided_conv`), norms and GELU in place when autograd is off. A group norm's statistics are each utterance's
-    own (model.group_norm_over_valid) and every other frame depends only on its own window of samples, so in a
-    padded batch each utterance runs on its valid samples alone: padding is neither computed nor kept.
+
+@torch.compiler.disable  # one call per utterance, whose lengths vary every batch
+def each_utterance(extractor, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """FeatureExtractor.forward of a padded batch, (B, S) -> (B, T, C), as the reference forward of each utterance
+    on its own valid samples; the frames past an utterance's end are zero.
+
+    Every valid frame depends on its own window of samples and, through conv 0's group norm (base), on its own
+    utterance's statistics (model.group_norm_over_valid), so it is the same either way. Alone, an utterance has no
+    padding to convolve and its group norm is plain nn.GroupNorm instead of masked sums over the padded batch: at
+    base width, 4 utterances of 5 / 4.3 / 3.6 / 3 s, the extractor takes 1.36 s of CPU this way against 3.3 s.
     """
-    x = wav.unsqueeze(-1)  # (B, S, 1)
-    shared = 0 if lengths is not None and not bool((lengths >= wav.shape[1]).all()) else len(conv_layers)
-    for layer in conv_layers[:shared]:
-        x = conv_layer(layer, x)
-    rest = conv_layers[shared:]
-    if lengths is None or not rest or bool((lengths >= wav.shape[1]).all()):
-        for layer in rest:
-            x = conv_layer(layer, x)
-        return x
-    valid, T = lengths.clone(), wav.shape[1]
-    for n, layer in enumerate(conv_layers):  # frames of valid convolutions: floor((L - k) / s) + 1
-        k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
-        if n < shared:
-            valid = torch.div(valid - k, s, rounding_mode="floor") + 1
-        T = (T - k) // s + 1
-    out = x.new_zeros(x.shape[0], max(T, 0), conv_layers[-1].conv.out_channels)  # (B, T, C)
-    for b, n in enumerate(valid.clamp(min=0).tolist()):
-        y = x[b:b + 1, :n]
-        for layer in rest:
-            y = conv_layer(layer, y)
+    T = int(extractor.output_lengths(torch.tensor(wav.shape[1])))
+    channels = extractor.conv_layers[-1].conv.out_channels
+    frames = extractor.output_lengths(lengths).tolist()
+    outs = {b: extractor(wav[b:b + 1, :n])  # (1, T_b, C), the reference forward
+            for b, (n, t) in enumerate(zip(lengths.tolist(), frames, strict=True))
+            if t > 0}  # an utterance too short for one frame is all padding
+    dtype = next(iter(outs.values())).dtype if outs else wav.dtype
+    out = wav.new_zeros(wav.shape[0], T, channels, dtype=dtype)
+    for b, y in outs.items():
         out[b, : y.shape[1]] = y[0]
     return out
 
 
-def conv_layer(layer, x: torch.Tensor) -> torch.Tensor:
-    """ConvLayer.forward on channels-last frames, (B, S, C_in) -> (B, S', C_out)."""
-    conv = layer.conv
-    x = strided_conv(x, conv.routed_weight(), conv.bias, conv.stride[0])
-    if layer.norm is not None:  # fp32 statistics, as the reference (fairseq Fp32GroupNorm / Fp32LayerNorm)
-        norm = layer.layer_norm
-        x = normalize(x.float(), 1 if layer.norm == "group" else 2, norm.weight, norm.bias, norm.eps).type_as(x)
-    # in place without autograd: the early tensors are hundreds of MB, and the page faults of a fresh one cost
-    # more than the GELU itself (torch has no public in-place GELU)
-    return F.gelu(x) if torch.is_grad_enabled() else torch.ops.aten.gelu_(x)
+# ------------------------------------------------------------------------------------------------ convolutions
+
+
+def conv_applies(conv, x: torch.Tensor) -> bool:
+    """Where MaskedConv1d.forward hands its F.conv1d to `conv1d`: CPU, and `grouped_conv1d` or `strided_conv` fits."""
+    return x.device.type == "cpu" and enabled() and (grouped_conv_applies(conv) or strided_conv_applies(conv, x))
+
+
+def conv1d(conv, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.conv1d(x, weight, conv.bias) with conv's stride, padding and groups, (B, C_in, S) -> (B, C_out, T)."""
+    if grouped_conv_applies(conv):
+        return GroupedConv1d.apply(x, weight, conv.bias, conv.padding[0], conv.groups)
+    return strided_conv(x.transpose(1, 2), weight, conv.bias, conv.stride[0]).transpose(1, 2)
+
+
+def grouped_conv_applies(conv) -> bool:
+    """The positional conv while training: autograd on, grouped, stride 1, undilated."""
+    return (conv.groups > 1 and torch.is_grad_enabled() and conv.stride == (1,) and conv.dilation == (1,)
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
+
+
+def strided_conv_applies(conv, x: torch.Tensor) -> bool:
+    """An extractor conv (valid, strided, ungrouped) whose input lies channels-last in memory, as a layer norm's
+    transposed output leaves it (every conv but the first of a large or data2vec extractor). The large extractor,
+    4 utterances of 5 / 4.3 / 3.6 / 3 s one at a time, no autograd: 1.43 s of CPU against 1.84 s with nn.Conv1d."""
+    return (conv.groups == 1 and conv.stride[0] > 1 and conv.padding == (0,) and conv.dilation == (1,)
+            and x.shape[1] > 1 and x.transpose(1, 2).is_contiguous())
 
 
 def strided_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
@@ -187,40 +206,6 @@ def strided_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         else:
             out = out.baddbmm_(frames.to(out.dtype), w_j.to(out.dtype))  # in place: autocast does not cast for us
     return out  # (B, T, C_out)
-
-
-def normalize(x: torch.Tensor, dim: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
-    """(x - mean) / sqrt(var + eps) over `dim` of (B, T, C), then the per-channel affine: nn.GroupNorm(C, C) over
-    time (dim 1) or nn.LayerNorm(C) per frame (dim 2). Without autograd it works in place on x, the fresh output
-    of a conv, bit for bit the same: a new tensor per operation would cost more than its arithmetic."""
-    inplace = not torch.is_grad_enabled()
-    x = x.sub_(x.mean(dim, keepdim=True)) if inplace else x - x.mean(dim, keepdim=True)
-    rstd = mean_of_squares(x, dim).add(eps).rsqrt()  # (B, 1, C) or (B, T, 1)
-    x = x.mul_(rstd) if inplace else x * rstd
-    if weight is not None:
-        x = x.mul_(weight).add_(bias) if inplace else x * weight + bias
-    return x
-
-
-def mean_of_squares(x: torch.Tensor, dim: int, block: int = 1024) -> torch.Tensor:
-    """x.square().mean(dim, keepdim=True) of (B, T, C), `block` frames at a time: as exact, and no temporary is as
-    large as x (torch.linalg.vector_norm needs none either, but it sums long columns naively: 1e-5 relative error)."""
-    sums = [part.square().sum(dim, keepdim=True) for part in x.split(block, dim=1)]
-    return (sum(sums) if dim == 1 else torch.cat(sums, dim=1)) / x.shape[dim]
-
-
-# ----------------------------------------------------------------------------------------- positional conv
-
-
-def grouped_conv_applies(conv, x: torch.Tensor) -> bool:
-    """Where `grouped_conv1d` replaces MaskedConv1d's F.conv1d: CPU, autograd on, grouped, stride 1, undilated."""
-    return (conv.groups > 1 and x.device.type == "cpu" and torch.is_grad_enabled() and enabled()
-            and conv.stride == (1,) and conv.dilation == (1,) and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple))
-
-
-def grouped_conv1d(x, weight, bias, padding: int, groups: int) -> torch.Tensor:
-    return GroupedConv1d.apply(x, weight, bias, padding, groups)
 
 
 class GroupedConv1d(torch.autograd.Function):

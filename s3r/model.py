@@ -138,8 +138,8 @@ class MaskedConv1d(structured.GroupScores, Routable, nn.Conv1d):
     """nn.Conv1d whose weight S3-Router can mask."""
     def forward(self, x):  # (B, C_in, T) -> (B, C_out, T')
         weight = self.routed_weight()
-        if fast.grouped_conv_applies(self, x):  # fast.py: the backward as forward convs (CPU)
-            return fast.grouped_conv1d(x, weight, self.bias, self.padding[0], self.groups)
+        if fast.conv_applies(self, x):  # fast.py: pos conv backward, extractor convs (CPU)
+            return fast.conv1d(self, x, weight)
         return self._conv_forward(x, weight, self.bias)
 
 
@@ -184,6 +184,10 @@ class ConvLayer(nn.Module):
             x = self.layer_norm(x.float().transpose(1, 2)).transpose(1, 2).type_as(x)
         return F.gelu(x)
 
+    def output_lengths(self, lengths):  # valid frames of a valid conv: floor((L - k) / s) + 1
+        k, s = self.conv.kernel_size[0], self.conv.stride[0]
+        return torch.div(lengths - k, s, rounding_mode="floor") + 1
+
 
 class FeatureExtractor(nn.Module):
     """fairseq ConvFeatureExtractionModel: base normalises conv 0 (group norm), large every conv."""
@@ -197,15 +201,19 @@ class FeatureExtractor(nn.Module):
         self.conv_layers = nn.ModuleList(layers)
 
     def forward(self, wav, lengths=None):  # (B, S), lengths (B,) or None -> (B, T, C)
-        if fast.enabled() and wav.device.type == "cpu":  # fast.py: channels-last, no padding
-            return fast.extract_features(self.conv_layers, wav, lengths)
+        if fast.splits_utterances(wav, lengths):  # fast.py: each utterance alone, without padding
+            return fast.each_utterance(self, wav, lengths)
         x = wav.unsqueeze(1)  # (B, 1, S)
         for layer in self.conv_layers:
-            if lengths is not None:  # valid frames: floor((L - k) / s) + 1
-                k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
-                lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+            lengths = None if lengths is None else layer.output_lengths(lengths)
             x = layer(x, lengths)
         return x.transpose(1, 2)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Frames from `lengths` samples through the valid strided convs."""
+        for layer in self.conv_layers:
+            lengths = layer.output_lengths(lengths)
+        return lengths.clamp(min=0)
 
 
 class FeatureProjection(nn.Module):
@@ -422,10 +430,7 @@ class Wav2Vec2ForCTC(nn.Module):
             self.lm_head.requires_grad_(getattr(self.route_config, "trainable_proj", True))
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        """Frames from `lengths` samples through the valid strided convs: (L - k) // s + 1 each."""
-        for k, s in zip(self.config.conv_kernel, self.config.conv_stride, strict=True):
-            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
-        return lengths.clamp(min=0)
+        return self.feature_extractor.output_lengths(lengths)
 
     def freeze_feature_encoder(self):
         """Freeze the conv feature extractor (feature_grad_mult 0): it runs without autograd."""

@@ -137,7 +137,8 @@ def test_routing_trains_scores_and_head_only(batch):
 
 @pytest.mark.parametrize("granularity", ["weight", "neuron+head"])
 def test_speed_paths_match_the_reference(batch, granularity):
-    """fast.py (packed frames, cached masks, channels-last extractor) gives the reference's logits on a classifier."""
+    """fast.py (packed frames, cached masks, one utterance at a time through the extractor) gives the reference's
+    logits on a classifier."""
     torch.manual_seed(0)
     model = new_model(Wav2Vec2Config(**ff.CONV, **ff.SIZES, labels=LABELS, layerdrop=0.0)).eval()
     model.route(RouteConfig(prune_rate=0.5, fix_attn=False, route_granularity=granularity))

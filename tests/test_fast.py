@@ -99,7 +99,7 @@ def test_fast_equals_reference(variant, mode, padding, reference):
         results[ref] = step(model, wav, lengths)
         with torch.no_grad():
             model.eval()
-            results[ref] += (model(wav, lengths)[0],)  # inference: the in-place extractor paths
+            results[ref] += (model(wav, lengths)[0],)  # inference: no autograd
             model.train()
     (out, grads, inference), (out_fast, grads_fast, inference_fast) = results[True], results[False]
     assert_near(out_fast, out, "logits")  # padded frames too: -inf except the blank in both
@@ -116,6 +116,24 @@ def test_fast_equals_reference(variant, mode, padding, reference):
     assert expected <= grads.keys()
     for name in grads:
         assert_near(grads_fast[name], grads[name], name)
+
+
+@pytest.mark.parametrize("variant", ["base", "large"])
+def test_extractor_each_utterance_alone_even_one_too_short_for_a_frame(variant, reference):
+    """An utterance of 8 samples (the first conv's kernel is 10) has no frame: its row is all padding (zero)."""
+    extractor = tiny_model(variant).feature_extractor
+    wav, _ = batch("padded")
+    lengths = torch.tensor([2000, 1400, 8])
+    frames = extractor.output_lengths(lengths)
+    assert frames.tolist() == [99, 69, 0]  # (L - 10) // 5 + 1, then (L - 3) // 2 + 1, then (L - 2) // 2 + 1
+    outs = {}
+    for ref in (True, False):
+        reference(ref)
+        outs[ref] = extractor(wav, lengths)
+    assert outs[True].shape == outs[False].shape == (3, 99, 20)
+    for b, n in enumerate(frames.tolist()[:2]):
+        assert_near(outs[False][b, :n], outs[True][b, :n], f"utterance {b}")
+    assert torch.all(outs[False][1, 69:] == 0) and torch.all(outs[False][2] == 0)
 
 
 def test_padded_frames_are_certain_blanks_and_valid_frames_match_unpadded(reference):
@@ -137,14 +155,14 @@ def test_padded_frames_are_certain_blanks_and_valid_frames_match_unpadded(refere
 
 def test_python_switch_turns_every_speed_path_off(monkeypatch):
     calls = []
-    for name in ("extract_features", "grouped_conv1d"):
+    for name in ("each_utterance", "conv1d", "strided_conv"):
         real = getattr(fast, name)
         monkeypatch.setattr(fast, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     for cls, name in ((fast.MaskCache, "get"), (fast.ValidFrames, "pack")):
         real = getattr(cls, name)
         monkeypatch.setattr(cls, name, lambda self, *a, _real=real, _name=name: calls.append(_name) or
                             _real(self, *a))
-    model = tiny_model("base").route(RouteConfig(prune_rate=0.8, trainable_pos=True)).train()
+    model = tiny_model("large").route(RouteConfig(prune_rate=0.8, trainable_pos=True)).train()
     wav, lengths = batch("padded")
     try:
         fast.set_enabled(False)
@@ -153,7 +171,7 @@ def test_python_switch_turns_every_speed_path_off(monkeypatch):
         assert calls == []
         fast.set_enabled(True)
         model(wav, lengths)[0].sum().backward()
-        assert {"extract_features", "grouped_conv1d", "get", "pack"} <= set(calls)
+        assert {"each_utterance", "conv1d", "strided_conv", "get", "pack"} <= set(calls)
     finally:
         fast.set_enabled(None)
 
@@ -164,7 +182,7 @@ from s3r import fast
 from s3r.model import RouteConfig, Wav2Vec2Config, Wav2Vec2ForCTC
 def refuse(*args):
     raise SystemExit("a speed path ran")
-fast.extract_features = fast.ValidFrames.pack = fast.MaskCache.get = refuse
+fast.each_utterance = fast.conv1d = fast.ValidFrames.pack = fast.MaskCache.get = refuse
 cfg = Wav2Vec2Config(conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), hidden_size=16, num_hidden_layers=1,
                      num_attention_heads=2, intermediate_size=20, conv_pos_kernel=4, conv_pos_groups=2, vocab_size=5)
 model = Wav2Vec2ForCTC(cfg).route(RouteConfig(prune_rate=0.5))
@@ -288,7 +306,7 @@ def test_grouped_conv_gradients_match_conv1d(shape):
     b = torch.randn(C, requires_grad=True) if bias else None
     inputs = [x, w] + ([b] if bias else [])
     ref = F.conv1d(x, w, b, padding=P, groups=G)
-    out = fast.grouped_conv1d(x, w, b, P, G)
+    out = fast.GroupedConv1d.apply(x, w, b, P, G)
     assert torch.equal(out, ref)
     g = torch.randn_like(ref)
     for mine, theirs in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
@@ -308,20 +326,3 @@ def test_strided_conv_matches_conv1d(kernel, stride, c_in, bias):
     g = torch.randn_like(ref)
     for mine, theirs in zip(torch.autograd.grad(out, (x, w), g), torch.autograd.grad(ref, (x, w), g), strict=True):
         torch.testing.assert_close(mine, theirs, **TOL)
-
-
-@pytest.mark.parametrize("norm", ["group", "layer"])
-def test_normalize_is_group_and_layer_norm_in_place_or_not(norm):
-    torch.manual_seed(0)
-    x = torch.randn(2, 3000, 8) * 3 + 1  # (B, T, C), long enough for several blocks of mean_of_squares
-    w, b = torch.randn(8), torch.randn(8)
-    if norm == "group":
-        ref = F.group_norm(x.transpose(1, 2), 8, w, b, 1e-5).transpose(1, 2)
-    else:
-        ref = F.layer_norm(x, (8,), w, b, 1e-5)
-    torch.testing.assert_close(fast.normalize(x.clone(), 1 if norm == "group" else 2, w, b, 1e-5), ref, **TOL)
-    with torch.no_grad():
-        y = x.clone()
-        out = fast.normalize(y, 1 if norm == "group" else 2, w, b, 1e-5)
-    assert out.data_ptr() == y.data_ptr()  # in place without autograd
-    torch.testing.assert_close(out, ref, **TOL)

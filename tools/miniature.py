@@ -1,6 +1,7 @@
 """The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech.
 
-    python -m tools.miniature                 # all: corpus, backbone, lr, grid, bundle, curve, similarity, report
+    python -m tools.miniature                 # all: corpus, backbone, lr, grid, collapse, bundle, curve, similarity,
+                                              # report
     python -m tools.miniature --stage corpus  # one stage (any of those; comma-separated: several)
     python -m tools.miniature --stage lr,grid --backbone s3r/assets/miniature/backbone-ssl.pt
                                               # each family's lr chosen on fr/tt dev, then the grid at those lrs
@@ -18,8 +19,10 @@ Pretraining languages (tools/text_sources.PRETRAIN) train the backbone; the held
 CommonVoice languages (tools/text_sources.HELD_OUT), never seen by the backbone.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -192,7 +195,8 @@ def write_reference(out: Path, langs: list[str]) -> Path:
 DEMO_BACKBONE = ROOT / "s3r" / "assets" / "demo" / "backbone.pt"  # the supervised stand-in (stage backbone)
 SSL_BACKBONE = ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"  # tools/pretrain_backbone.py
 # The backbone every cell starts from: --backbone; by default the self-supervised one once it is committed.
-BACKBONE = SSL_BACKBONE if SSL_BACKBONE.exists() else DEMO_BACKBONE
+DEFAULT_BACKBONE = SSL_BACKBONE if SSL_BACKBONE.exists() else DEMO_BACKBONE
+BACKBONE = DEFAULT_BACKBONE  # main() sets it from --backbone
 # Peak lr per method family, until the lr stage has chosen them (bench/results/miniature_lr.json): the better of 3e-3
 # and 1e-2 for each on the built-in demo corpus (Spanish, 200 updates; PER head 9.1 at 1e-2 (75.8 at 1e-3), ft 12.4
 # / 13.6, s3r-0.9 9.1 / 7.6 at 3e-3 / 1e-2).
@@ -279,18 +283,23 @@ def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int) -> dict:
+def evaluate(ckpt: Path, data: str, out: Path, json_path: Path, threads: int, root: Path | None = None) -> dict:
     if not json_path.exists():
-        run_logged(python_cmd("eval.py", "--checkpoint", ckpt, "--data", data, "--data-root", corpus_root(out),
+        run_logged(python_cmd("eval.py", "--checkpoint", ckpt, "--data", data, "--data-root", root or corpus_root(out),
                               "--json", json_path, "--num-workers", "0"), json_path.with_suffix(".log"), threads)
     return json.loads(json_path.read_text())
 
 
 def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], threads: int,
-               init: Path | None = None, tag: str = "", split: str = "test") -> dict:
+               init: Path | None = None, tag: str = "", split: str = "test", data: dict | None = None,
+               recipe: list[str] | None = None) -> dict:
     """One experiment: train.py on <lang>-train (validated on <lang>-dev), eval.py on <lang>-<split> (test; dev for
-    the lr stage); cached as JSON, keyed by the backbone file, the recipe and args, the split and the thread count."""
+    the lr stage); cached as JSON, keyed by the backbone file, the recipe and args, the split and the thread count.
+    A task cell passes `data` ({"train", "valid", "test": --data names, "root": --data-root}) and its `recipe`."""
     init = BACKBONE if init is None else init
+    recipe = RECIPE if recipe is None else recipe
+    data = data or {"train": f"{lang}-train", "valid": f"{lang}-dev", split: f"{lang}-{split}",
+                    "root": corpus_root(out)}
     name = f"{method}{tag}-s{seed}"
     cell = out / "cells" / lang / name
     result_path = cell / "result.json"
@@ -298,23 +307,25 @@ def train_cell(out: Path, lang: str, method: str, seed: int, args: list[str], th
     if result_path.exists():
         result = json.loads(result_path.read_text())
         key = (result.get("backbone_sha256"), result.get("recipe"), result.get("threads"), result.get("split", "test"))
-        if key == (backbone, RECIPE + args, threads, split):
+        if key == (backbone, recipe + args, threads, split):
             return result
         shutil.rmtree(cell)  # trained on another backbone, recipe or lr, or at another thread count: stale
         log(f"cell {lang} {name}: recomputed (the backbone, the recipe or the thread count changed)")
     t0 = time.time()
-    cpu = run_logged(python_cmd("train.py", "--init", init, "--data", f"{lang}-train", "--data-root", corpus_root(out),
-                                "--valid", f"{lang}-dev", "--save-dir", cell, "--seed", seed, *RECIPE, *args),
+    cpu = run_logged(python_cmd("train.py", "--init", init, "--data", data["train"], "--data-root", data["root"],
+                                "--valid", data["valid"], "--save-dir", cell, "--seed", seed, *recipe, *args),
                      cell / "train.log", threads)
     best = cell / "checkpoint_best.pt"
     ckpt = best if best.exists() else cell / "checkpoint_last.pt"
-    scored = evaluate(ckpt, f"{lang}-{split}", out, cell / f"{split}.json", threads)
-    result = {"lang": lang, "method": method + tag, "seed": seed, "per": scored["per"], "split": split,
+    scored = evaluate(ckpt, data[split], out, cell / f"{split}.json", threads, data["root"])
+    result = {"lang": lang, "method": method + tag, "seed": seed, "per": scored.get("per"), "split": split,
+              **({"accuracy": scored["accuracy"]} if "accuracy" in scored else {}),
               f"{split}_utterances": scored["utterances"], "checkpoint": str(ckpt.relative_to(out)),
               "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1), "threads": threads,
-              "args": args, "recipe": RECIPE + args, "backbone_sha256": backbone}
+              "args": args, "recipe": recipe + args, "backbone_sha256": backbone}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"cell {lang} {name}: {split} PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
+    metric = "accuracy" if result["per"] is None else "per"
+    log(f"cell {lang} {name}: {split} {metric} {100 * result[metric]:.2f} ({result['wall_s']:.0f} s)")
     return result
 
 
@@ -457,46 +468,123 @@ def cell_result(out: Path, lang: str, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0]) -> dict | None:
-    """Application 2: every language's route in one bundle (python -m s3r.routes bundle) vs separate finetuned
-    models."""
+# The multitask routes of application 2, beside the language routes: keyword spotting (Speech Commands layout),
+# speaker identification (VoxCeleb1 layout) and language identification (a path<TAB>label manifest) of espeak-ng
+# speech (tools/synth_tasks.py), each trained as a grid cell (s3r-0.9 and ft) with TASK_RECIPE.
+TASKS = {  # name: (tools.synth_tasks function, its keyword arguments, the --data names of train / valid / test)
+    "ks": ("keywords", {"per_class": 10}, ("speech_commands_v0.01-train", "speech_commands_v0.01-dev",
+                                           "speech_commands_v0.01-test")),
+    "sid": ("voices", {"speakers": 8, "per_class": 10}, ("voxceleb1-train", "voxceleb1-dev", "voxceleb1-test")),
+    "lid": ("languages", {"per_class": 10}, ("lid/train.tsv", "lid/valid.tsv", "lid/test.tsv")),
+}
+TASK_TONE = False  # tools.synth_tasks' tone stand-in instead of espeak-ng (tests)
+# The grid's recipe at half the updates (1-2 s clips, one label each), without the phone units.
+TASK_RECIPE = [x for x in RECIPE if x != "phone" and x != "--units"]
+TASK_RECIPE[TASK_RECIPE.index("--max-updates") + 1] = "100"
+TASK_RECIPE[TASK_RECIPE.index("--validate-interval") + 1] = "50"
+
+
+def make_task(out: Path, name: str) -> dict:
+    """One task's corpus under out/tasks (written once; a DONE file marks it) and its cell's `data` argument."""
+    import tools.synth_tasks
+    maker, kwargs, (train, valid, test) = TASKS[name]
+    root = out / "tasks" / name
+    if not (root / "DONE").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        getattr(tools.synth_tasks, maker)(root, seed=1, workers=2, tone=TASK_TONE, **kwargs)
+        (root / "DONE").write_text(json.dumps({"maker": maker, **kwargs}) + "\n")
+    named = lambda x: str(root / x) if x.endswith(".tsv") else x  # noqa: E731  a manifest is a path under root
+    return {"train": named(train), "valid": named(valid), "test": named(test), "root": root}
+
+
+def task_cell(out: Path, name: str, method: str, seed: int, threads: int) -> dict:
+    return train_cell(out, f"task-{name}", method, seed, METHODS[method], threads, data=make_task(out, name),
+                      recipe=TASK_RECIPE)
+
+
+def sha256_now(path: Path) -> str:
+    """The sha256 of a file as it is now (file_sha256 remembers: a cell trained again rewrites its checkpoint)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int = SEEDS[0], jobs: int = 2,
+               tasks=tuple(TASKS)) -> dict | None:
+    """Application 2: every language's route and every task's route in one bundle (python -m s3r.routes bundle)
+    against the separately finetuned models (ft), and every route's test score served from the bundle (eval.py
+    --bundle --route) against its separately evaluated checkpoint. Task cells are trained here."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from s3r import load_pretrained
     from s3r.checkpoint import s3r_checkpoint, save_atomic
     from s3r.model import Wav2Vec2Config
-    from s3r.routes import load_route, route_summary, storage
-    have = [lg for lg in langs if cell_result(out, lg, f"{method}-s{seed}") and cell_result(out, lg, f"ft-s{seed}")]
+    from s3r.routes import load_route, print_info, route_summary, storage
+    threads = max(1, 2 // jobs)
+    for t in tasks:  # the corpora first, one at a time: two cells of a task must not both write it
+        make_task(out, t)
+    with ThreadPoolExecutor(jobs) as pool:
+        for f in [pool.submit(task_cell, out, t, m, seed, threads) for t in tasks for m in (method, "ft")]:
+            try:
+                f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+    members = {lg: lg for lg in langs} | {t: f"task-{t}" for t in tasks}  # route name -> cell folder
+    have = {n: c for n, c in members.items() if cell_result(out, c, f"{method}-s{seed}")
+            and cell_result(out, c, f"ft-s{seed}")}
     if len(have) < 2:
-        log(f"bundle: needs {method} and ft cells of at least 2 languages (have {len(have)})")
+        log(f"bundle: needs {method} and ft cells of at least 2 languages or tasks (have {len(have)})")
         return None
     folder = out / "bundle"
     folder.mkdir(parents=True, exist_ok=True)
-    routes, dense_bytes = {}, 0
-    for lang in have:
-        route = folder / f"{lang}.route"
-        if not route.exists():
-            ckpt = out / cell_result(out, lang, f"{method}-s{seed}")["checkpoint"]
-            run_logged(python_cmd("-m", "s3r.routes", "export", ckpt, route), folder / "bundle.log", 2)
-        routes[lang] = route
-        dense = folder / f"{lang}.ft.pt"  # the finetuned model alone, as one would ship it (no optimizer state)
-        if not dense.exists():
-            model = load_pretrained(out / cell_result(out, lang, f"ft-s{seed}")["checkpoint"])
-            save_atomic(s3r_checkpoint(model), dense)
-        dense_bytes += dense.stat().st_size
+    routes, dense, cells = {}, {}, {}
+    for name, where in have.items():
+        cells[name] = cell_result(out, where, f"{method}-s{seed}")
+        ckpt, source = out / cells[name]["checkpoint"], folder / f"{name}.source"
+        ft = out / cell_result(out, where, f"ft-s{seed}")["checkpoint"]
+        key = f"{sha256_now(ckpt)} {sha256_now(ft)}\n"
+        routes[name], dense[name] = folder / f"{name}.route", folder / f"{name}.ft.pt"
+        if not source.exists() or source.read_text() != key:  # made from these checkpoints, or made again
+            run_logged(python_cmd("-m", "s3r.routes", "export", ckpt, routes[name]), folder / "bundle.log", threads)
+            save_atomic(s3r_checkpoint(load_pretrained(ft)), dense[name])  # the model alone, no optimizer state
+            source.write_text(key)
     bundle = folder / "all.bundle"
+    key = json.dumps([sha256_now(BACKBONE)] + [sha256_now(r) for r in routes.values()])
+    old = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else {}
+    if old.get("key") == key and bundle.exists():
+        return old
+    bundle.unlink(missing_ok=True)
     run_logged(python_cmd("-m", "s3r.routes", "bundle", bundle, "--pretrained", BACKBONE,
-                          *[f"{lg}={r}" for lg, r in routes.items()]), folder / "bundle.log", 2)
-    info = subprocess.run(python_cmd("-m", "s3r.routes", "info", bundle), capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
-    (folder / "info.txt").write_text(info)
+                          *[f"{n}={r}" for n, r in routes.items()]), folder / "bundle.log", threads)
+    info = io.StringIO()
+    with contextlib.redirect_stdout(info):  # what `python -m s3r.routes info` prints
+        print_info(bundle)
+    (folder / "info.txt").write_text(info.getvalue())
+    served = {}
+    for name, where in have.items():
+        task = where.startswith("task-")
+        data = make_task(out, name) if task else {"test": f"{name}-test", "root": corpus_root(out)}
+        path = folder / f"served-{name}.json"
+        path.unlink(missing_ok=True)
+        run_logged(python_cmd("eval.py", "--bundle", bundle, "--route", name, "--data", data["test"], "--data-root",
+                              data["root"], "--json", path, "--num-workers", "0"), folder / "served.log", threads)
+        metric = "per" if cells[name]["per"] is not None else "accuracy"
+        score = json.loads(path.read_text())[metric]
+        served[name] = {"kind": "task" if task else "language", "metric": metric,
+                        "checkpoint": cells[name][metric], "bundle": score, "equal": score == cells[name][metric],
+                        "finetuned": cell_result(out, where, f"ft-s{seed}")[metric],
+                        "route_bytes": routes[name].stat().st_size, "finetuned_bytes": dense[name].stat().st_size}
     loaded = [load_route(r) for r in routes.values()]
     arithmetic = storage(Wav2Vec2Config.from_dict(loaded[0]["config"]), [route_summary(r) for r in loaded])
-    res = {"languages": have, "method": method, "seed": seed, "bundle_bytes": bundle.stat().st_size,
-           "separate_finetuned_bytes": dense_bytes, "route_bytes": {lg: r.stat().st_size for lg, r in routes.items()},
-           "backbone_bytes": BACKBONE.stat().st_size,
-           "file_change_percent": 100.0 * (bundle.stat().st_size / dense_bytes - 1.0), "arithmetic": arithmetic}
+    dense_bytes = sum(d.stat().st_size for d in dense.values())
+    res = {"key": key, "languages": [n for n in have if not have[n].startswith("task-")],
+           "tasks": [n for n in have if have[n].startswith("task-")], "method": method, "seed": seed,
+           "bundle_bytes": bundle.stat().st_size, "separate_finetuned_bytes": dense_bytes,
+           "route_bytes": {n: r.stat().st_size for n, r in routes.items()}, "backbone_bytes": BACKBONE.stat().st_size,
+           "file_change_percent": 100.0 * (bundle.stat().st_size / dense_bytes - 1.0), "arithmetic": arithmetic,
+           "served": served, "task_recipe": TASK_RECIPE}
     (out / "bundle.json").write_text(json.dumps(res, indent=1) + "\n")
-    log(f"bundle: {len(have)} languages, {res['bundle_bytes']:,} B vs {dense_bytes:,} B separate "
-        f"({res['file_change_percent']:+.1f}%)")
+    log(f"bundle: {len(have)} routes, {res['bundle_bytes']:,} B vs {dense_bytes:,} B separate "
+        f"({res['file_change_percent']:+.1f}%); served = checkpoint for "
+        f"{sum(v['equal'] for v in served.values())} of {len(served)}")
     return res
 
 
@@ -665,9 +753,47 @@ def run_similarity(out: Path, langs: list[str], method: str = "s3r-0.9", seed: i
                out / "similarity.log", 2)
     result = json.loads(res_path.read_text())
     result["method"] = method
+    result["lr"] = METHODS[method][METHODS[method].index("--lr") + 1]
     result["seed_control"] = seed_control(out, have, method)
+    result["permutation"] = {key: permutation_test(result, key) for key in ("cosine", "pruned_cosine")}
     res_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+PERMUTATIONS = 10_000  # random label permutations of the permutation test, when there are more than this many
+
+
+def permutation_test(sim: dict, key: str, permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
+    """One-sided p-values of the Pearson and Spearman correlation between the routes' similarity `key` and the
+    reference over the language pairs (a Mantel test): the language labels of the reference matrix are permuted
+    (every permutation when there are at most `permutations` of them, else that many at random) and p is the
+    share of permutations, the identity included, whose correlation is at least the observed one."""
+    import itertools
+    import math
+    import random
+
+    from s3r.analysis import pearson, spearman
+    ref = sim["reference"]
+    value = {frozenset(pair): v for pair, v in zip(ref["pairs"], ref["values"], strict=True)}
+    pairs = [(p["a"], p["b"]) for p in sim["pairs"] if frozenset((p["a"], p["b"])) in value]
+    y = [p["overall"][key] for p in sim["pairs"] if frozenset((p["a"], p["b"])) in value]
+    names = sorted({n for pair in pairs for n in pair})
+    exact = math.factorial(len(names)) <= permutations
+    if exact:
+        perms = itertools.permutations(names)
+    else:
+        rng = random.Random(seed)
+        perms = [tuple(names)] + [tuple(rng.sample(names, len(names))) for _ in range(permutations - 1)]
+    observed = {f.__name__: f([value[frozenset(pair)] for pair in pairs], y) for f in (pearson, spearman)}
+    at_least, n = {name: 0 for name in observed}, 0
+    for perm in perms:
+        relabel = dict(zip(names, perm, strict=True))
+        x = [value[frozenset((relabel[a], relabel[b]))] for a, b in pairs]
+        n += 1
+        for f in (pearson, spearman):
+            at_least[f.__name__] += f(x, y) >= observed[f.__name__] - 1e-12
+    return {**{name: observed[name] for name in observed}, **{f"{name}_p": at_least[name] / n for name in observed},
+            "permutations": n, "exact": exact}
 
 
 def seed_control(out: Path, langs: list[str], method: str) -> dict | None:
@@ -720,13 +846,328 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
             if speed_path.exists() else None}
 
 
-COLLAPSED = 0.9  # a run whose test PER is above this emits (almost) only blanks: CTC training collapsed
+COLLAPSED = 0.9  # a run whose test PER is above this has collapsed
+BLANK_ONLY = 0.99  # or whose last validation has this share of blank frames (train.py's COLLAPSED_BLANK_RATE)
+LR_LADDER = ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1"]
+
+
+def cell_log(out: Path, lang: str, name: str) -> dict:
+    """What a cell's train.py log.jsonl says about its run: every validation's (update, error rate, blank rate,
+    empty share), the training loss by update, the update of train.py's collapse warning (None: none), and the
+    last validation's blank rate and empty share (None where the log predates them)."""
+    path = out / "cells" / lang / name / "log.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    valid = [(v["update"], v.get("per", v.get("uer")), v.get("blank_rate"), v.get("empty"))
+             for v in lines if "valid" in v]
+    loss = [(v["update"], v["loss"]) for v in lines if "loss" in v and "valid" not in v]
+    warned = [v["update"] for v in lines if "warning" in v]
+    last = valid[-1] if valid else (None, None, None, None)
+    return {"valid": valid, "loss": loss, "warned_at": warned[0] if warned else None, "blank_rate": last[2],
+            "empty": last[3]}
+
+
+def collapsed(cell: dict, health: dict) -> bool:
+    """A collapsed run: test PER above COLLAPSED, or a model that ended blank-only (every hypothesis of its last
+    validation empty, or BLANK_ONLY of its frames blank)."""
+    blank_only = health.get("empty") == 1.0 or (health.get("blank_rate") or 0.0) >= BLANK_ONLY
+    return cell["per"] > COLLAPSED or blank_only
+
+
+def lower_lr(args: list[str]) -> list[str]:
+    """A method's arguments one step down LR_LADDER (a third of its lr)."""
+    lr = args[args.index("--lr") + 1]
+    below = [x for x in LR_LADDER if float(x) < float(lr) * 0.99]
+    return with_lr(args, below[-1] if below else f"{float(lr) / 3:.0e}")
+
+
+LONG_WARMUP = ["--phase-ratio", "0.3", "0.2", "0.5"]  # three times the recipe's warm-up (train.py's 0.1 0.4 0.5)
+
+
+def run_collapse(out: Path, langs: list[str], methods: list[str], seeds: list[int], jobs: int) -> list[dict]:
+    """Every collapsed grid cell trained again twice, at one step lower lr and with a three times longer warm-up (the
+    rest of its recipe the same): whether either removes the collapse. Cells <method>-lowlr / -warmup, cached."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, 2 // jobs)
+    found = [(lg, m, s) for s in seeds for lg in langs for m in methods
+             if (c := cell_result(out, lg, f"{m}-s{s}")) and collapsed(c, cell_log(out, lg, f"{m}-s{s}"))]
+    variants = {"-lowlr": lower_lr, "-warmup": lambda args: [*args, *LONG_WARMUP]}
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(train_cell, out, lg, m, s, fix(METHODS[m]), threads, tag=tag)
+                   for lg, m, s in found for tag, fix in variants.items()]
+        for f in futures:
+            try:
+                f.result()
+            except RuntimeError as e:
+                log(f"error: {e}")
+    log(f"collapse: {len(found)} collapsed cells, each trained again at a lower lr and with a longer warm-up")
+    return [{"lang": lg, "method": m, "seed": s} for lg, m, s in found]
+
+
+def collapse_rows(out: Path, cells: list[dict]) -> list[dict]:
+    """The collapsed ones among `cells` (grid results), with what their logs say and their reruns' PER."""
+    rows = []
+    for c in cells:
+        name = f"{c['method']}-s{c['seed']}"
+        health = cell_log(out, c["lang"], name)
+        if not collapsed(c, health):
+            continue
+        loss, rerun = health["loss"], {}
+        for tag in ("-lowlr", "-warmup"):
+            variant = f"{c['method']}{tag}-s{c['seed']}"
+            if r := cell_result(out, c["lang"], variant):
+                rerun[tag] = {"per": r["per"], "collapsed": collapsed(r, cell_log(out, c["lang"], variant)),
+                              "lr": r["args"][r["args"].index("--lr") + 1]}
+        rows.append({"lang": c["lang"], "method": c["method"], "seed": c["seed"], "per": c["per"],
+                     "blank_rate": health["blank_rate"], "empty": health["empty"], "warned_at": health["warned_at"],
+                     "loss_first": loss[0][1] if loss else None, "loss_last": loss[-1][1] if loss else None,
+                     "valid": health["valid"], "rerun": rerun})
+    return rows
 
 
 def per_cell(pers: list[float]) -> str:
     """'81.6 ±1.2' (mean ± half the range over seeds, in %), or '81.6 (1)' for a single seed."""
     mean = 100 * sum(pers) / len(pers)
     return f"{mean:.1f} ±{50 * (max(pers) - min(pers)):.1f}" if len(pers) > 1 else f"{mean:.1f} (1)"
+
+
+def collapse_md(rows: list[dict]) -> list[str]:
+    """The report's section on collapsed runs: what the loss and the blank rate did, and what the reruns gave."""
+    if not rows:
+        return []
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731  four columns below
+    md = ["### Collapsed runs", "",
+          "Each collapsed grid run, with what its log.jsonl says (the last validation on the dev split; the training "
+          "loss, nats per utterance, at the first and last logged update; the update of train.py's collapse "
+          "warning) and its reruns (`--stage collapse`): one lr step lower, and a three times longer warm-up.", "",
+          "| language | method | seed | test PER | blank frames | empty hypotheses | loss, first -> last | warned at "
+          "| lower lr | longer warm-up |", "|---|---|---:|---:|---:|---:|---|---:|---|---|"]
+    rerun = lambda r, tag: (f"{100 * r['rerun'][tag]['per']:.1f}" + (" (collapsed)" if r["rerun"][tag]["collapsed"]  # noqa: E731
+                            else "") + (f", lr {r['rerun'][tag]['lr']}" if tag == "-lowlr" else "")
+                            if tag in r["rerun"] else "not run")
+    for r in rows:
+        loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.1f} -> {r['loss_last']:.1f}"
+        md.append(f"| {r['lang']} | {r['method']} | {r['seed']} | {100 * r['per']:.1f} | {pct(r['blank_rate'])} | "
+                  f"{pct(r['empty'])} | {loss} | {r['warned_at'] or '-'} | {rerun(r, '-lowlr')} | "
+                  f"{rerun(r, '-warmup')} |")
+    for tag, name in (("-lowlr", "the lower lr"), ("-warmup", "the longer warm-up")):
+        done = [r for r in rows if tag in r["rerun"]]
+        if done:
+            fixed = sum(not r["rerun"][tag]["collapsed"] for r in done)
+            md.append(f"\n{name.capitalize()} removed the collapse in {fixed} of {len(done)} runs.")
+    return md + [""]
+
+
+def backbone_text(backbones: list[str], bb: dict, supervised: str | None) -> str:
+    """The report's sentence on the backbone the grid cells (their sha256s: `backbones`) started from."""
+    if len(backbones) > 1:
+        return f"MIXED: the cells come from {len(backbones)} backbone files; rerun the grid on one."
+    if backbones == [supervised] and not bb:
+        return f"the supervised stand-in `{DEMO_BACKBONE.relative_to(ROOT)}`."
+    if backbones == [supervised]:
+        return (f"{bb.get('params', 0) / 1e6:.2f}M-parameter pre-LN wav2vec 2.0 trained with SUPERVISED phone CTC plus "
+                f"HuBERT-style MFCC k-means unit prediction on {', '.join(text_sources.PRETRAIN)} "
+                f"({bb.get('train_audio_minutes', 0) / 60:.1f} h of speech, {bb.get('updates')} updates, held-in PER "
+                f"{100 * bb.get('per', float('nan')):.1f}%): a stand-in for self-supervised pretraining.")
+    path = BACKBONE.relative_to(ROOT) if BACKBONE.is_relative_to(ROOT) else BACKBONE
+    if backbones[0] != file_sha256(BACKBONE):
+        return f"sha256 {backbones[0][:12]}, not --backbone `{path}`: rerun the grid on it."
+    ssl = SSL_BACKBONE.exists() and backbones == [file_sha256(SSL_BACKBONE)]
+    return (f"`{path}` (sha256 {backbones[0][:12]})" + (f", self-supervised on {', '.join(text_sources.PRETRAIN)} "
+            "(tools/pretrain_backbone.py; bench/results/backbone.md)." if ssl else "."))
+
+
+def similarity_md(sims: list[dict]) -> list[str]:
+    """Application 4's section: per route set (one per lr) the mask similarity against the phone-inventory
+    similarity, with permutation p-values and the seed control, and which lr's trend is robust."""
+    import statistics
+    md = ["## Application 4: mask similarity vs phoneme-inventory similarity", "",
+          f"The seed-1 masks of {len(sims[0]['names'])} languages ({len(sims[0]['pairs'])} pairs) against the "
+          "cosine similarity of the languages' phone inventories (from their phone transcripts). p: one-sided "
+          "permutation p-value of the correlation (the language labels of the inventory matrix permuted; every "
+          "permutation when there are at most "
+          f"{PERMUTATIONS:,}). Control: the same language learned from two seeds, against two languages learned from "
+          "the same seed (pruned sets; seeds 1 and 2).", "",
+          "| routes | lr | mask similarity | mean over pairs | random masks | Pearson (p) | Spearman (p) | same "
+          "language, two seeds | two languages |", "|---|---|---|---|---|---|---|---|---|"]
+    robust = {}
+    for sim in sims:
+        c = sim.get("seed_control") or {}
+        perm = sim.get("permutation") or {k: permutation_test(sim, k) for k in ("cosine", "pruned_cosine")}
+        lr = sim.get("lr", "?")
+        for key, label in (("cosine", "cosine, kept sets (upstream's measure)"), ("pruned_cosine",
+                                                                                  "cosine, pruned sets")):
+            t = perm[key]
+            mean = statistics.mean(p["overall"][key] for p in sim["pairs"])
+            rand = statistics.mean(p["overall"][f"{key}_random"] for p in sim["pairs"])
+            control = (f"{c.get('same_language_two_seeds', float('nan')):.4f} | "
+                       f"{c.get('two_languages_same_seed', float('nan')):.4f}") if key == "pruned_cosine" else " | "
+            md.append(f"| {sim['method']} | {lr} | {label} | {mean:.4f} | {rand:.4f} | {t['pearson']:.2f} "
+                      f"({t['pearson_p']:.3f}) | {t['spearman']:.2f} ({t['spearman_p']:.3f}) | {control} |")
+        t = perm["cosine"]
+        separates = c["same_language_two_seeds"] > c["two_languages_same_seed"] if c else None
+        robust[sim["method"]] = (t["pearson_p"] < 0.05 and t["spearman_p"] < 0.05, separates, lr)
+    md += ["", "Robust here means: on upstream's measure (kept-set cosine) both Pearson and Spearman positive with "
+           "p < 0.05, and the same language from two seeds more alike than two languages (the masks carry the "
+           "language, not only seed noise)."]
+    for method, (significant, separates, lr) in robust.items():
+        verdict = "robust" if significant and separates else "not robust"
+        why = [w for w, bad in (("p >= 0.05", not significant), ("the seed control does not separate languages"
+                                                                 if separates is False else "no seed control",
+                                                                 not separates)) if bad]
+        md.append(f"- {method} (lr {lr}): {verdict}" + (f" ({'; '.join(why)})" if why else "") + ".")
+    return md + [""] + [f"![similarity, {sim['method']}](miniature_similarity_{sim['method']}.png)"
+                        for sim in sims] + [""]
+
+
+def bundle_md(bundle: dict) -> list[str]:
+    """Application 2's section: bytes of the bundle against the separately finetuned models, and every route's test
+    score served from the bundle against its checkpoint's."""
+    ar = bundle["arithmetic"]["fp32"]
+    tasks = bundle.get("tasks", [])
+    md = ["## Application 2: all routes in one bundle", "",
+          f"{len(bundle['languages'])} languages ({', '.join(bundle['languages'])})"
+          + (f" and {len(tasks)} tasks ({', '.join(tasks)}: keyword spotting, speaker ID, language ID of espeak-ng "
+             "speech, tools/synth_tasks.py; trained as grid cells with half the updates)" if tasks else "")
+          + f", {bundle['method']} routes: bundle file {bundle['bundle_bytes']:,} B vs "
+          f"{bundle['separate_finetuned_bytes']:,} B for the separately finetuned models (ft) "
+          f"({bundle['file_change_percent']:+.1f}%). Arithmetic (fp32): {ar['shared_plus_routes_bytes']:,} B vs "
+          f"{ar['dense_models_bytes']:,} B ({ar['change_percent']:+.1f}%).", ""]
+    served = bundle.get("served")
+    if served:
+        equal = sum(v["equal"] for v in served.values())
+        md += ["| route | kind | route bytes | finetuned model bytes | test score, checkpoint | test score, served "
+               "from the bundle | equal |", "|---|---|---:|---:|---:|---:|---|"]
+        for name, v in served.items():
+            label = "PER" if v["metric"] == "per" else "accuracy"
+            md.append(f"| {name} | {v['kind']} | {v['route_bytes']:,} | {v['finetuned_bytes']:,} | {label} "
+                      f"{100 * v['checkpoint']:.2f}% | {100 * v['bundle']:.2f}% | {'yes' if v['equal'] else 'NO'} |")
+        md += ["", f"Served from the one bundle file (eval.py with --bundle and --route), {equal} of {len(served)} "
+               "routes score exactly what their separately evaluated checkpoints score."]
+    return md + [""]
+
+
+README = ROOT / "README.md"
+CLAIMS_START, CLAIMS_END = "<!-- miniature claims: start -->", "<!-- miniature claims: end -->"
+COMPARABLE = 0.01  # PER (or accuracy) within 1 point counts as comparable (pruning, multitask)
+
+
+def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[dict]) -> list[dict]:
+    """The paper's four claims plus multitask, each with a verdict (holds / does not hold / unclear / not run), the
+    numbers behind it and where S3-Router loses; `mean`: application 1's PER per language and method (seed mean)."""
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731  every number below
+    rows = []
+    # 1. finetuning: S3-Router keeping 90% (upstream's command routes FFN only: s3r-0.9-fa) vs weight finetuning
+    claim = "1. Discarding <= 10% of the weights consistently beats weight finetuning (application 1)"
+    both = [lg for lg in mean if {"s3r-0.9-fa", "s3r-0.9", "ft"} <= set(mean[lg])]
+    if both:
+        wins = {m: [lg for lg in both if mean[lg][m] < mean[lg]["ft"]] for m in ("s3r-0.9-fa", "s3r-0.9")}
+        avg = {m: sum(mean[lg][m] for lg in both) / len(both) for m in ("s3r-0.9-fa", "s3r-0.9", "ft")}
+        head = [lg for lg in both if "head" in mean[lg]]
+        verdict = "holds" if len(wins["s3r-0.9-fa"]) == len(both) else \
+            "does not hold" if avg["s3r-0.9-fa"] >= avg["ft"] else "unclear"
+        loses = [f"{lg}: ft {pct(mean[lg]['ft'])} vs {pct(mean[lg]['s3r-0.9-fa'])}" for lg in both
+                 if lg not in wins["s3r-0.9-fa"]]
+        loses += [f"{lg}: head only {pct(mean[lg]['head'])} vs {pct(mean[lg]['s3r-0.9-fa'])}" for lg in head
+                  if mean[lg]["head"] < mean[lg]["s3r-0.9-fa"]]
+        rows.append({"claim": claim, "verdict": verdict, "loses": loses, "evidence": (
+            f"mean PER over {len(both)} languages: s3r-0.9-fa {pct(avg['s3r-0.9-fa'])}, s3r-0.9 "
+            f"{pct(avg['s3r-0.9'])}, ft {pct(avg['ft'])}"
+            + (f", head only {pct(sum(mean[lg]['head'] for lg in head) / len(head))}" if head else "")
+            + f"; s3r-0.9-fa beats ft in {len(wins['s3r-0.9-fa'])} of {len(both)} languages, s3r-0.9 in "
+            f"{len(wins['s3r-0.9'])}")})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 2. multilingual: one bundle instead of a model per language, each route serving as its checkpoint
+    claim = "2. One shared model with a route per language replaces the per-language models (-88.5% parameters)"
+    served = (bundle or {}).get("served") or {}
+    langs = {n: v for n, v in served.items() if v["kind"] == "language"}
+    if bundle and langs:
+        equal = sum(v["equal"] for v in langs.values())
+        ar = bundle["arithmetic"]["fp32"]
+        verdict = "holds" if bundle["file_change_percent"] < 0 and equal == len(langs) else "does not hold"
+        rows.append({"claim": claim, "verdict": verdict, "loses": [f"{n}: served {pct(v['bundle'])} vs checkpoint "
+                                                                    f"{pct(v['checkpoint'])}"
+                                                                    for n, v in langs.items() if not v["equal"]],
+                     "evidence": f"bundle of {len(served)} routes {bundle['file_change_percent']:+.1f}% bytes against "
+                                 f"the separately finetuned models (arithmetic, fp32: {ar['change_percent']:+.1f}%); "
+                                 f"{equal} of {len(langs)} language routes served from it score as their checkpoints"})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 3. pruning: S3-Router pruning vs OMP, IMP and PARP at the same kept fraction (per weight)
+    claim = "3. S3-Router pruning is better than or comparable to OMP, IMP and PARP at the same sparsity"
+    points = [r for r in (curve or {}).get("rows", []) if r["granularity"] == "weight" and r["kind"] != "dense"]
+    by = {(r["kind"], r["prune_rate"]): r for r in points}
+    rates = sorted({rate for kind, rate in by if kind == "prune"}, reverse=True)
+    compared = [(rate, kind, by[kind, rate]["per"] - by["prune", rate]["per"]) for rate in rates
+                for kind in ("omp", "imp", "parp") if (kind, rate) in by]
+    if compared:
+        lost = [(rate, kind, d) for rate, kind, d in compared if d < -COMPARABLE]
+        verdict = "holds" if not lost else "does not hold" if len(lost) > len(compared) / 2 else "unclear"
+        names = sorted({k.upper() for _, k, _ in compared})
+        at = lambda rate: " / ".join(f"{k} {pct(by[k, rate]['per'])}" for k in ("prune", "omp", "imp", "parp")  # noqa: E731
+                                     if (k, rate) in by)
+        rows.append({"claim": claim, "verdict": verdict, "loses": [
+            f"{k.upper()} at {100 * (1 - rate):.0f}% sparsity by {-100 * d:.1f} points" for rate, k, d in lost],
+            "evidence": f"{curve['lang']}, {len(rates)} sparsities: S3-Router pruning better or within "
+                        f"{100 * COMPARABLE:.0f} point in {len(compared) - len(lost)} of {len(compared)} comparisons "
+                        f"with {', '.join(names)}; PER " + ", ".join(f"{100 * (1 - r):.0f}%: {at(r)}" for r in rates)})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 4. analysis: mask similarity follows phonetic similarity
+    claim = "4. Mask similarity between languages correlates with their phonetic similarity"
+    if sims:
+        robust = {}
+        for sim in sims:
+            perm = sim.get("permutation") or {"cosine": permutation_test(sim, "cosine")}
+            t, c = perm["cosine"], sim.get("seed_control") or {}
+            separates = bool(c) and c["same_language_two_seeds"] > c["two_languages_same_seed"]
+            robust[sim["method"]] = (t["pearson_p"] < 0.05 and t["spearman_p"] < 0.05 and separates, t,
+                                     sim.get("lr", "?"))
+        n = sum(r[0] for r in robust.values())
+        verdict = "holds" if n == len(robust) else "does not hold" if n == 0 else "unclear"
+        rows.append({"claim": claim, "verdict": verdict,
+                     "loses": [f"lr {lr}: not robust" for ok, _, lr in robust.values() if not ok],
+                     "evidence": "; ".join(f"lr {lr}: Pearson {t['pearson']:.2f} (p {t['pearson_p']:.3f}), Spearman "
+                                           f"{t['spearman']:.2f} (p {t['spearman_p']:.3f})"
+                                           for _, t, lr in robust.values())})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    # 5. multitask: task routes in the same bundle, as good as finetuning the task
+    claim = "Multitask: task routes (keyword spotting, speaker ID, language ID) in the same bundle match finetuning"
+    tasks = {n: v for n, v in served.items() if v["kind"] == "task" and v.get("finetuned") is not None}
+    if tasks:
+        behind = {n: v["finetuned"] - v["checkpoint"] for n, v in tasks.items()}  # accuracy points ft is ahead
+        lost = [n for n, d in behind.items() if d > COMPARABLE]
+        equal = all(v["equal"] for v in tasks.values())
+        verdict = "does not hold" if not equal or len(lost) > len(tasks) / 2 else "holds" if not lost else "unclear"
+        rows.append({"claim": claim, "verdict": verdict,
+                     "loses": [f"{n}: ft {pct(tasks[n]['finetuned'])}% vs {pct(tasks[n]['checkpoint'])}%"
+                               for n in lost],
+                     "evidence": ", ".join(f"{n} accuracy {pct(v['checkpoint'])}% (ft {pct(v['finetuned'])}%)"
+                                           for n, v in tasks.items())
+                                 + f"; served from the bundle as their checkpoints: {'yes' if equal else 'NO'}"})
+    else:
+        rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
+    return rows
+
+
+def claims_md(rows: list[dict]) -> list[str]:
+    md = ["| claim (paper) | verdict here | the numbers | where S3-Router loses |", "|---|---|---|---|"]
+    md += [f"| {r['claim']} | **{r['verdict']}** | {r['evidence'] or '-'} | {'; '.join(r['loses']) or '-'} |"
+           for r in rows]
+    return md
+
+
+def write_readme_claims(lines: list[str], readme: Path | None = None) -> bool:
+    """Put the claims table between the README's claims markers (where it has them); returns whether it did."""
+    readme = readme or README
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    if CLAIMS_START not in text or CLAIMS_END not in text:
+        return False
+    head, rest = text.split(CLAIMS_START, 1)
+    tail = rest.split(CLAIMS_END, 1)[1]
+    readme.write_text(head + CLAIMS_START + "\n" + "\n".join(lines) + "\n" + CLAIMS_END + tail, encoding="utf-8")
+    return True
 
 
 def report(out: Path, a):
@@ -739,26 +1180,40 @@ def report(out: Path, a):
     results = RESULTS
     results.mkdir(parents=True, exist_ok=True)
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/*/result.json"))]
-    grid = [c for c in cells if c["method"] in METHODS]
+    grid = [c for c in cells if c["method"] in METHODS and c["lang"] in a.langs]
     table = {}
     for c in grid:
         table.setdefault(c["lang"], {}).setdefault(c["method"], []).append(c["per"])
     langs = [lg for lg in a.langs if lg in table]
     methods = [m for m in METHODS if any(m in table[lg] for lg in langs)]
     mean = {lg: {m: statistics.mean(v) for m, v in table[lg].items()} for lg in langs}
+    collapses = collapse_rows(out, [c for c in grid if c["lang"] in langs])
+    n_collapsed = {(r["lang"], r["method"]): 0 for r in collapses}
+    for r in collapses:
+        n_collapsed[r["lang"], r["method"]] += 1
     backbone_report = out / "backbone" / "report.json"
-    bb = json.loads(backbone_report.read_text()) if backbone_report.exists() else {}
+    supervised = file_sha256(DEMO_BACKBONE) if DEMO_BACKBONE.exists() else None
+    backbones = sorted({c["backbone_sha256"] for c in grid}) or [file_sha256(BACKBONE)]
+    bb = json.loads(backbone_report.read_text()) if backbone_report.exists() and supervised in backbones else {}
+    lr_path = results / "miniature_lr.json"
+    lr_choice = json.loads(lr_path.read_text()) if lr_path.exists() else None
+    backbone_arg = "" if BACKBONE == DEFAULT_BACKBONE else \
+        f" --backbone {BACKBONE.relative_to(ROOT) if BACKBONE.is_relative_to(ROOT) else BACKBONE}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     cpu_min = sum(c["train_cpu_s"] for c in cells) / 60
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
     curve = curve_rows(out, rates=a.curve_rates)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
-    summary = {"command": "python -m tools.miniature", "commit": commit, "cells": cells, "per_mean": mean,
+    claims = claim_rows(mean, bundle, curve, sims)
+    summary = {"command": f"python -m tools.miniature{backbone_arg}", "commit": commit, "cells": cells,
+               "per_mean": mean, "claims": claims, "collapsed": collapses, "backbone_sha256": backbones, "lrs": LRS,
+               "lr_selection": lr_choice and {k: lr_choice[k] for k in ("langs", "mean_dev_per", "selected")},
                "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
                "bundle": bundle, "curve": curve,
-               "similarity": [{k: v for k, v in sim.items() if k in ("method", "names", "reference", "seed_control")}
+               "similarity": [{k: v for k, v in sim.items() if k in ("method", "lr", "names", "reference",
+                                                                  "seed_control", "permutation")}
                               | {"pairs": [{"a": p["a"], "b": p["b"], **p["overall"]} for p in sim["pairs"]]}
                               for sim in sims]}
     (results / "miniature.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
@@ -766,7 +1221,8 @@ def report(out: Path, a):
     corpus_s = sum(json.loads(d.read_text())["seconds_to_make"]
                    for d in (corpus_root(out) / RELEASE).glob("*/DONE"))
     md = ["# The miniature: S3-Router on synthetic multilingual speech, CPU scale", "",
-          f"Regenerate: `python -m tools.miniature` (resumable; cells cached under runs/miniature/cells). "
+          f"Regenerate: `python -m tools.miniature{backbone_arg}` (resumable; cells cached under "
+          "runs/miniature/cells). "
           f"Commit {commit}. "
           f"Cost on the 2-core development machine: corpus {corpus_s / 60:.0f} min wall"
           + (f", backbone {bb.get('train_cpu_minutes')} min of training steps" if bb else "")
@@ -777,34 +1233,42 @@ def report(out: Path, a):
           "Speech: espeak-ng reading Debian-packaged text (tools/text_sources.py), CommonVoice layout, ~5 minutes of "
           "training speech per held-out language; targets are the espeak-ng phone transcripts, scored by phone error "
           "rate (PER, %, greedy CTC, test split). Backbone: "
-          f"{bb.get('params', 0) / 1e6:.2f}M-parameter pre-LN wav2vec 2.0 trained with SUPERVISED phone CTC plus "
-          f"HuBERT-style MFCC k-means unit prediction on {', '.join(text_sources.PRETRAIN)} "
-          f"({bb.get('train_audio_minutes', 0) / 60:.1f} h of speech, {bb.get('updates')} updates, held-in PER "
-          f"{100 * bb.get('per', float('nan')):.1f}%): a stand-in for self-supervised pretraining, which two CPU cores "
-          "cannot do. The held-out languages below were never seen by it.", "",
+          + backbone_text(backbones, bb, supervised)
+          + " The held-out languages below were never seen by it.", "",
           "Caveats: every method gets the same recipe (200 updates of 10 s of audio, tri-stage schedule) with its "
-          f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others {ROUTE_LR}); "
-          "in the pruning curve, S3-Router pruning trains scores and head for 200 more updates on top of the finetuned "
-          "model while OMP (as upstream's baseline) does no retraining; "
+          + (f"family's peak lr chosen on the dev split of {' and '.join(lr_choice['langs'])}, languages reported "
+             f"nowhere else (miniature_lr.md: head {LRS['head']}, ft {LRS['ft']}, s3r {LRS['s3r']}"
+             + ("; CHOSEN ON ANOTHER BACKBONE: rerun --stage lr" if lr_choice.get("backbone_sha256") not in backbones
+                else "") + "); "
+             if lr_choice else
+             f"own peak lr, the better of 3e-3 and 1e-2 on the built-in demo corpus (ft {FT_LR}, the others "
+             f"{ROUTE_LR}); ")
+          + "in the pruning curve, S3-Router pruning trains scores and head for 200 more updates on top of the "
+          "finetuned model while OMP (as upstream's baseline) does no retraining; "
           "the espeak-ng voices are far more regular than real speakers, so absolute PERs say little about real "
           "speech, only the comparisons between methods do.", ""]
     if langs:
         md += ["## Application 1: PER (%) per held-out language, mean over seeds", "",
                "| language | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
         for lg in langs:
-            cells_md = (per_cell(table[lg][m]) if m in table[lg] else "-" for m in methods)
+            cells_md = (per_cell(table[lg][m]) + "†" * n_collapsed.get((lg, m), 0) if m in table[lg] else "-"
+                        for m in methods)
             md.append(f"| {lg} | " + " | ".join(cells_md) + " |")
         full = [lg for lg in langs if all(m in mean[lg] for m in methods)]
         if full:
             md.append(f"| mean of {len(full)} | " + " | ".join(
                 f"{100 * statistics.mean(mean[lg][m] for lg in full):.1f}"
                                                           for m in methods) + " |")
-            md.append(f"| runs that collapsed (PER > {100 * COLLAPSED:.0f}%) | " + " | ".join(
-                str(sum(p > COLLAPSED for lg in full for p in table[lg][m])) for m in methods) + " |")
+        md.append("| runs that collapsed (†) | " + " | ".join(
+            f"{sum(r['method'] == m for r in collapses)} of {sum(len(table[lg].get(m, [])) for lg in langs)}"
+            for m in methods) + " |")
         md += ["", "Mean over seeds ± half their range; (1) = one seed finished so far. head: frozen encoder, CTC head "
                "only; ft: standard weight finetuning; s3r-R: S3-Router keeping fraction R of attention+FFN weights; "
-               "-fa: --fix-attn (FFN only routed).", "",
+               f"-fa: --fix-attn (FFN only routed). †: one run collapsed (test PER above {100 * COLLAPSED:.0f}%, or "
+               f"its last validation blank-only: every hypothesis empty or {100 * BLANK_ONLY:.0f}% of the frames "
+               "blank).", "",
                "![PER per language](miniature_per.png)", ""]
+        md += collapse_md(collapses)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(langs) * len(methods)), 4))
         w = 0.8 / len(methods)
         for k, m in enumerate(methods):
@@ -817,14 +1281,7 @@ def report(out: Path, a):
         fig.savefig(results / "miniature_per.png", dpi=110)
         plt.close(fig)
     if bundle:
-        ar = bundle["arithmetic"]["fp32"]
-        md += ["## Application 2: all routes in one bundle", "",
-               f"{len(bundle['languages'])} languages ({', '.join(bundle['languages'])}), {bundle['method']} routes: "
-               f"bundle file {bundle['bundle_bytes']:,} B vs {bundle['separate_finetuned_bytes']:,} B for the "
-               f"separately "
-               f"finetuned models ({bundle['file_change_percent']:+.1f}%). Arithmetic (fp32): "
-               f"{ar['shared_plus_routes_bytes']:,} B vs {ar['dense_models_bytes']:,} B "
-               f"({ar['change_percent']:+.1f}%).", ""]
+        md += bundle_md(bundle)
     if curve:
         md += [f"## Application 3: pruning curve ({curve['lang']})", "", "| method | sparsity | PER (%) |",
                "|---|---|---|"]
@@ -844,25 +1301,13 @@ def report(out: Path, a):
         fig.savefig(results / "miniature_pruning.png", dpi=110)
         plt.close(fig)
     if sims:
-        md += ["## Application 4: mask similarity vs phoneme-inventory similarity", "",
-               f"The seed-1 masks of {len(sims[0]['names'])} languages ({len(sims[0]['pairs'])} pairs) against the "
-               "cosine similarity of the languages' phone inventories (from their phone transcripts). Control: the "
-               "same language learned from two seeds, against two languages learned from the same seed (pruned "
-               "sets; seeds 1 and 2).", "",
-               "| routes | mask similarity | mean over pairs | random masks | Pearson | Spearman | same language, "
-               "two seeds | two languages |", "|---|---|---|---|---|---|---|---|"]
-        for sim in sims:
-            r, c = sim["reference"], sim.get("seed_control") or {}
-            avg = lambda key, sim=sim: statistics.mean(p["overall"][key] for p in sim["pairs"])  # noqa: E731  one-liner used 4 times below
-            md += [f"| {sim['method']} | cosine, kept sets (upstream's measure) | {avg('cosine'):.4f} | "
-                   f"{avg('cosine_random'):.4f} | {r['cosine']['pearson']:.2f} | {r['cosine']['spearman']:.2f} | | |",
-                   f"| {sim['method']} | cosine, pruned sets | {avg('pruned_cosine'):.4f} | "
-                   f"{avg('pruned_cosine_random'):.4f} | {r['pruned_cosine']['pearson']:.2f} | "
-                   f"{r['pruned_cosine']['spearman']:.2f} | {c.get('same_language_two_seeds', float('nan')):.4f} | "
-                   f"{c.get('two_languages_same_seed', float('nan')):.4f} |"]
-        md += [""] + [f"![similarity, {sim['method']}](miniature_similarity_{sim['method']}.png)"
-                      for sim in sims] + [""]
+        md += similarity_md(sims)
+    table_md = claims_md(claims) + ["", f"From `python -m tools.miniature{backbone_arg}` at commit {commit} "
+                                        "(bench/results/miniature.md); not run: its cells have not finished."]
+    md[2:2] = ["## The paper's claims here", "", *table_md, ""]
     (results / "miniature.md").write_text("\n".join(md) + "\n")
+    if write_readme_claims(table_md):
+        log(f"report: the claims table -> {README}")
     log(f"report: {len(cells)} cells -> {results / 'miniature.md'}")
 
 
@@ -979,10 +1424,10 @@ def main(argv=None):
     global BACKBONE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
-                   "lr, grid, bundle, curve, similarity, report; or ssl-pilot (see --init)")
-    p.add_argument("--backbone", default=str(BACKBONE.relative_to(ROOT)), help="the checkpoint every cell starts "
-                   "from (default: %(default)s: the self-supervised backbone when committed, else the supervised "
-                   "stand-in)")
+                   "lr, grid, collapse, bundle, curve, similarity, report; or ssl-pilot (see --init)")
+    p.add_argument("--backbone", default=str(DEFAULT_BACKBONE.relative_to(ROOT)), help="the checkpoint every cell "
+                   "starts from (default: %(default)s: the self-supervised backbone when committed, else the "
+                   "supervised stand-in)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--langs", nargs="*", default=GRID_LANGS[:6], help="held-out languages of the grid, in order "
                    f"(default: the first six of {', '.join(GRID_LANGS)})")
@@ -1029,8 +1474,10 @@ def main(argv=None):
                          f"({', '.join(METHODS)})")
     if stage("grid"):
         run_grid(out, a.langs, a.methods, a.seeds, a.jobs)
+    if stage("collapse"):
+        run_collapse(out, a.langs, a.methods, a.seeds, a.jobs)
     if stage("bundle"):
-        run_bundle(out, a.langs)
+        run_bundle(out, a.langs, jobs=a.jobs)
     if stage("curve") and CURVE_LANG in a.langs:
         curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds, a.curve_kinds)
         structured_report(out, curve, command)
