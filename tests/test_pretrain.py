@@ -65,6 +65,27 @@ def test_pretraining_without_transcripts_gives_a_hubert_checkpoint_s3r_loads(unl
     assert report["updates"] == 4 and report["targets"]["k"] == 6 and report["iteration"] == 1
 
 
+def test_the_committed_self_supervised_backbone_is_a_hubert_pretraining_checkpoint():
+    """s3r/assets/miniature/backbone-ssl.pt: fp16, under 5 MB, every tensor named as in fairseq's HubertModel
+    (pretraining heads included), its report saying no transcript was read; load_pretrained drops the heads."""
+    path = pretrain_backbone.ROOT / "s3r" / "assets" / "miniature" / "backbone-ssl.pt"
+    assert path.stat().st_size < 5e6
+    ckpt = torch_load(path)
+    assert ckpt["cfg"]["model"]["_name"] == "hubert" and ckpt["cfg"]["task"]["labels"] == ["km"]
+    assert all(v.dtype == torch.float16 for v in ckpt["model"].values())
+    c = Wav2Vec2Config(**pretrain_backbone.CONFIG)
+    hf_like = SimpleNamespace(conv_dim=c.conv_dim, conv_bias=c.conv_bias, feat_extract_norm="group",
+                              num_hidden_layers=c.num_hidden_layers)
+    heads = {"final_proj.weight", "final_proj.bias", "label_embs_concat"}
+    assert set(ckpt["model"]) == set(fairseq_names("hubert", hf_like).values()) | heads
+    report = ckpt["extra_state"]["miniature"]
+    assert "no transcripts" in report["objective"] and report["targets"]["k"] == 100
+    model = load_pretrained(path)
+    assert model.lm_head is None and 1.5e6 < sum(p.numel() for p in model.parameters()) < 2.5e6
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 16000) * 0.1)[0]).all()
+
+
 @pytest.mark.slow
 def test_interrupted_pretraining_resumes_to_the_same_weights_export_now_included(unlabelled, tmp_path):
     pretrain(unlabelled, tmp_path / "whole", "--max-updates", "3")

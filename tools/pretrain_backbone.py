@@ -323,7 +323,8 @@ def main(argv=None):
     p.add_argument("--label-layer", type=int, default=2, help="iteration 2: which layer (0: before the transformer)")
     p.add_argument("--units", type=int, default=UNITS, help="k-means clusters (HuBERT iteration 1: 100)")
     p.add_argument("--kmeans-frames", type=int, default=200000, help="frames sampled to fit k-means")
-    p.add_argument("--max-updates", type=int, default=4000)
+    p.add_argument("--max-updates", type=int, default=16000,
+                   help="16,000 updates of 8 s: ~4 epochs of the 5.4 h, ~60 CPU minutes at one thread")
     p.add_argument("--max-minutes", type=float, default=1e9, help="stop (resumably) after this much wall time")
     p.add_argument("--batch-seconds", type=float, default=8.0, help="padded audio seconds per batch")
     p.add_argument("--crop-seconds", type=float, default=5.0, help="longer clips are cut at a random offset")
