@@ -19,13 +19,15 @@ TINY_RECIPE = ["--max-updates", "2", "--max-tokens", "80000", "--update-freq", "
 
 @pytest.fixture
 def results(tmp_path, monkeypatch):
-    """bench/results (and the README the report writes the claims table into) redirected to a temporary folder, and
-    the methods back at the demo corpus's lrs after."""
+    """bench/results (and the README the report writes the claims table into) redirected to a temporary folder; the
+    methods start at the demo corpus's lrs, whatever lrs the committed results chose, and are set back after."""
+    committed = mini.selected_lrs()
+    mini.use_lrs(mini.DEMO_LRS)
     folder = tmp_path / "results"
     monkeypatch.setattr(mini, "RESULTS", folder)
     monkeypatch.setattr(mini, "README", tmp_path / "README.md")
     yield folder
-    mini.use_lrs(mini.selected_lrs())
+    mini.use_lrs(committed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,7 +62,8 @@ def test_lr_stage_picks_the_lowest_mean_dev_per(tmp_path, monkeypatch, results):
         return {"per": dev[fam, lr][["fr", "tt"].index(lang)], "train_cpu_s": 6.0}
 
     monkeypatch.setattr(mini, "train_cell", fake_cell)
-    res = mini.run_lr(tmp_path, ["fr", "tt"], 1, jobs=2, command="python -m tools.miniature --stage lr")
+    grid = {"head": ["3e-3", "1e-2", "3e-2"], "ft": ["3e-4", "1e-3", "3e-3"], "s3r": ["3e-3", "1e-2", "3e-2"]}
+    res = mini.run_lr(tmp_path, ["fr", "tt"], 1, jobs=2, command="python -m tools.miniature --stage lr", grid=grid)
     # means: head 0.45 / 0.45 / 0.40, ft 0.355 / 0.40 / 0.97
     assert res["selected"] == {"head": "3e-2", "ft": "3e-4", "s3r": None}
     assert res["mean_dev_per"]["head"] == pytest.approx({"3e-3": 0.45, "1e-2": 0.45, "3e-2": 0.40})
@@ -72,6 +75,7 @@ def test_lr_stage_picks_the_lowest_mean_dev_per(tmp_path, monkeypatch, results):
     assert res["cpu_minutes"] == pytest.approx(14 * 6 / 60)  # the 14 cells that trained
     md = (results / "miniature_lr.md").read_text()
     assert "| head | 3e-2 | 20.0 | 60.0 | 40.0 | **chosen** |" in md and "s3r none (kept 1e-2)" in md
+    assert "At the edge of its grid, so possibly not the best lr: head 3e-2, ft 3e-4." in md
     assert json.loads((results / "miniature_lr.json").read_text())["selected"] == res["selected"]
     mini.use_lrs(mini.selected_lrs())  # what main() does after the stage
     assert mini.METHODS["head"][-1] == "3e-2" and mini.METHODS["ft"][-1] == "3e-4"

@@ -347,7 +347,8 @@ def run_grid(out: Path, langs: list[str], methods: list[str], seeds: list[int], 
 # Each family's peak lr is chosen on the dev split of two held-out languages that no reported result uses (the grid
 # reports GRID_LANGS[:6]), with one seed, from a small grid; the grid then runs at the chosen lrs.
 LR_LANGS = ["fr", "tt"]
-LR_GRID = {"head": ["3e-3", "1e-2", "3e-2"], "ft": ["3e-4", "1e-3", "3e-3"], "s3r": ["3e-3", "1e-2", "3e-2"]}
+LR_GRID = {"head": ["3e-3", "1e-2", "3e-2", "1e-1"], "ft": ["3e-4", "1e-3", "3e-3", "1e-2"],
+           "s3r": ["3e-3", "1e-2", "3e-2", "1e-1"]}
 LR_PROBES = {"head": "head", "ft": "ft", "s3r": "s3r-0.9"}  # the method each family's lr is chosen with
 
 
@@ -418,6 +419,9 @@ def run_lr(out: Path, langs: list[str] = LR_LANGS, seed: int = SEEDS[0], jobs: i
         md += ["", f"Failed cells (their family keeps its lr): {', '.join(failed)}."]
     md += ["", "Chosen: " + ", ".join(f"{fam} {lr or 'none (kept ' + LRS[fam] + ')'}" for fam, lr in selected.items())
            + ".", ""]
+    edge = [f"{fam} {lr}" for fam, lr in selected.items() if lr in (grid[fam][0], grid[fam][-1])]
+    if edge:  # the best lr may lie outside the grid
+        md[-1:] = [f"At the edge of its grid, so possibly not the best lr: {', '.join(edge)}.", ""]
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
     log("lr: chosen " + ", ".join(f"{fam} {lr}" for fam, lr in selected.items()))
     return res
