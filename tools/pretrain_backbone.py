@@ -129,12 +129,17 @@ def layer_features(model: Wav2Vec2ForCTC, wav: torch.Tensor, layers: list[int]) 
     return {n: v.reshape(-1, v.shape[-1]) for n, v in out.items()}
 
 
+def teacher_frames(teacher: Wav2Vec2ForCTC, layer: int, wav: torch.Tensor) -> torch.Tensor:
+    """(T, C) fp32 features of one layer of an iteration-2 teacher: what its k-means units are fitted on."""
+    return layer_features(teacher, wav, [layer])[layer].float()
+
+
 def make_targets(clips, args, seed: int) -> tuple[list[torch.Tensor], dict]:
     """(per-clip unit ids, description): k-means of MFCCs, or of one layer of `--label-model`."""
     if args.label_model:
         from s3r.checkpoint import load_pretrained
         teacher = load_pretrained(args.label_model)
-        feats = [layer_features(teacher, as_float(c), [args.label_layer])[args.label_layer].float() for c in clips]
+        feats = [teacher_frames(teacher, args.label_layer, as_float(c)) for c in clips]
         source = f"layer {args.label_layer} of {args.label_model}"
         teacher_info = {"label_model": str(args.label_model), "label_layer": args.label_layer}
     else:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from s3r.checkpoint import load_pretrained
 from tools import text_sources
-from tools.pretrain_backbone import layer_features
+from tools.pretrain_backbone import layer_features, teacher_frames
 from tools.pretrain_corpus import VARIANTS
 from tools.pretrain_supervised import mfcc_frames
 
@@ -154,11 +154,6 @@ def pnmi(units: torch.Tensor, phones: torch.Tensor) -> dict:
     # HuBERT's definitions: phone purity E_z[max_y p(y|z)], cluster purity E_y[max_z p(z|y)]
     return {"pnmi": round(mi / h_phone, 4), "cluster_purity": round(float(p.max(0).values.sum()), 4),
             "phone_purity": round(float(p.max(1).values.sum()), 4)}
-
-
-def teacher_frames(teacher, layer: int, audio: torch.Tensor) -> torch.Tensor:
-    """(T, C) features of one layer of an iteration-2 teacher: what its k-means units were fitted on."""
-    return layer_features(teacher, audio, [layer])[layer].float()
 
 
 def main(argv=None):
