@@ -65,6 +65,18 @@ def test_pretraining_without_transcripts_gives_a_hubert_checkpoint_s3r_loads(unl
     assert report["updates"] == 4 and report["targets"]["k"] == 6 and report["iteration"] == 1
 
 
+def test_iteration_two_fits_its_units_on_the_teacher_layer(unlabelled, tmp_path):
+    """--label-model: the k-means units are fitted on the named layer of the teacher, whose features
+    (hidden_size wide, not the 39 MFCC dimensions) the saved centers have, and the targets name it."""
+    pretrain(unlabelled, tmp_path / "it1", "--max-updates", "2")
+    teacher = tmp_path / "it1" / "backbone.pt"
+    pretrain(unlabelled, tmp_path / "it2", "--max-updates", "0", "--label-model", str(teacher),
+             "--label-layer", "1")
+    info = torch.load(tmp_path / "it2" / "targets.pt")["info"]
+    assert (info["label_model"], info["label_layer"]) == (str(teacher), 1)
+    assert info["centers"].shape == (6, TINY["hidden_size"]) and info["k"] == 6
+
+
 def test_the_committed_self_supervised_backbone_is_a_hubert_pretraining_checkpoint():
     """s3r/assets/miniature/backbone-ssl.pt: fp16, under 5 MB, every tensor named as in fairseq's HubertModel
     (pretraining heads included), its report saying no transcript was read; load_pretrained drops the heads."""
