@@ -213,8 +213,9 @@ def test_report_counts_and_explains_collapsed_runs(collapsed_grid, results):
     md = (results / "miniature.md").read_text()
     assert "| nl | 35.0 ±15.0† | 62.5 ±32.5† |" in md
     assert "| runs that collapsed (†) | 1 of 2 | 1 of 2 |" in md
-    assert "| nl | ft | 1 | 95.0 | 100% | 100% | 250.0 -> 180.0 | 100 | 40.0, lr 1e-3 | 97.0 (collapsed) |" in md
-    assert "| nl | head | 1 | 50.0 | 100% | 90% | 9.0 -> 9.0 | - | not run | not run |" in md  # 99.5% rounds up
+    assert ("| nl | ft | 1 | 95.0 | 100: 99 / 100, 200: 100 / 100 | 100% | 250.0 (10), 180.0 (200) | 100 | 40.0, lr "
+            "1e-3 | 97.0 (collapsed) |") in md
+    assert "| nl | head | 1 | 50.0 | 100: 50 / 80, 200: 100 / 100 | 90% | 9.0 (10) | - | not run | not run |" in md
     assert "The lower lr removed the collapse in 1 of 1 runs." in md
     assert "The longer warm-up removed the collapse in 0 of 1 runs." in md
     summary = json.loads((results / "miniature.json").read_text())

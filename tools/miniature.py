@@ -923,8 +923,7 @@ def collapse_rows(out: Path, cells: list[dict]) -> list[dict]:
                               "lr": r["args"][r["args"].index("--lr") + 1]}
         rows.append({"lang": c["lang"], "method": c["method"], "seed": c["seed"], "per": c["per"],
                      "blank_rate": health["blank_rate"], "empty": health["empty"], "warned_at": health["warned_at"],
-                     "loss_first": loss[0][1] if loss else None, "loss_last": loss[-1][1] if loss else None,
-                     "valid": health["valid"], "rerun": rerun})
+                     "loss": loss, "valid": health["valid"], "rerun": rerun})
     return rows
 
 
@@ -940,17 +939,21 @@ def collapse_md(rows: list[dict]) -> list[str]:
         return []
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731  four columns below
     md = ["### Collapsed runs", "",
-          "Each collapsed grid run, with what its log.jsonl says (the last validation on the dev split; the training "
-          "loss, nats per utterance, at the first and last logged update; the update of train.py's collapse "
-          "warning) and its reruns (`--stage collapse`): one lr step lower, and a three times longer warm-up.", "",
-          "| language | method | seed | test PER | blank frames | empty hypotheses | loss, first -> last | warned at "
-          "| lower lr | longer warm-up |", "|---|---|---:|---:|---:|---:|---|---:|---|---|"]
+          "Each collapsed grid run, with what its log.jsonl says: every validation on the dev split (at update u: "
+          "PER / share of the frames blank, in %), the last one's share of empty hypotheses, the training loss (nats "
+          "per utterance, the mean since the previous log line: the recipe logs every 200 updates, so one mean over "
+          "the run), the update of train.py's collapse warning; and its reruns (`--stage collapse`): one lr step "
+          "lower, and a three times longer warm-up.", "",
+          "| language | method | seed | test PER | dev PER / blank frames, by update | empty hypotheses | training "
+          "loss | warned at | lower lr | longer warm-up |", "|---|---|---:|---:|---|---:|---|---:|---|---|"]
     rerun = lambda r, tag: (f"{100 * r['rerun'][tag]['per']:.1f}" + (" (collapsed)" if r["rerun"][tag]["collapsed"]  # noqa: E731
                             else "") + (f", lr {r['rerun'][tag]['lr']}" if tag == "-lowlr" else "")
                             if tag in r["rerun"] else "not run")
     for r in rows:
-        loss = "-" if r["loss_first"] is None else f"{r['loss_first']:.1f} -> {r['loss_last']:.1f}"
-        md.append(f"| {r['lang']} | {r['method']} | {r['seed']} | {100 * r['per']:.1f} | {pct(r['blank_rate'])} | "
+        loss = ", ".join(f"{v:.1f} ({u})" for u, v in r["loss"]) or "-"
+        valid = ", ".join(f"{u}: {'-' if e is None else f'{100 * e:.0f}'} / {pct(b)[:-1] if b is not None else '-'}"
+                          for u, e, b, _ in r["valid"]) or "-"
+        md.append(f"| {r['lang']} | {r['method']} | {r['seed']} | {100 * r['per']:.1f} | {valid} | "
                   f"{pct(r['empty'])} | {loss} | {r['warned_at'] or '-'} | {rerun(r, '-lowlr')} | "
                   f"{rerun(r, '-warmup')} |")
     for tag, name in (("-lowlr", "the lower lr"), ("-warmup", "the longer warm-up")):
