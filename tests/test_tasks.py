@@ -153,6 +153,28 @@ def test_label_manifest(tasks_root, tmp_path):
         resolve_task("train-1h", str(tmp_path))
 
 
+def test_larger_held_out_splits(tmp_path):
+    """held_out=3 of per_class=8: per class 2 to train, 3 to dev, 3 to test (Speech Commands: dev and test speakers
+    6 and 7 saying a word 3 times each; silence stays 2 clips a split)."""
+    synth_tasks.keywords(tmp_path, per_class=8, held_out=3, tone=True)
+    synth_tasks.voices(tmp_path, speakers=3, per_class=8, held_out=3, tone=True)
+    synth_tasks.languages(tmp_path, per_class=8, held_out=3, tone=True)
+    ks = {s: counts(resolve_task(f"speech_commands_v0.01-{s}", str(tmp_path))) for s in ("train", "dev", "test")}
+    assert ks["train"] == {**{w: 2 for w in KS_LABELS[:10]}, "_unknown_": 6 * 2, "_silence_": 2 * 8}
+    assert ks["dev"] == ks["test"] == {**{w: 3 for w in KS_LABELS[:10]}, "_unknown_": 6 * 3, "_silence_": 2}
+    test_names = (tmp_path / "speech_commands_v0.01" / "testing_list.txt").read_text().split()
+    assert len(test_names) == 16 * 3 and all(n.split("/")[1].startswith("00000007_") for n in test_names)
+    speakers = ["id10001", "id10002", "id10003"]
+    assert [counts(resolve_task(f"voxceleb1-{s}", str(tmp_path))) for s in ("train", "dev", "test")] == [
+        dict.fromkeys(speakers, 2), dict.fromkeys(speakers, 3), dict.fromkeys(speakers, 3)]
+    langs = sorted(synth_tasks.LANGUAGES)
+    assert [counts(resolve_data(str(tmp_path / "lid" / f"{s}.tsv"))) for s in ("train", "valid", "test")] == [
+        dict.fromkeys(langs, 2), dict.fromkeys(langs, 3), dict.fromkeys(langs, 3)]
+    with pytest.raises(SystemExit, match="2"):  # 2 dev + 2 test of 4 leave none to train
+        synth_tasks.main([str(tmp_path / "x"), "--task", "languages", "--per-class", "4", "--held-out", "2", "--tone"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_tasks_command_line(tasks_root, capsys):
     assert tasks_main(["voxceleb1-train", "--data-root", str(tasks_root)]) == 0
     out = capsys.readouterr().out

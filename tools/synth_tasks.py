@@ -78,14 +78,15 @@ def _speakers(rng: random.Random, n: int) -> list[tuple[str, int]]:
 
 
 def keywords(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4,
-             tone: bool = False) -> Path:
-    """Speech Commands v0.01 layout; speakers 0-5 train, 6 dev, 7 test (per word, `per_class` files in all)."""
+             tone: bool = False, held_out: int = 1) -> Path:
+    """Speech Commands v0.01 layout; speakers 0-5 train, 6 dev, 7 test (per word, `per_class` files in all, the last
+    `held_out` of them test, the `held_out` before those dev)."""
     rng, folder = random.Random(seed), out / "speech_commands_v0.01"
     speakers = _speakers(rng, 8)
     jobs, names = [], []
     for word in KS_WORDS + UNKNOWN_WORDS:
         for n in range(per_class):
-            spk = n % 6 if n < per_class - 2 else 6 + (n - per_class + 2)  # the last two: dev, test
+            spk = n % 6 if n < per_class - 2 * held_out else 6 if n < per_class - held_out else 7
             variant, pitch = speakers[spk]
             jobs.append((word, "en-us", variant, rng.randint(150, 200), pitch))
             names.append((word, f"{spk:08x}_nohash_{n}.wav", spk))
@@ -111,15 +112,16 @@ def keywords(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4,
 
 
 def voices(out: Path, speakers: int = 4, per_class: int = 8, seed: int = 0, workers: int = 4,
-           tone: bool = False) -> Path:
-    """VoxCeleb1 identification layout: per speaker `per_class` utterances over 4 videos; iden_split 1/2/3."""
+           tone: bool = False, held_out: int = 1) -> Path:
+    """VoxCeleb1 identification layout: per speaker `per_class` utterances over 4 videos; iden_split 1/2/3 (the last
+    `held_out` test, the `held_out` before those dev)."""
     rng, folder = random.Random(seed), out / "VoxCeleb1"
     styles = _speakers(rng, speakers)
     jobs, rows = [], []
     for s, (variant, pitch) in enumerate(styles):
         for n in range(per_class):
             jobs.append((SENTENCES[(s + 3 * n) % len(SENTENCES)], "en-us", variant, rng.randint(150, 190), pitch))
-            split = "2" if n == per_class - 2 else "3" if n == per_class - 1 else "1"
+            split = "1" if n < per_class - 2 * held_out else "2" if n < per_class - held_out else "3"
             rows.append((split, f"id{10001 + s}/vid{n % 4:02d}/{n + 1:05d}.wav"))
     for (_, rel), audio in zip(rows, _say(jobs, workers, tone), strict=True):
         _write(folder / "wav" / rel, audio)
@@ -152,8 +154,9 @@ def intents(out: Path, per_class: int = 6, seed: int = 0, workers: int = 4,
 
 
 def languages(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4,
-              tone: bool = False) -> Path:
-    """Language ID manifest: per language `per_class` utterances (sentences x speakers); two each for valid, test."""
+              tone: bool = False, held_out: int = 1) -> Path:
+    """Language ID manifest: per language `per_class` utterances (sentences x speakers), the last `held_out` test,
+    the `held_out` before those valid."""
     rng, folder = random.Random(seed), out / "lid"
     styles = _speakers(rng, per_class)
     jobs, rows = [], []
@@ -161,7 +164,7 @@ def languages(out: Path, per_class: int = 8, seed: int = 0, workers: int = 4,
         for n in range(per_class):
             variant, pitch = styles[n]
             jobs.append((sentences[n % len(sentences)], lang, variant, rng.randint(150, 190), pitch))
-            split = "valid" if n == per_class - 2 else "test" if n == per_class - 1 else "train"
+            split = "train" if n < per_class - 2 * held_out else "valid" if n < per_class - held_out else "test"
             rows.append((split, f"audio/{lang}/{n:03d}.wav", lang))
     for row, audio in zip(rows, _say(jobs, workers, tone), strict=True):
         _write(folder / row[1], audio)
@@ -178,11 +181,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="output folder (the --data-root to give s3r)")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--per-class", type=int, default=8, help="utterances per class (the last two: dev and test)")
+    p.add_argument("--per-class", type=int, default=8, help="utterances per class (by default the last two: dev and "
+                   "test)")
+    p.add_argument("--held-out", type=int, default=1, help="keywords, voices, languages: utterances per class in each "
+                   "of dev and test (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tone", action="store_true", help="tones instead of espeak-ng speech (layout tests only)")
     a = p.parse_args(argv)
-    folder = TASKS[a.task](Path(a.out), per_class=a.per_class, seed=a.seed, tone=a.tone)
+    if a.held_out < 1 or 2 * a.held_out >= a.per_class:
+        p.error(f"--held-out {a.held_out}: needs 1 <= 2 x held-out < --per-class {a.per_class}")
+    held = {"held_out": a.held_out} if a.task != "intents" else {}
+    folder = TASKS[a.task](Path(a.out), per_class=a.per_class, seed=a.seed, tone=a.tone, **held)
     print(f"wrote {a.task} under {folder}")
 
 
