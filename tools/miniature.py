@@ -1487,6 +1487,9 @@ def main(argv=None):
                    f"(default: the first six of {', '.join(GRID_LANGS)})")
     p.add_argument("--methods", nargs="*", help=f"subset of {', '.join(METHODS)} (default: all; the last one's "
                    "name carries its lr)")
+    p.add_argument("--similarity-langs", nargs="*", default=GRID_LANGS, help="similarity stage: the languages whose "
+                   "seed-1 routes are compared pairwise (default: all ten held-out languages: 45 pairs; the two lr "
+                   "languages among them, whose test splits no score uses; routes the grid lacks are trained)")
     p.add_argument("--lr-langs", nargs="*", default=LR_LANGS, help="lr stage: the dev languages the lrs are chosen "
                    "on, none of them reported (default: %(default)s)")
     p.add_argument("--seeds", nargs="*", type=int, default=SEEDS)
@@ -1535,9 +1538,10 @@ def main(argv=None):
     if stage("curve") and CURVE_LANG in a.langs:
         curve = run_curve(out, CURVE_LANG, SEEDS[0], a.curve_rates, a.jobs, a.speed_rounds, a.curve_kinds)
         structured_report(out, curve, command)
-    if stage("similarity"):
+    if stage("similarity"):  # its routes trained here where the grid has not (seed 1 of the other languages)
+        run_grid(out, a.similarity_langs, SIMILARITY_METHODS, SEEDS[:1], a.jobs)
         for method in SIMILARITY_METHODS:
-            run_similarity(out, a.langs, method)
+            run_similarity(out, a.similarity_langs, method)
     if stage("report"):
         report(out, a)
     if "ssl-pilot" in stages:  # not part of "all": it pilots a backbone other than the grid's
