@@ -363,9 +363,9 @@ def test_claims_from_hand_set_results():
     assert rows["Mu"]["verdict"] == "unclear" and rows["Mu"]["loses"] == ["ks: ft 95.0% vs 93.0%"]
     assert rows["Mu"]["evidence"].startswith("ks accuracy 93.0% (ft 95.0%), lid accuracy 80.0% (ft 80.5%) (test, mean "
                                              "of 2 seeds)")
+    fp32 = {"change_percent": -65.0, "shared_plus_routes_bytes": 1, "dense_models_bytes": 2}
     md = "\n".join(mini.bundle_md({**bundle, "languages": ["es"], "tasks": ["ks", "lid"], "bundle_bytes": 1,
-                                   "separate_finetuned_bytes": 2, "arithmetic": {"fp32": {
-                                       "change_percent": -65.0, "shared_plus_routes_bytes": 1, "dense_models_bytes": 2}},
+                                   "separate_finetuned_bytes": 2, "arithmetic": {"fp32": fp32},
                                    "served": {n: {**v, "route_bytes": 1, "finetuned_bytes": 2}
                                               for n, v in served.items()}}))
     assert "| ks | 90.0 / 95.0 | 96.0 / 95.0 | 93.0 / 95.0 |" in md and "| lid | 80.0 / 80.5 | - | 80.0 / 80.5 |" in md
