@@ -326,6 +326,30 @@ def test_bundle_serves_language_and_task_routes_as_their_checkpoints(mini_out, t
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Application 3: the pruning curve's rows
+
+
+def test_curve_rows_read_each_points_test_score_from_its_cell(mini_out, tmp_path):
+    """The dense ft cell, a PARP cell and an IMP cell (whose checkpoint lies in its last round's folder, its test
+    score in the cell's): each row carries its own cell's test PER; every point is the same checkpoint here, an
+    S3-Router route keeping 90% of each attention and FFN matrix, so every sparsity is ~10% (top-k rounding)."""
+    out = tmp_path / "out"
+    routed = mini_out[0] / mini_out[1]["checkpoint"]
+    for name, ckpt, per in (("ft-s1", "checkpoint_best.pt", 0.30), ("parp-0.5-s1", "checkpoint_best.pt", 0.25),
+                            ("imp-0.5-s1", "round3/checkpoint_best.pt", 0.20)):
+        cell = out / "cells" / "fr" / name
+        (cell / ckpt).parent.mkdir(parents=True)
+        shutil.copyfile(routed, cell / ckpt)
+        (cell / "test.json").write_text(json.dumps({"per": per}))
+        (cell / "result.json").write_text(json.dumps({"per": per, "checkpoint": f"cells/fr/{name}/{ckpt}"}))
+    curve = mini.curve_rows(out, "fr", 1, [0.5])
+    assert [(r["kind"], r["prune_rate"], r["per"]) for r in curve["rows"]] == [
+        ("dense", 1.0, 0.30), ("parp", 0.5, 0.25), ("imp", 0.5, 0.20)]
+    assert all(r["sparsity"] == pytest.approx(0.1, abs=0.002) for r in curve["rows"])
+    assert curve["rows"][2]["checkpoint"] == "cells/fr/imp-0.5-s1/round3/checkpoint_best.pt"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The claims table
 
 

@@ -849,7 +849,7 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
     dense_count = routed_weight_counts(points[0][2])[1]
     rows = []
     for kind, rate, ckpt in points:
-        cell = ckpt.parent
+        cell = ckpt.parent if kind == "dense" else out / "cells" / lang / f"{kind}-{rate}-s{seed}"  # IMP's: a round's
         test = cell / ("compact_test.json" if kind == "prune-nh" else "test.json")
         kept, _ = routed_weight_counts(ckpt)
         r = ratios.get(str(ckpt))
