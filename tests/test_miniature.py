@@ -336,7 +336,9 @@ def test_curve_rows_read_each_points_test_score_from_its_cell(mini_out, tmp_path
     out = tmp_path / "out"
     routed = mini_out[0] / mini_out[1]["checkpoint"]
     for name, ckpt, per in (("ft-s1", "checkpoint_best.pt", 0.30), ("parp-0.5-s1", "checkpoint_best.pt", 0.25),
-                            ("imp-0.5-s1", "round3/checkpoint_best.pt", 0.20)):
+                            ("imp-0.5-s1", "round3/checkpoint_best.pt", 0.20), ("ft-more-s1", "checkpoint_best.pt",
+                                                                                0.28),
+                            ("imp1-0.5-s1", "round1/checkpoint_best.pt", 0.22)):
         cell = out / "cells" / "fr" / name
         (cell / ckpt).parent.mkdir(parents=True)
         shutil.copyfile(routed, cell / ckpt)
@@ -347,6 +349,8 @@ def test_curve_rows_read_each_points_test_score_from_its_cell(mini_out, tmp_path
         ("dense", 1.0, 0.30), ("parp", 0.5, 0.25), ("imp", 0.5, 0.20)]
     assert all(r["sparsity"] == pytest.approx(0.1, abs=0.002) for r in curve["rows"])
     assert curve["rows"][2]["checkpoint"] == "cells/fr/imp-0.5-s1/round3/checkpoint_best.pt"
+    assert [(c["kind"], c["prune_rate"], c["per"]) for c in curve["controls"]] == [  # imp1 at max and min rate: once
+        ("ft-more", 1.0, 0.28), ("imp1", 0.5, 0.22)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,7 +372,9 @@ def test_claims_from_hand_set_results():
     row = lambda kind, rate, per: {"kind": kind, "prune_rate": rate, "per": per, "granularity": "weight"}  # noqa: E731
     curve = {"lang": "es", "rows": [row("dense", 1.0, 0.05), row("prune", 0.7, 0.05), row("omp", 0.7, 0.055),
                                     row("parp", 0.7, 0.045), row("prune", 0.3, 0.06), row("omp", 0.3, 0.20),
-                                    row("imp", 0.3, 0.03)]}
+                                    row("imp", 0.3, 0.03)],
+             "controls": [{"method": "finetuned + 200 updates (dense)", "kind": "ft-more", "prune_rate": 1.0,
+                           "per": 0.04}, {"method": "IMP, 1 round", "kind": "imp1", "prune_rate": 0.3, "per": 0.07}]}
     good = fake_similarity({"A|B": 1.0, "A|C": 2.0, "B|C": 3.0}, {"A|B": 1.0, "A|C": 2.0, "B|C": 3.0}, lr="3e-3",
                            control={"same_language_two_seeds": 0.2, "two_languages_same_seed": 0.1})
     rows = {r["claim"][:2]: r for r in mini.claim_rows(mean, bundle, curve, [good])}
@@ -380,6 +386,8 @@ def test_claims_from_hand_set_results():
     assert rows["2."]["verdict"] == "holds" and "-60.0% bytes" in rows["2."]["evidence"]
     # 3: at 0.7 PARP is 0.5 points ahead (comparable), at 0.3 IMP 3 points ahead: 1 of 4 comparisons lost
     assert rows["3."]["verdict"] == "unclear" and rows["3."]["loses"] == ["IMP at 70% sparsity by 3.0 points"]
+    assert rows["3."]["evidence"].endswith("; control, finetuned + 200 updates (dense): 4.0; control, IMP, 1 round at "
+                                           "70%: 7.0")
     # 4: one route set, r = 1 but with 3 languages p = 1/6: not significant
     assert rows["4."]["verdict"] == "does not hold" and "p 0.167" in rows["4."]["evidence"]
     # multitask: ks 2 points behind ft over seeds 1-2 (93 vs 95; ft's seed 3 has no route to pair), lid (the bundle's

@@ -6,8 +6,8 @@
     python -m tools.miniature --stage lr,grid --backbone s3r/assets/miniature/backbone-ssl.pt
                                               # each family's lr chosen on fr/tt dev, then the grid at those lrs
     python -m tools.miniature --stage ssl-pilot --init CKPT --pilot-tag NAME  # a backbone's pilot (es, ru; 3 methods)
-    python -m tools.miniature --stage curve --langs es --curve-kinds omp prune parp imp --curve-rates 0.3
-                                              # the pruning curve with PARP and IMP beside OMP and S3-Router pruning
+    python -m tools.miniature --stage curve --curve-kinds omp prune parp imp --curve-rates 0.3
+                                              # part of the pruning curve (default: every kind, six rates)
 
 Every stage is resumable: the corpus is written one language at a time (a finished language has a DONE file),
 each experiment cell caches its result as JSON under runs/miniature/cells/, and a stage skips what is cached.
@@ -612,13 +612,18 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
 # route keeps the `rate` fraction of every layer's FFN neurons and of its attention heads, and is cut out of the model
 # (s3r/compact.py), so it runs faster; an unstructured one keeps every matrix's shape (folded: zeros no kernel skips).
 # PARP and IMP (s3r/prune.py) retrain the weights at ft's lr: PARP in one run from the backbone (its first mask is the
-# backbone's magnitudes), IMP in IMP_ROUNDS rounds after the ft cell, each the recipe's 200 updates; on request only.
+# backbone's magnitudes), IMP in IMP_ROUNDS rounds after the ft cell, each the recipe's 200 updates.
 CURVE_KINDS = [("omp", "OMP", "weight", False), ("prune", "S3-Router pruning", "weight", True),
                ("omp-nh", "OMP, neuron+head", "neuron+head", False),
                ("prune-nh", "S3-Router pruning, neuron+head", "neuron+head", True),
                ("parp", "PARP", "weight", True), ("imp", "IMP", "weight", True)]
-DEFAULT_CURVE_KINDS = ["omp", "prune", "omp-nh", "prune-nh"]
+DEFAULT_CURVE_KINDS = [k for k, *_ in CURVE_KINDS] + ["controls"]
 IMP_ROUNDS = 3
+# The methods train for different numbers of updates after the ft cell's 200: OMP none, S3-Router pruning 200, IMP
+# IMP_ROUNDS x 200 (PARP: 200 from the backbone, no ft cell). Two controls at equal updates ("controls" kind): the ft
+# model finetuned 200 more updates, dense (as S3-Router pruning: 200 more, here on the weights), and IMP in one round
+# (200 updates after ft) at the highest and lowest kept fraction. Not timed: they add no shape the curve lacks.
+CONTROL_LABELS = {"ft-more": "finetuned + 200 updates (dense)", "imp1": "IMP, 1 round"}
 SPEED_ROUNDS = 15
 
 
@@ -672,26 +677,29 @@ def prune_cell(out: Path, lang: str, seed: int, rate: float, kind: str, ft_ckpt:
     evaluate(pruned, f"{lang}-test", out, cell / "test.json", threads)
 
 
-def imp_cell(out: Path, lang: str, seed: int, rate: float, ft_ckpt: Path, threads: int) -> dict:
+def imp_cell(out: Path, lang: str, seed: int, rate: float, ft_ckpt: Path, threads: int,
+             rounds: int = IMP_ROUNDS) -> dict:
     """IMP at one kept fraction: `python -m s3r.prune imp` rewinding to the backbone, the ft cell as round 0, then
-    IMP_ROUNDS rounds of the recipe at ft's lr (resumable); the last round's best checkpoint is evaluated."""
-    cell = out / "cells" / lang / f"imp-{rate}-s{seed}"
+    `rounds` rounds of the recipe at ft's lr (resumable); the last round's best checkpoint is evaluated. Cell
+    imp-<rate>, or imp<rounds>-<rate> for another number of rounds."""
+    kind = "imp" if rounds == IMP_ROUNDS else f"imp{rounds}"
+    cell = out / "cells" / lang / f"{kind}-{rate}-s{seed}"
     args = ["--data", f"{lang}-train", "--data-root", corpus_root(out), "--valid", f"{lang}-dev", "--seed", seed,
             *RECIPE, "--lr", FT_LR]
     result = cell_result(out, lang, cell.name)
-    if result and (result.get("recipe"), result.get("finetuned"), result.get("threads")) == (
-            list(map(str, args)), file_sha256(ft_ckpt), threads):
+    if result and (result.get("recipe"), result.get("finetuned"), result.get("threads"), result.get("rounds")) == (
+            list(map(str, args)), file_sha256(ft_ckpt), threads, rounds):
         return result
     t0 = time.time()
-    cpu = run_logged(python_cmd("-m", "s3r.prune", "imp", BACKBONE, cell, "--prune-rate", rate, "--rounds", IMP_ROUNDS,
+    cpu = run_logged(python_cmd("-m", "s3r.prune", "imp", BACKBONE, cell, "--prune-rate", rate, "--rounds", rounds,
                                 "--finetuned", ft_ckpt, "--", *args), cell / "imp.log", threads)
-    last = cell / f"round{IMP_ROUNDS}"
+    last = cell / f"round{rounds}"
     ckpt = last / "checkpoint_best.pt" if (last / "checkpoint_best.pt").exists() else last / "checkpoint_pruned.pt"
     test = evaluate(ckpt, f"{lang}-test", out, cell / "test.json", threads)
-    result = {"lang": lang, "method": f"imp-{rate}", "seed": seed, "per": test["per"],
+    result = {"lang": lang, "method": f"{kind}-{rate}", "seed": seed, "per": test["per"],
               "test_utterances": test["utterances"], "checkpoint": str(ckpt.relative_to(out)),
               "train_cpu_s": round(cpu, 1), "wall_s": round(time.time() - t0, 1), "threads": threads,
-              "recipe": list(map(str, args)), "finetuned": file_sha256(ft_ckpt), "rounds": IMP_ROUNDS}
+              "recipe": list(map(str, args)), "finetuned": file_sha256(ft_ckpt), "rounds": rounds}
     (cell / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     log(f"cell {lang} {cell.name}: PER {100 * result['per']:.2f} ({result['wall_s']:.0f} s)")
     return result
@@ -712,8 +720,13 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
     ft_ckpt = out / ft["checkpoint"]
     with ThreadPoolExecutor(jobs) as pool:  # `jobs` cells side by side, as in the grid; the slow ones first
         todo = sorted((k for k in CURVE_KINDS if k[0] in kinds), key=lambda k: not k[3])
-        for f in [pool.submit(prune_cell, out, lang, seed, rate, k[0], ft_ckpt, threads) for k in todo
-                  for rate in rates]:
+        futures = [pool.submit(prune_cell, out, lang, seed, rate, k[0], ft_ckpt, threads) for k in todo
+                   for rate in rates]
+        if "controls" in kinds:
+            futures.append(pool.submit(train_cell, out, lang, "ft-more", seed, METHODS["ft"], threads, init=ft_ckpt))
+            futures += [pool.submit(imp_cell, out, lang, seed, rate, ft_ckpt, threads, rounds=1)
+                        for rate in dict.fromkeys((max(rates), min(rates)))]
+        for f in futures:
             f.result()
     measure_speed(out, lang, seed, rates, speed_rounds)  # last, alone: timing
     return curve_rows(out, lang, seed, rates)
@@ -861,7 +874,14 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
         if kind == "prune-nh":  # the routed model's PER too: compact() must not change it (logits within 1e-5)
             rows[-1]["per_routed"] = cell_result(out, lang, cell.name)["per"]
     control = ratios.get(str(out / "cells" / lang / f"speed-control-s{seed}.pt"))
-    return {"lang": lang, "seed": seed, "rows": rows, "speed_control": control,
+    controls = []  # the equal-updates controls, where run
+    for kind, rate in [("ft-more", 1.0)] + [("imp1", r) for r in dict.fromkeys((max(rates), min(rates)))]:
+        name = f"ft-more-s{seed}" if kind == "ft-more" else f"{kind}-{rate}-s{seed}"
+        if c := cell_result(out, lang, name):
+            kept, _ = routed_weight_counts(out / c["checkpoint"])
+            controls.append({"method": CONTROL_LABELS[kind], "kind": kind, "prune_rate": rate, "per": c["per"],
+                             "sparsity": round(1 - kept / dense_count, 4), "checkpoint": c["checkpoint"]})
+    return {"lang": lang, "seed": seed, "rows": rows, "speed_control": control, "controls": controls,
             "speed": {k: v for k, v in json.loads(speed_path.read_text()).items() if k not in ("ratios", "checkpoints")}
             if speed_path.exists() else None}
 
@@ -1162,7 +1182,10 @@ def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[d
             f"{k.upper()} at {100 * (1 - rate):.0f}% sparsity by {-100 * d:.1f} points" for rate, k, d in lost],
             "evidence": f"{curve['lang']}, {len(rates)} sparsities: S3-Router pruning better or within "
                         f"{100 * COMPARABLE:.0f} point in {len(compared) - len(lost)} of {len(compared)} comparisons "
-                        f"with {', '.join(names)}; PER " + ", ".join(f"{100 * (1 - r):.0f}%: {at(r)}" for r in rates)})
+                        f"with {', '.join(names)}; PER " + ", ".join(f"{100 * (1 - r):.0f}%: {at(r)}" for r in rates)
+                        + "".join(f"; control, {c['method']}" + (f" at {100 * (1 - c['prune_rate']):.0f}%"
+                                                                 if c["kind"] != "ft-more" else "")
+                                  + f": {pct(c['per'])}" for c in curve.get("controls", []))})
     else:
         rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
     # 4. analysis: mask similarity follows phonetic similarity
@@ -1341,7 +1364,13 @@ def report(out: Path, a):
                "|---|---|---|"]
         md += [f"| {r['method']} | {100 * r['sparsity']:.0f}% | {100 * r['per']:.1f} |" for r in curve["rows"]
                if r["granularity"] == "weight"]
-        md += ["", "![pruning curve](miniature_pruning.png)", "",
+        md += [f"| control: {r['method']} | {100 * r['sparsity']:.0f}% | {100 * r['per']:.1f} |"
+               for r in curve.get("controls", [])]
+        md += ["", f"Updates after the finetuned model's 200: OMP none, S3-Router pruning 200 (scores and head), IMP "
+               f"{IMP_ROUNDS} x 200 (weights, rewound to the backbone each round); PARP runs 200 from the backbone "
+               "(no ft model). The controls give ft and IMP S3-Router pruning's 200: the ft model finetuned 200 more "
+               "updates, dense, and IMP in one round.", "",
+               "![pruning curve](miniature_pruning.png)", "",
                "Structured (neuron+head) pruning, PER against measured speedup: miniature_structured.md.", ""]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for m in ("OMP", "IMP", "PARP", "S3-Router pruning"):
@@ -1395,11 +1424,14 @@ def structured_report(out: Path, curve: dict, command: str) -> None:
           "OMP: one-shot magnitude pruning, no retraining (per weight by |W|; per neuron/head by the group's mean "
           "|W|, i.e. its L1 norm). S3-Router pruning: scores initialised to those magnitudes "
           "(weight_magnitude_with_scale, so its first mask is OMP's), attention included, then scores and head "
-          "trained for the recipe's 200 updates, the weights frozen. Neuron+head models are cut into a smaller "
-          "dense model (s3r/compact.py) and evaluated as such; unstructured ones are folded into dense matrices "
-          "with zeros. Sparsity is measured on the deployed model: the fraction of attention and FFN weight "
-          "entries that are gone or zero (the backbone has 4 heads per layer, so a head rate of 0.5 and 0.3 both "
-          "keep 2).", "",
+          "trained for the recipe's 200 updates, the weights frozen. PARP (s3r/prune.py): the weights finetuned "
+          "200 updates from the backbone under a magnitude mask recomputed every 50, pruned weights free to come "
+          f"back. IMP: {IMP_ROUNDS} rounds after the ft model, each pruning the last round's smallest |W| (the kept "
+          "fraction falling geometrically to the rate), rewinding the survivors to the backbone's values and "
+          "finetuning 200 updates under the mask. Neuron+head models are cut into a smaller dense model "
+          "(s3r/compact.py) and evaluated as such; unstructured ones are folded into dense matrices with zeros. "
+          "Sparsity is measured on the deployed model: the fraction of attention and FFN weight entries that are "
+          "gone or zero (the backbone has 4 heads per layer, so a head rate of 0.5 and 0.3 both keep 2).", "",
           "| method | rate | sparsity | params (M) | PER (%) | speedup, end to end | speedup, transformer layers |",
           "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -1501,9 +1533,9 @@ def main(argv=None):
     p.add_argument("--init", default=str(SSL_BACKBONE), help="ssl-pilot: the backbone to pilot")
     p.add_argument("--pilot-tag", default="ssl", help="ssl-pilot: its name in the table and in the cell names")
     p.add_argument("--speed-rounds", type=int, default=SPEED_ROUNDS, help="interleaved timing rounds of the curve")
-    p.add_argument("--curve-kinds", nargs="*", default=DEFAULT_CURVE_KINDS, choices=[k for k, *_ in CURVE_KINDS],
-                   help="pruning methods of the curve (default: %(default)s; parp and imp retrain the weights, imp "
-                   f"in {IMP_ROUNDS} rounds)")
+    p.add_argument("--curve-kinds", nargs="*", default=DEFAULT_CURVE_KINDS, choices=DEFAULT_CURVE_KINDS,
+                   help="pruning methods of the curve (default: all: %(default)s; parp and imp retrain the weights, "
+                   f"imp in {IMP_ROUNDS} rounds; controls: ft and IMP at S3-Router pruning's number of updates)")
     a = p.parse_args(argv)
     out = Path(a.out)
     command = " ".join(["python -m tools.miniature", *(sys.argv[1:] if argv is None else argv)])
