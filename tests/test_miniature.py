@@ -223,6 +223,9 @@ def test_report_counts_and_explains_collapsed_runs(collapsed_grid, results):
     assert "The longer warm-up removed the collapse in 0 of 1 runs." in md
     summary = json.loads((results / "miniature.json").read_text())
     assert [(r["method"], r["seed"]) for r in summary["collapsed"]] == [("ft", 1), ("head", 1)]
+    assert "Status: 4 of 4 application-1 cells finished" in md
+    mini.report(collapsed_grid, argparse.Namespace(**{**vars(a), "methods": ["ft"], "seeds": [1]}))
+    assert "Status: 1 of 1 application-1 cells finished" in (results / "miniature.md").read_text()  # ft seed 1 only
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1304,7 +1304,8 @@ def report(out: Path, a):
           f"Cost on the 2-core development machine: corpus {corpus_s / 60:.0f} min wall"
           + (f", backbone {bb.get('train_cpu_minutes')} min of training steps" if bb else "")
           + f", {cpu_min:.0f} CPU minutes of finetuning and evaluation cells (two side by side, one thread each).", "",
-          f"Status: {len(grid)} of {len(a.langs) * len(a.methods) * len(a.seeds)} application-1 cells finished "
+          f"Status: {sum(c['method'] in a.methods and c['seed'] in a.seeds for c in grid)} of "
+          f"{len(a.langs) * len(a.methods) * len(a.seeds)} application-1 cells finished "
           f"({', '.join(a.langs)} x {', '.join(a.methods)} x seeds {', '.join(map(str, a.seeds))}); rerunning the "
           "command continues where it stopped.", "",
           "Speech: espeak-ng reading Debian-packaged text (tools/text_sources.py), CommonVoice layout, ~5 minutes of "
