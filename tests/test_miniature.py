@@ -405,6 +405,26 @@ def test_claims_from_hand_set_results():
                                               for n, v in served.items()}}))
     assert "| ks | 90.0 / 95.0 | 96.0 / 95.0 | 93.0 / 95.0 |" in md and "| lid | 80.0 / 80.5 | - | 80.0 / 80.5 |" in md
     assert [r["verdict"] for r in mini.claim_rows({}, None, None, [])] == ["not run"] * 5
+    # twice the updates: ft overtakes s3r-0.9 on es (5 < 7), a loss; 1 stays unclear
+    budget = {"es": {"ft": {200: 0.20, 400: 0.05}, "s3r-0.9": {200: 0.12, 400: 0.07}}}
+    one = mini.claim_rows(mean, bundle, curve, [good], budget)[0]
+    assert one["verdict"] == "unclear" and one["loses"][-1] == "es at 400 updates: ft 5.0 vs s3r-0.9 7.0"
+    assert one["evidence"].endswith("; es seed 1, 200 -> 400 updates: ft 20.0 -> 5.0, s3r-0.9 12.0 -> 7.0")
+
+
+def test_the_budget_stage_doubles_the_updates_of_the_grid_cells(tmp_path, monkeypatch, results):
+    calls = []
+    monkeypatch.setattr(mini, "train_cell", lambda out, lang, m, seed, args, threads, tag="": calls.append(
+        (lang, m, seed, tag, args)))
+    mini.run_budget(tmp_path, jobs=2, langs=["es"], methods=["ft", "s3r-0.9"])
+    assert sorted(calls) == [("es", "ft", 1, "-u400", ["--finetune-weights", "--lr", "3e-3", "--max-updates", "400"]),
+                             ("es", "s3r-0.9", 1, "-u400", ["--prune-rate", "0.9", "--no-fix-attn", "--lr", "1e-2",
+                                                            "--max-updates", "400"])]
+    write_cell(tmp_path, "es", "ft-s1", 0.30)
+    write_cell(tmp_path, "es", "ft-u400-s1", 0.20)
+    write_cell(tmp_path, "es", "s3r-0.9-u400-s1", 0.25)  # no 200-update cell: not a row
+    assert mini.budget_rows(tmp_path, ["es"], ["ft", "s3r-0.9"]) == {"es": {"ft": {200: 0.30, 400: 0.20}}}
+    assert "| es | 30.0 -> 20.0 |" in "\n".join(mini.budget_md(mini.budget_rows(tmp_path, ["es"], ["ft"])))
 
 
 def test_report_writes_the_claims_table_into_the_readme(collapsed_grid, results):

@@ -1,7 +1,7 @@
 """The miniature: S3-Router's four claims measured at CPU scale on synthetic multilingual speech.
 
-    python -m tools.miniature                 # all: corpus, backbone, lr, grid, collapse, bundle, curve, similarity,
-                                              # report
+    python -m tools.miniature                 # all: corpus, backbone, lr, grid, collapse, budget, bundle, curve,
+                                              # similarity, report
     python -m tools.miniature --stage corpus  # one stage (any of those; comma-separated: several)
     python -m tools.miniature --stage lr,grid --backbone s3r/assets/miniature/backbone-ssl.pt
                                               # each family's lr chosen on fr/tt dev, then the grid at those lrs
@@ -344,6 +344,53 @@ def run_grid(out: Path, langs: list[str], methods: list[str], seeds: list[int], 
                 f.result()
             except RuntimeError as e:
                 log(f"error: {e}")
+
+
+# Application 1 at twice the updates, seed 1 of two languages: whether the grid's order holds past 200 updates, where
+# no method has converged (the pruning curve's control: es's ft model gains 14 points from 200 more dense updates).
+BUDGET_LANGS = ["es", "ru"]
+BUDGET_METHODS = ["head", "ft", "s3r-0.9"]
+BUDGET_UPDATES = 400
+
+
+def run_budget(out: Path, jobs: int, langs=tuple(BUDGET_LANGS), methods=tuple(BUDGET_METHODS)) -> dict:
+    """Cells <method>-u400-s1: the method's grid arguments with --max-updates 400 (the schedule's phases scale
+    with it); returns {lang: {method: {updates: test PER}}} beside the grid's seed-1 cells at 200."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, 2 // jobs)
+    tag = f"-u{BUDGET_UPDATES}"
+    with ThreadPoolExecutor(jobs) as pool:
+        for f in [pool.submit(train_cell, out, lg, m, SEEDS[0], [*METHODS[m], "--max-updates", str(BUDGET_UPDATES)],
+                              threads, tag=tag) for lg in langs for m in methods]:
+            f.result()
+    return budget_rows(out, langs, methods)
+
+
+def budget_rows(out: Path, langs=tuple(BUDGET_LANGS), methods=tuple(BUDGET_METHODS)) -> dict:
+    rows = {}
+    for lg in langs:
+        for m in methods:
+            at = {n: c["per"] for n, name in ((200, f"{m}-s{SEEDS[0]}"), (BUDGET_UPDATES, f"{m}-u{BUDGET_UPDATES}"
+                                                                                         f"-s{SEEDS[0]}"))
+                  if (c := cell_result(out, lg, name))}
+            if len(at) == 2:
+                rows.setdefault(lg, {})[m] = at
+    return rows
+
+
+def budget_md(rows: dict) -> list[str]:
+    if not rows:
+        return []
+    methods = [m for m in BUDGET_METHODS if any(m in r for r in rows.values())]
+    md = [f"### Application 1 at {BUDGET_UPDATES} updates", "",
+          f"Seed {SEEDS[0]}, test PER (%) after the recipe's 200 updates and after {BUDGET_UPDATES} (the same "
+          "arguments, `--max-updates` doubled; the tri-stage schedule stretches with it).", "",
+          "| language | " + " | ".join(f"{m}: 200 -> {BUDGET_UPDATES}" for m in methods) + " |",
+          "|---|" + "---|" * len(methods)]
+    for lg, r in rows.items():
+        md.append(f"| {lg} | " + " | ".join(f"{100 * r[m][200]:.1f} -> {100 * r[m][BUDGET_UPDATES]:.1f}"
+                                           if m in r else "-" for m in methods) + " |")
+    return md + [""]
 
 
 # ------------------------------------------------------------------------------------------------ learning rates
@@ -1123,9 +1170,11 @@ CLAIMS_START, CLAIMS_END = "<!-- miniature claims: start -->", "<!-- miniature c
 COMPARABLE = 0.01  # PER (or accuracy) within 1 point counts as comparable (pruning, multitask)
 
 
-def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[dict]) -> list[dict]:
+def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[dict],
+               budget: dict | None = None) -> list[dict]:
     """The paper's four claims plus multitask, each with a verdict (holds / does not hold / unclear / not run), the
-    numbers behind it and where S3-Router loses; `mean`: application 1's PER per language and method (seed mean)."""
+    numbers behind it and where S3-Router loses; `mean`: application 1's PER per language and method (seed mean);
+    `budget`: budget_rows (a language where ft beats s3r-0.9 at twice the updates keeps claim 1 from holding)."""
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731  every number below
     rows = []
     # 1. finetuning: S3-Router keeping 90% (upstream's command routes FFN only: s3r-0.9-fa) vs weight finetuning
@@ -1141,12 +1190,20 @@ def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[d
                  if lg not in wins["s3r-0.9-fa"]]
         loses += [f"{lg}: head only {pct(mean[lg]['head'])} vs {pct(mean[lg]['s3r-0.9-fa'])}" for lg in head
                   if mean[lg]["head"] < mean[lg]["s3r-0.9-fa"]]
+        longer = {lg: r for lg, r in (budget or {}).items() if {"ft", "s3r-0.9"} <= set(r)}
+        u = BUDGET_UPDATES
+        flipped = [lg for lg, r in longer.items() if r["ft"][u] < r["s3r-0.9"][u]]
+        loses += [f"{lg} at {u} updates: ft {pct(longer[lg]['ft'][u])} vs s3r-0.9 {pct(longer[lg]['s3r-0.9'][u])}"
+                  for lg in flipped]
+        verdict = "unclear" if verdict == "holds" and flipped else verdict
         rows.append({"claim": claim, "verdict": verdict, "loses": loses, "evidence": (
             f"mean PER over {len(both)} languages: s3r-0.9-fa {pct(avg['s3r-0.9-fa'])}, s3r-0.9 "
             f"{pct(avg['s3r-0.9'])}, ft {pct(avg['ft'])}"
             + (f", head only {pct(sum(mean[lg]['head'] for lg in head) / len(head))}" if head else "")
             + f"; s3r-0.9-fa beats ft in {len(wins['s3r-0.9-fa'])} of {len(both)} languages, s3r-0.9 in "
-            f"{len(wins['s3r-0.9'])}")})
+            f"{len(wins['s3r-0.9'])}"
+            + "".join(f"; {lg} seed {SEEDS[0]}, 200 -> {u} updates: ft {pct(r['ft'][200])} -> {pct(r['ft'][u])}, "
+                      f"s3r-0.9 {pct(r['s3r-0.9'][200])} -> {pct(r['s3r-0.9'][u])}" for lg, r in longer.items()))})
     else:
         rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
     # 2. multilingual: one bundle instead of a model per language, each route serving as its checkpoint
@@ -1282,13 +1339,13 @@ def report(out: Path, a):
     bundle = json.loads((out / "bundle.json").read_text()) if (out / "bundle.json").exists() else None
     curve = curve_rows(out, rates=a.curve_rates)
     sims = [json.loads(p.read_text()) for m in SIMILARITY_METHODS if (p := out / f"similarity-{m}.json").exists()]
-    claims = claim_rows(mean, bundle, curve, sims)
+    claims = claim_rows(mean, bundle, curve, sims, budget_rows(out))
     summary = {"command": f"python -m tools.miniature{backbone_arg}", "commit": commit, "cells": cells,
                "per_mean": mean, "claims": claims, "collapsed": collapses, "backbone_sha256": backbones, "lrs": LRS,
                "lr_selection": lr_choice and {k: lr_choice[k] for k in ("langs", "mean_dev_per", "selected")},
                "seeds": {lg: {m: len(v) for m, v in table[lg].items()} for lg in langs},
                "cell_cpu_minutes": round(cpu_min, 1), "backbone": {k: v for k, v in bb.items() if k != "vocab"},
-               "bundle": bundle, "curve": curve,
+               "bundle": bundle, "curve": curve, "budget": budget_rows(out),
                "similarity": [{k: v for k, v in sim.items() if k in ("method", "lr", "names", "reference",
                                                                   "seed_control", "permutation")}
                               | {"pairs": [{"a": p["a"], "b": p["b"], **p["overall"]} for p in sim["pairs"]]}
@@ -1346,7 +1403,7 @@ def report(out: Path, a):
                f"its last validation blank-only: every hypothesis empty or {100 * BLANK_ONLY:.0f}% of the frames "
                "blank).", "",
                "![PER per language](miniature_per.png)", ""]
-        md += collapse_md(collapses)
+        md += collapse_md(collapses) + budget_md(budget_rows(out))
         fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(langs) * len(methods)), 4))
         w = 0.8 / len(methods)
         for k, m in enumerate(methods):
@@ -1511,7 +1568,7 @@ def main(argv=None):
     global BACKBONE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="all", help="all, or one or more (comma-separated) of corpus, demo, backbone, "
-                   "lr, grid, collapse, bundle, curve, similarity, report; or ssl-pilot (see --init)")
+                   "lr, grid, collapse, budget, bundle, curve, similarity, report; or ssl-pilot (see --init)")
     p.add_argument("--backbone", default=str(DEFAULT_BACKBONE.relative_to(ROOT)), help="the checkpoint every cell "
                    "starts from (default: %(default)s: the self-supervised backbone when committed, else the "
                    "supervised stand-in)")
@@ -1566,6 +1623,8 @@ def main(argv=None):
         run_grid(out, a.langs, a.methods, a.seeds, a.jobs)
     if stage("collapse"):
         run_collapse(out, a.langs, a.methods, a.seeds, a.jobs)
+    if stage("budget"):
+        run_budget(out, a.jobs)
     if stage("bundle"):
         run_bundle(out, a.langs, jobs=a.jobs, seeds=a.seeds)
     if stage("curve") and CURVE_LANG in a.langs:
