@@ -387,8 +387,14 @@ def test_claims_from_hand_set_results():
     assert rows["1."]["loses"] == ["nl: ft 15.0 vs 16.0", "nl: head only 12.0 vs 16.0"]
     assert "s3r-0.9-fa 12.0, s3r-0.9 15.0, ft 17.5, head only 11.0" in rows["1."]["evidence"]
     assert rows["2."]["verdict"] == "holds" and "-60.0% bytes" in rows["2."]["evidence"]
-    # 3: at 0.7 PARP is 0.5 points ahead (comparable), at 0.3 IMP 3 points ahead: 1 of 4 comparisons lost
-    assert rows["3."]["verdict"] == "unclear" and rows["3."]["loses"] == ["IMP at 70% sparsity by 3.0 points"]
+    # 3: at 0.7 PARP is 0.5 points ahead (comparable), at 0.3 IMP 3 points ahead: 1 of 4 comparisons lost, but the
+    # only one with IMP, so IMP is better at most of its sparsities
+    assert rows["3."]["verdict"] == "does not hold" and rows["3."]["loses"] == ["IMP at 70% sparsity by 3.0 points"]
+    assert rows["3."]["evidence"].startswith("IMP better at most sparsities; es, 2 sparsities:")
+    curve_omp = {**curve, "rows": [r for r in curve["rows"] if r["kind"] != "imp"] + [row("omp", 0.2, 0.10),
+                                                                                       row("prune", 0.2, 0.25)]}
+    three = mini.claim_rows(mean, bundle, curve_omp, [good])[2]  # behind OMP at 1 of its 3 sparsities: unclear
+    assert three["verdict"] == "unclear" and three["loses"] == ["OMP at 80% sparsity by 15.0 points"]
     assert rows["3."]["evidence"].endswith("; control, finetuned + 200 updates (dense): 4.0; control, IMP, 1 round at "
                                            "70%: 7.0")
     # 4: one route set, r = 1 but with 3 languages p = 1/6: not significant
