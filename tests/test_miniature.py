@@ -411,10 +411,14 @@ def test_claims_from_hand_set_results():
                                               for n, v in served.items()}}))
     assert "| ks | 90.0 / 95.0 | 96.0 / 95.0 | 93.0 / 95.0 |" in md and "| lid | 80.0 / 80.5 | - | 80.0 / 80.5 |" in md
     assert [r["verdict"] for r in mini.claim_rows({}, None, None, [])] == ["not run"] * 5
-    # twice the updates: ft overtakes s3r-0.9 on es (5 < 7), a loss; 1 stays unclear
+    # twice the updates: ft overtakes s3r-0.9 on es (5 < 7), the one budget language: 1 does not hold
     budget = {"es": {"ft": {200: 0.20, 400: 0.05}, "s3r-0.9": {200: 0.12, 400: 0.07}}}
     one = mini.claim_rows(mean, bundle, curve, [good], budget)[0]
-    assert one["verdict"] == "unclear" and one["loses"][-1] == "es at 400 updates: ft 5.0 vs s3r-0.9 7.0"
+    assert one["verdict"] == "does not hold" and one["loses"][-1] == "es at 400 updates: ft 5.0 vs s3r-0.9 7.0"
+    fine = {"es": {"ft": {200: 0.20, 400: 0.10}, "s3r-0.9": {200: 0.08, 400: 0.05}}}
+    all_win = {lg: {"head": 0.3, "ft": 0.20, "s3r-0.9": 0.10, "s3r-0.9-fa": 0.10} for lg in ("es", "nl")}
+    assert mini.claim_rows(all_win, None, None, [], fine)[0]["verdict"] == "holds"
+    assert mini.claim_rows(all_win, None, None, [], {**fine, **{"nl": budget["es"]}})[0]["verdict"] == "unclear"
     assert one["evidence"].endswith("; es seed 1, 200 -> 400 updates: ft 20.0 -> 5.0, s3r-0.9 12.0 -> 7.0")
 
 
