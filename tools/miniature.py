@@ -16,7 +16,8 @@ Run it again after an interruption and it continues. CPU only; the budget is ~3 
 Data: espeak-ng speech (tools/synth_corpus.py) of Debian-packaged text (tools/text_sources.py), in the CommonVoice
 layout (48 kHz mp3 + TSV) with the espeak-ng phoneme transcripts as targets, scored by phone error rate (PER).
 Pretraining languages (tools/text_sources.PRETRAIN) train the backbone; the held-out languages are upstream's ten
-CommonVoice languages (tools/text_sources.HELD_OUT), never seen by the backbone.
+CommonVoice languages (tools/text_sources.HELD_OUT), whose dev and test clips the backbone never hears (the
+self-supervised one pretrains on the audio of their train clips, as an SSL model may on unlabelled target speech).
 """
 import argparse
 import contextlib
@@ -1063,7 +1064,8 @@ def backbone_text(backbones: list[str], bb: dict, supervised: str | None) -> str
         return f"sha256 {backbones[0][:12]}, not --backbone `{path}`: rerun the grid on it."
     ssl = SSL_BACKBONE.exists() and backbones == [file_sha256(SSL_BACKBONE)]
     return (f"`{path}` (sha256 {backbones[0][:12]})" + (f", self-supervised on {', '.join(text_sources.PRETRAIN)} "
-            "(tools/pretrain_backbone.py; bench/results/backbone.md)." if ssl else "."))
+            "and, as unlabelled audio, the held-out languages' train clips (tools/pretrain_backbone.py; "
+            "bench/results/backbone.md)." if ssl else "."))
 
 
 def similarity_md(sims: list[dict]) -> list[str]:
@@ -1375,7 +1377,7 @@ def report(out: Path, a):
           "training speech per held-out language; targets are the espeak-ng phone transcripts, scored by phone error "
           "rate (PER, %, greedy CTC, test split). Backbone: "
           + backbone_text(backbones, bb, supervised)
-          + " The held-out languages below were never seen by it.", "",
+          + " It never heard a held-out language's dev or test clips, nor any transcript of them.", "",
           "Caveats: every method gets the same recipe (200 updates of 10 s of audio, tri-stage schedule) with its "
           + (f"family's peak lr chosen on the dev split of {' and '.join(lr_choice['langs'])}, languages reported "
              f"nowhere else (miniature_lr.md: head {LRS['head']}, ft {LRS['ft']}, s3r {LRS['s3r']}"
