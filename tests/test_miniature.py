@@ -318,6 +318,7 @@ def test_bundle_serves_language_and_task_routes_as_their_checkpoints(mini_out, t
     assert (served["fr"]["metric"], served["fr"]["checkpoint"]) == ("per", fr["per"])
     assert (served["lid"]["metric"], served["lid"]["checkpoint"]) == ("accuracy", lid["accuracy"])
     assert lid["utterances"] == 6 and "accuracy" in json.loads((out / "bundle" / "served-lid.json").read_text())
+    assert res["majority"] == {"lid": 1 / 6}  # 6 languages, one test clip each
     assert served["fr"]["equal"] and served["lid"]["equal"], served
     assert res["bundle_bytes"] == (out / "bundle" / "all.bundle").stat().st_size
     assert res["separate_finetuned_bytes"] == sum((out / "bundle" / f"{n}.ft.pt").stat().st_size for n in ("fr", "lid"))
@@ -326,6 +327,7 @@ def test_bundle_serves_language_and_task_routes_as_their_checkpoints(mini_out, t
     assert mini.run_bundle(out, ["fr"], tasks=("lid",)) == res
     md = "\n".join(mini.bundle_md(res))
     assert "1 languages (fr) and 1 tasks (lid" in md and "2 of 2 routes score exactly" in md
+    assert "(always answering the most frequent class: lid 16.7%)" in md
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -614,9 +614,14 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
     task_seeds = {t: {m: {str(s): r["accuracy"] for s in seeds
                           if (r := cell_result(out, f"task-{t}", f"{m}-s{s}"))} for m in (method, "ft")}
                   for t in tasks if t in have}  # test accuracy per seed, as JSON keeps it
+    majority = {}  # each task's accuracy of always answering its test split's most frequent class (eval.py's counts)
+    for t in tasks:
+        if t in have and (scored := out / "cells" / f"task-{t}" / f"{method}-s{seed}" / "test.json").exists():
+            counts = [n for _, n in json.loads(scored.read_text())["per_class"].values()]
+            majority[t] = max(counts) / sum(counts)
     if old.get("key") == key and bundle.exists():
-        if old.get("task_seeds") != task_seeds:  # another seed's task cells finished
-            old["task_seeds"] = task_seeds
+        if (old.get("task_seeds"), old.get("majority")) != (task_seeds, majority):  # more task cells finished
+            old.update(task_seeds=task_seeds, majority=majority)
             (out / "bundle.json").write_text(json.dumps(old, indent=1) + "\n")
         return old
     bundle.unlink(missing_ok=True)
@@ -648,7 +653,7 @@ def run_bundle(out: Path, langs: list[str], method: str = "s3r-0.9", seed: int =
            "bundle_bytes": bundle.stat().st_size, "separate_finetuned_bytes": dense_bytes,
            "route_bytes": {n: r.stat().st_size for n, r in routes.items()}, "backbone_bytes": BACKBONE.stat().st_size,
            "file_change_percent": 100.0 * (bundle.stat().st_size / dense_bytes - 1.0), "arithmetic": arithmetic,
-           "served": served, "task_recipe": TASK_RECIPE, "task_seeds": task_seeds}
+           "served": served, "task_recipe": TASK_RECIPE, "task_seeds": task_seeds, "majority": majority}
     (out / "bundle.json").write_text(json.dumps(res, indent=1) + "\n")
     log(f"bundle: {len(have)} routes, {res['bundle_bytes']:,} B vs {dense_bytes:,} B separate "
         f"({res['file_change_percent']:+.1f}%); served = checkpoint for "
@@ -1155,9 +1160,10 @@ def bundle_md(bundle: dict) -> list[str]:
     acc = task_accuracy(bundle)
     if acc:
         seeds = sorted({s for a in acc.values() for s in a["seeds"]}, key=int)
+        floor = ", ".join(f"{t} {100 * v:.1f}%" for t, v in bundle.get("majority", {}).items())
         md += ["", f"Multitask: each task's test accuracy (%) as a {bundle['method']} route and finetuned (ft), per "
-               "seed and their mean (always answering the most frequent class: ks 37%, _unknown_ being 6 of its 16 "
-               "words; sid 12.5%; lid 16.7%).", "",
+               "seed and their mean" + (f" (always answering the most frequent class: {floor})" if floor else "")
+               + ".", "",
                "| task | " + " | ".join(f"seed {s}: route / ft" for s in seeds) + " | mean: route / ft |",
                "|---|" + "---|" * (len(seeds) + 1)]
         for name, a in acc.items():
