@@ -450,6 +450,7 @@ def test_report_writes_the_claims_table_into_the_readme(collapsed_grid, results)
     assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{mini.CLAIMS_END}\n\nafter\n") and "old" not in text
     block = text.split(mini.CLAIMS_START)[1].split(mini.CLAIMS_END)[0]
     assert block.count("**not run**") == 5  # nl has no s3r cells, nothing else ran
+    assert block.strip().endswith("(bench/results/miniature.md); not run: its cells have not finished.")
     md = (results / "miniature.md").read_text()
     assert md.index("## The paper's claims here") < md.index("## Application 1") and block.strip() in md
 

@@ -1457,8 +1457,9 @@ def report(out: Path, a):
         plt.close(fig)
     if sims:
         md += similarity_md(sims)
+    unfinished = "; not run: its cells have not finished." if any(r["verdict"] == "not run" for r in claims) else "."
     table_md = claims_md(claims) + ["", f"From `python -m tools.miniature{backbone_arg}` at commit {commit} "
-                                        "(bench/results/miniature.md); not run: its cells have not finished."]
+                                        f"(bench/results/miniature.md){unfinished}"]
     md[2:2] = ["## The paper's claims here", "", *table_md, ""]
     (results / "miniature.md").write_text("\n".join(md) + "\n")
     if write_readme_claims(table_md):
