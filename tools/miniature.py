@@ -351,12 +351,13 @@ def run_grid(out: Path, langs: list[str], methods: list[str], seeds: list[int], 
 # no method has converged (the pruning curve's control: es's ft model gains 14 points from 200 more dense updates).
 BUDGET_LANGS = ["es", "ru"]
 BUDGET_METHODS = ["head", "ft", "s3r-0.9"]
-BUDGET_UPDATES = 400
+GRID_UPDATES = int(RECIPE[RECIPE.index("--max-updates") + 1])
+BUDGET_UPDATES = 2 * GRID_UPDATES
 
 
 def run_budget(out: Path, jobs: int, langs=tuple(BUDGET_LANGS), methods=tuple(BUDGET_METHODS)) -> dict:
-    """Cells <method>-u400-s1: the method's grid arguments with --max-updates 400 (the schedule's phases scale
-    with it); returns {lang: {method: {updates: test PER}}} beside the grid's seed-1 cells at 200."""
+    """Cells <method>-u<BUDGET_UPDATES>-s1: the method's grid arguments with --max-updates doubled (the schedule's
+    phases scale with it); returns budget_rows."""
     from concurrent.futures import ThreadPoolExecutor
     threads = max(1, 2 // jobs)
     tag = f"-u{BUDGET_UPDATES}"
@@ -368,14 +369,14 @@ def run_budget(out: Path, jobs: int, langs=tuple(BUDGET_LANGS), methods=tuple(BU
 
 
 def budget_rows(out: Path, langs=tuple(BUDGET_LANGS), methods=tuple(BUDGET_METHODS)) -> dict:
+    """{lang: {method: {GRID_UPDATES: test PER, BUDGET_UPDATES: test PER}}}, seed 1, where both cells finished."""
     rows = {}
     for lg in langs:
         for m in methods:
-            at = {n: c["per"] for n, name in ((200, f"{m}-s{SEEDS[0]}"), (BUDGET_UPDATES, f"{m}-u{BUDGET_UPDATES}"
-                                                                                         f"-s{SEEDS[0]}"))
-                  if (c := cell_result(out, lg, name))}
-            if len(at) == 2:
-                rows.setdefault(lg, {})[m] = at
+            grid = cell_result(out, lg, f"{m}-s{SEEDS[0]}")
+            longer = cell_result(out, lg, f"{m}-u{BUDGET_UPDATES}-s{SEEDS[0]}")
+            if grid and longer:
+                rows.setdefault(lg, {})[m] = {GRID_UPDATES: grid["per"], BUDGET_UPDATES: longer["per"]}
     return rows
 
 
@@ -384,12 +385,12 @@ def budget_md(rows: dict) -> list[str]:
         return []
     methods = [m for m in BUDGET_METHODS if any(m in r for r in rows.values())]
     md = [f"### Application 1 at {BUDGET_UPDATES} updates", "",
-          f"Seed {SEEDS[0]}, test PER (%) after the recipe's 200 updates and after {BUDGET_UPDATES} (the same "
-          "arguments, `--max-updates` doubled; the tri-stage schedule stretches with it).", "",
-          "| language | " + " | ".join(f"{m}: 200 -> {BUDGET_UPDATES}" for m in methods) + " |",
+          f"Seed {SEEDS[0]}, test PER (%) after the recipe's {GRID_UPDATES} updates and after {BUDGET_UPDATES} (the "
+          "same arguments, `--max-updates` doubled; the tri-stage schedule stretches with it).", "",
+          "| language | " + " | ".join(f"{m}: {GRID_UPDATES} -> {BUDGET_UPDATES}" for m in methods) + " |",
           "|---|" + "---|" * len(methods)]
     for lg, r in rows.items():
-        md.append(f"| {lg} | " + " | ".join(f"{100 * r[m][200]:.1f} -> {100 * r[m][BUDGET_UPDATES]:.1f}"
+        md.append(f"| {lg} | " + " | ".join(f"{100 * r[m][GRID_UPDATES]:.1f} -> {100 * r[m][BUDGET_UPDATES]:.1f}"
                                            if m in r else "-" for m in methods) + " |")
     return md + [""]
 
@@ -672,12 +673,18 @@ CURVE_KINDS = [("omp", "OMP", "weight", False), ("prune", "S3-Router pruning", "
                ("parp", "PARP", "weight", True), ("imp", "IMP", "weight", True)]
 DEFAULT_CURVE_KINDS = [k for k, *_ in CURVE_KINDS] + ["controls"]
 IMP_ROUNDS = 3
+SPEED_ROUNDS = 15
 # The methods train for different numbers of updates after the ft cell's 200: OMP none, S3-Router pruning 200, IMP
 # IMP_ROUNDS x 200 (PARP: 200 from the backbone, no ft cell). Two controls at equal updates ("controls" kind): the ft
 # model finetuned 200 more updates, dense (as S3-Router pruning: 200 more, here on the weights), and IMP in one round
 # (200 updates after ft) at the highest and lowest kept fraction. Not timed: they add no shape the curve lacks.
 CONTROL_LABELS = {"ft-more": "finetuned + 200 updates (dense)", "imp1": "IMP, 1 round"}
-SPEED_ROUNDS = 15
+
+
+def control_points(seed: int, rates) -> list[tuple[str, float, str]]:
+    """(kind, kept fraction, cell name) of the curve's controls: ft-more, then imp1 at the highest and lowest rate."""
+    return [("ft-more", 1.0, f"ft-more-s{seed}")] + [("imp1", r, f"imp1-{r}-s{seed}")
+                                                      for r in dict.fromkeys((max(rates), min(rates)))]
 
 
 def curve_points(out: Path, lang: str, seed: int, rates) -> list[tuple[str, float, Path]]:
@@ -775,10 +782,11 @@ def run_curve(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CUR
         todo = sorted((k for k in CURVE_KINDS if k[0] in kinds), key=lambda k: not k[3])
         futures = [pool.submit(prune_cell, out, lang, seed, rate, k[0], ft_ckpt, threads) for k in todo
                    for rate in rates]
-        if "controls" in kinds:
-            futures.append(pool.submit(train_cell, out, lang, "ft-more", seed, METHODS["ft"], threads, init=ft_ckpt))
-            futures += [pool.submit(imp_cell, out, lang, seed, rate, ft_ckpt, threads, rounds=1)
-                        for rate in dict.fromkeys((max(rates), min(rates)))]
+        for kind, rate, _ in control_points(seed, rates) if "controls" in kinds else []:
+            if kind == "ft-more":
+                futures.append(pool.submit(train_cell, out, lang, kind, seed, METHODS["ft"], threads, init=ft_ckpt))
+            else:
+                futures.append(pool.submit(imp_cell, out, lang, seed, rate, ft_ckpt, threads, rounds=1))
         for f in futures:
             f.result()
     measure_speed(out, lang, seed, rates, speed_rounds)  # last, alone: timing
@@ -928,8 +936,7 @@ def curve_rows(out: Path, lang: str = CURVE_LANG, seed: int = SEEDS[0], rates=CU
             rows[-1]["per_routed"] = cell_result(out, lang, cell.name)["per"]
     control = ratios.get(str(out / "cells" / lang / f"speed-control-s{seed}.pt"))
     controls = []  # the equal-updates controls, where run
-    for kind, rate in [("ft-more", 1.0)] + [("imp1", r) for r in dict.fromkeys((max(rates), min(rates)))]:
-        name = f"ft-more-s{seed}" if kind == "ft-more" else f"{kind}-{rate}-s{seed}"
+    for kind, rate, name in control_points(seed, rates):
         if c := cell_result(out, lang, name):
             kept, _ = routed_weight_counts(out / c["checkpoint"])
             controls.append({"method": CONTROL_LABELS[kind], "kind": kind, "prune_rate": rate, "per": c["per"],
@@ -1026,7 +1033,8 @@ def collapse_md(rows: list[dict]) -> list[str]:
     """The report's section on collapsed runs: what the loss and the blank rate did, and what the reruns gave."""
     if not rows:
         return []
-    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731  four columns below
+    num = lambda v: "-" if v is None else f"{100 * v:.0f}"  # noqa: E731  a share in %, rounded
+    pct = lambda v: "-" if v is None else f"{num(v)}%"  # noqa: E731
     md = ["### Collapsed runs", "",
           "Each collapsed grid run, with what its log.jsonl says: every validation on the dev split (at update u: "
           "PER / share of the frames blank, in %), the last one's share of empty hypotheses, the training loss (nats "
@@ -1040,8 +1048,7 @@ def collapse_md(rows: list[dict]) -> list[str]:
                             if tag in r["rerun"] else "not run")
     for r in rows:
         loss = ", ".join(f"{v:.1f} ({u})" for u, v in r["loss"]) or "-"
-        valid = ", ".join(f"{u}: {'-' if e is None else f'{100 * e:.0f}'} / {pct(b)[:-1] if b is not None else '-'}"
-                          for u, e, b, _ in r["valid"]) or "-"
+        valid = ", ".join(f"{u}: {num(e)} / {num(b)}" for u, e, b, _ in r["valid"]) or "-"
         md.append(f"| {r['lang']} | {r['method']} | {r['seed']} | {100 * r['per']:.1f} | {valid} | "
                   f"{pct(r['empty'])} | {loss} | {r['warned_at'] or '-'} | {rerun(r, '-lowlr')} | "
                   f"{rerun(r, '-warmup')} |")
@@ -1200,7 +1207,7 @@ def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[d
         loses += [f"{lg}: head only {pct(mean[lg]['head'])} vs {pct(mean[lg]['s3r-0.9-fa'])}" for lg in head
                   if mean[lg]["head"] < mean[lg]["s3r-0.9-fa"]]
         longer = {lg: r for lg, r in (budget or {}).items() if {"ft", "s3r-0.9"} <= set(r)}
-        u = BUDGET_UPDATES
+        g, u = GRID_UPDATES, BUDGET_UPDATES
         flipped = [lg for lg, r in longer.items() if r["ft"][u] < r["s3r-0.9"][u]]
         loses += [f"{lg} at {u} updates: ft {pct(longer[lg]['ft'][u])} vs s3r-0.9 {pct(longer[lg]['s3r-0.9'][u])}"
                   for lg in flipped]
@@ -1212,8 +1219,8 @@ def claim_rows(mean: dict, bundle: dict | None, curve: dict | None, sims: list[d
             + (f", head only {pct(sum(mean[lg]['head'] for lg in head) / len(head))}" if head else "")
             + f"; s3r-0.9-fa beats ft in {len(wins['s3r-0.9-fa'])} of {len(both)} languages, s3r-0.9 in "
             f"{len(wins['s3r-0.9'])}"
-            + "".join(f"; {lg} seed {SEEDS[0]}, 200 -> {u} updates: ft {pct(r['ft'][200])} -> {pct(r['ft'][u])}, "
-                      f"s3r-0.9 {pct(r['s3r-0.9'][200])} -> {pct(r['s3r-0.9'][u])}" for lg, r in longer.items()))})
+            + "".join(f"; {lg} seed {SEEDS[0]}, {g} -> {u} updates: ft {pct(r['ft'][g])} -> {pct(r['ft'][u])}, "
+                      f"s3r-0.9 {pct(r['s3r-0.9'][g])} -> {pct(r['s3r-0.9'][u])}" for lg, r in longer.items()))})
     else:
         rows.append({"claim": claim, "verdict": "not run", "evidence": "", "loses": []})
     # 2. multilingual: one bundle instead of a model per language, each route serving as its checkpoint
